@@ -1,0 +1,202 @@
+"""Every constant of the stabilizer, in one frozen, validated dataclass.
+
+This module imports neither JAX nor PyTorch: the JAX transformation and the
+PyTorch adapter read the very same :class:`StabilizerConfig`. Each field is
+described in SPEC.md, section "Hyperparameters"; the defaults are the values
+given there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+AdaptationRule = Literal["percentile", "median_mad", "mean_std"]
+ADAPTATION_RULES: tuple[str, ...] = ("percentile", "median_mad", "mean_std")
+
+# Largest value an int32 counter holds; counters saturate here (SPEC.md,
+# "Counters").
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StabilizerConfig:
+    """Hyperparameters of the gradient flow stabilizer (SPEC.md, "Hyperparameters").
+
+    All fields are plain Python numbers, strings or bools. Sizes of buffers and
+    windows are structural: they fix the shapes of the state. The config is
+    frozen and hashable; derive variants with :func:`dataclasses.replace`, which
+    validates again.
+
+    Example:
+      >>> import dataclasses
+      >>> from optax_gradflow import StabilizerConfig
+      >>> cfg = dataclasses.replace(StabilizerConfig(), explosion_factor=4.0)
+      >>> cfg.explosion_factor
+      4.0
+    """
+
+    # Threshold ("Initial threshold", "Threshold adaptation").
+    min_threshold: float = 0.1
+    max_threshold: float = math.inf
+    lr_threshold_scale: float = 0.1
+    warmup_steps: int = 100
+    warmup_multiplier: float = 2.0
+    adaptation_interval: int = 100
+    adaptation_rule: AdaptationRule = "median_mad"
+    adaptation_percentile: float = 90.0
+    adaptation_k: float = 3.0
+    norm_history_size: int = 1000
+    threshold_history_size: int = 100
+
+    # Classification ("Classification").
+    explosion_factor: float = 3.0
+    vanishing_norm: float = 1e-7
+
+    # Loss scaling ("Loss scale rule").
+    loss_scaling: bool = True
+    initial_loss_scale: float = 1.0
+    min_loss_scale: float = 0.1
+    max_loss_scale: float = 64.0
+    nonfinite_backoff: float = 0.5
+    explosion_backoff: float = 0.8
+    vanishing_growth: float = 1.5
+    growth_interval: int = 0
+    growth_factor: float = 2.0
+    loss_scale_history_size: int = 100
+
+    # Emergency intervention ("Emergency intervention").
+    emergency_patience: int = 5
+    emergency_threshold_factor: float = 0.5
+    emergency_loss_scale_factor: float = 0.1
+    emergency_history_size: int = 32
+
+    # Diagnostics ("Diagnostics").
+    diagnostics_interval: int = 500
+    diagnostics_window: int = 100
+    trend_limit: float = 0.01
+    variance_limit: float = 1.0
+    variance_history_size: int = 200
+
+    # Windowed event rates ("Event flags").
+    event_history_size: int = 100
+
+    def __post_init__(self):
+        _validate(self)
+
+    def as_dict(self) -> dict[str, object]:
+        """The config as a plain dict (JSON-serialisable; ``inf`` stays a float)."""
+        return dataclasses.asdict(self)
+
+
+def _fail(name: str, value: object, why: str) -> None:
+    raise ValueError(f"StabilizerConfig.{name} {why}, got {value!r}.")
+
+
+def _check_bool(cfg: StabilizerConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, bool):
+        raise TypeError(f"StabilizerConfig.{name} must be a bool, got {value!r}.")
+
+
+def _check_int(cfg: StabilizerConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"StabilizerConfig.{name} must be an int, got {value!r}.")
+    if value < minimum:
+        _fail(name, value, f"must be >= {minimum}")
+
+
+def _check_float(
+    cfg: StabilizerConfig,
+    name: str,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+    allow_inf: bool = False,
+) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"StabilizerConfig.{name} must be a number, got {value!r}.")
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        _fail(name, value, "must be finite")
+    if above is not None and not value > above:
+        _fail(name, value, f"must be > {above}")
+    if at_least is not None and not value >= at_least:
+        _fail(name, value, f"must be >= {at_least}")
+    if below is not None and not value < below:
+        _fail(name, value, f"must be < {below}")
+    if at_most is not None and not value <= at_most:
+        _fail(name, value, f"must be <= {at_most}")
+
+
+def _validate(cfg: StabilizerConfig) -> None:
+    """Raises TypeError / ValueError naming the first bad field and its value."""
+    _check_float(cfg, "min_threshold", above=0.0)
+    _check_float(cfg, "max_threshold", above=0.0, allow_inf=True)
+    if cfg.max_threshold < cfg.min_threshold:
+        _fail(
+            "max_threshold",
+            cfg.max_threshold,
+            f"must be >= min_threshold ({cfg.min_threshold})",
+        )
+    _check_float(cfg, "lr_threshold_scale", above=0.0)
+    _check_int(cfg, "warmup_steps", 0)
+    _check_float(cfg, "warmup_multiplier", at_least=1.0)
+    _check_int(cfg, "adaptation_interval", 0)
+    if cfg.adaptation_rule not in ADAPTATION_RULES:
+        _fail("adaptation_rule", cfg.adaptation_rule, f"must be one of {ADAPTATION_RULES}")
+    _check_float(cfg, "adaptation_percentile", at_least=0.0, at_most=100.0)
+    _check_float(cfg, "adaptation_k", at_least=0.0)
+    _check_int(cfg, "norm_history_size", 1)
+    _check_int(cfg, "threshold_history_size", 1)
+
+    _check_float(cfg, "explosion_factor", above=1.0)
+    _check_float(cfg, "vanishing_norm", at_least=0.0)
+
+    _check_bool(cfg, "loss_scaling")
+    _check_float(cfg, "min_loss_scale", above=0.0)
+    _check_float(cfg, "max_loss_scale", above=0.0, allow_inf=True)
+    if cfg.max_loss_scale < cfg.min_loss_scale:
+        _fail(
+            "max_loss_scale",
+            cfg.max_loss_scale,
+            f"must be >= min_loss_scale ({cfg.min_loss_scale})",
+        )
+    _check_float(cfg, "initial_loss_scale", above=0.0)
+    if not cfg.min_loss_scale <= cfg.initial_loss_scale <= cfg.max_loss_scale:
+        _fail(
+            "initial_loss_scale",
+            cfg.initial_loss_scale,
+            f"must lie in [min_loss_scale, max_loss_scale] = "
+            f"[{cfg.min_loss_scale}, {cfg.max_loss_scale}]",
+        )
+    if not cfg.loss_scaling and cfg.initial_loss_scale != 1.0:
+        _fail("initial_loss_scale", cfg.initial_loss_scale, "must be 1.0 when loss_scaling=False")
+    _check_float(cfg, "nonfinite_backoff", above=0.0, below=1.0)
+    _check_float(cfg, "explosion_backoff", above=0.0, at_most=1.0)
+    _check_float(cfg, "vanishing_growth", at_least=1.0)
+    _check_int(cfg, "growth_interval", 0)
+    _check_float(cfg, "growth_factor", above=1.0)
+    _check_int(cfg, "loss_scale_history_size", 1)
+
+    _check_int(cfg, "emergency_patience", 0)
+    _check_float(cfg, "emergency_threshold_factor", above=0.0, at_most=1.0)
+    _check_float(cfg, "emergency_loss_scale_factor", above=0.0, at_most=1.0)
+    _check_int(cfg, "emergency_history_size", 1)
+
+    _check_int(cfg, "diagnostics_interval", 0)
+    _check_int(cfg, "diagnostics_window", 2)
+    if cfg.diagnostics_window > cfg.norm_history_size:
+        _fail(
+            "diagnostics_window",
+            cfg.diagnostics_window,
+            f"must be <= norm_history_size ({cfg.norm_history_size})",
+        )
+    _check_float(cfg, "trend_limit", above=0.0, allow_inf=True)
+    _check_float(cfg, "variance_limit", above=0.0, allow_inf=True)
+    _check_int(cfg, "variance_history_size", 1)
+    _check_int(cfg, "event_history_size", 1)

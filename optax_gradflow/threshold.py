@@ -1,0 +1,145 @@
+"""Initial threshold discovery and the adaptation rules.
+
+SPEC.md sections "Initial threshold", "Warm-up threshold" and "Threshold
+adaptation". Everything here is a pure function of arrays and the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from optax_gradflow.config import StabilizerConfig
+
+# Scale factor that makes the median absolute deviation a consistent estimator
+# of the standard deviation for normal data: 1 / Phi^{-1}(3/4).
+MAD_TO_STD = 1.4826
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def learning_rate_at_start(learning_rate) -> jax.Array | float:
+    """The learning rate at step 0: a number, or an optax schedule called at 0."""
+    if callable(learning_rate):
+        return learning_rate(0)
+    return learning_rate
+
+
+def validate_positive(name: str, value) -> None:
+    """Raises if a concrete ``value`` is not a positive, finite number.
+
+    Traced values (``inject_hyperparams`` under ``jit``) cannot be checked and
+    pass through; they were checked when the state was first built.
+    """
+    if value is None or not _is_concrete(value):
+        return
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number) or number <= 0.0:
+        raise ValueError(f"{name} must be positive and finite, got {value!r}.")
+
+
+def threshold_from_learning_rate(learning_rate, config: StabilizerConfig) -> jax.Array:
+    """``max(min_threshold, lr_threshold_scale * sqrt(1 / lr))`` (SPEC.md)."""
+    lr = jnp.asarray(learning_rate, dtype=jnp.float32)
+    raw = jnp.float32(config.lr_threshold_scale) * jnp.sqrt(jnp.float32(1.0) / lr)
+    return clamp_threshold(raw, config)
+
+
+def clamp_threshold(threshold: jax.Array, config: StabilizerConfig) -> jax.Array:
+    """Clamps into ``[min_threshold, max_threshold]``, as float32."""
+    threshold = jnp.asarray(threshold, dtype=jnp.float32)
+    return jnp.clip(threshold, jnp.float32(config.min_threshold), jnp.float32(config.max_threshold))
+
+
+def _valid_mask(values: jax.Array, count: jax.Array) -> jax.Array:
+    # Rings are written from slot 0, so the valid slots are always [0, count).
+    return jnp.arange(values.shape[0], dtype=jnp.int32) < count
+
+
+def percentile(values: jax.Array, count: jax.Array, q: float) -> jax.Array:
+    """The ``q``-th percentile of the first ``count`` ring slots (linear interpolation).
+
+    With the valid values sorted as ``a[0] <= ... <= a[n-1]``:
+    ``pos = q / 100 * (n - 1)``, ``lo = floor(pos)``, ``hi = min(lo + 1, n - 1)``,
+    result ``a[lo] + (pos - lo) * (a[hi] - a[lo])``; numpy's default method.
+    Undefined (NaN) for ``count == 0``.
+    """
+    valid = _valid_mask(values, count)
+    ordered = jnp.sort(jnp.where(valid, values, jnp.inf))
+    n = count.astype(jnp.float32)
+    pos = jnp.float32(q / 100.0) * (n - 1.0)
+    lo = jnp.floor(pos)
+    frac = pos - lo
+    lo_i = lo.astype(jnp.int32)
+    hi_i = jnp.minimum(lo_i + 1, count - 1)
+    a_lo = ordered[lo_i]
+    a_hi = ordered[hi_i]
+    result = a_lo + frac * (a_hi - a_lo)
+    return jnp.where(count > 0, result, jnp.nan)
+
+
+def _mean_std(values: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    valid = _valid_mask(values, count)
+    n = jnp.maximum(count, 1).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(valid, values, 0.0)) / n
+    var = jnp.sum(jnp.where(valid, jnp.square(values - mean), 0.0)) / n
+    return mean, jnp.sqrt(var)
+
+
+def rule_percentile(values, count, config: StabilizerConfig) -> jax.Array:
+    """AutoClip: the ``adaptation_percentile``-th percentile of the history."""
+    return percentile(values, count, config.adaptation_percentile)
+
+
+def rule_median_mad(values, count, config: StabilizerConfig) -> jax.Array:
+    """``median + adaptation_k * 1.4826 * MAD`` of the history."""
+    median = percentile(values, count, 50.0)
+    deviations = jnp.abs(values - median)
+    mad = percentile(deviations, count, 50.0)
+    return median + jnp.float32(config.adaptation_k * MAD_TO_STD) * mad
+
+
+def rule_mean_std(values, count, config: StabilizerConfig) -> jax.Array:
+    """``mean + adaptation_k * std`` (population std) of the history."""
+    mean, std = _mean_std(values, count)
+    return mean + jnp.float32(config.adaptation_k) * std
+
+
+ADAPTATION_RULE_FNS: dict[str, Callable[..., jax.Array]] = {
+    "percentile": rule_percentile,
+    "median_mad": rule_median_mad,
+    "mean_std": rule_mean_std,
+}
+
+
+def adapted_threshold(values: jax.Array, count: jax.Array, config: StabilizerConfig) -> jax.Array:
+    """The configured adaptation rule applied to the norm history, clamped."""
+    rule = ADAPTATION_RULE_FNS[config.adaptation_rule]
+    return clamp_threshold(rule(values, count, config), config)
+
+
+def warmup_threshold(
+    values: jax.Array,
+    count: jax.Array,
+    norm: jax.Array,
+    previous: jax.Array,
+    config: StabilizerConfig,
+) -> jax.Array:
+    """The threshold a data warm-up step clips at (SPEC.md, "Warm-up threshold").
+
+    ``warmup_multiplier * median(history)`` once the history holds a norm; with
+    an empty history, the step's own norm if finite (nothing to compare it with,
+    so it is not clipped), else the previous threshold. Clamped.
+    """
+    median = percentile(values, count, 50.0)
+    from_history = jnp.float32(config.warmup_multiplier) * median
+    first = jnp.where(jnp.isfinite(norm), norm, previous)
+    return clamp_threshold(jnp.where(count > 0, from_history, first), config)
