@@ -72,13 +72,17 @@ def find_states(opt_state: Any) -> list[tuple[str, GradientFlowState]]:
     """Every GradientFlowState inside ``opt_state``, with its key path as text.
 
     Works through chains, ``optax.partition``, ``MultiSteps``,
-    ``inject_hyperparams`` and the :func:`optax_gradflow.stabilized` wrapper.
+    ``inject_hyperparams``, the :func:`optax_gradflow.stabilized` wrapper and
+    ``flax.nnx.Optimizer.opt_state``. Fields are returned as plain arrays.
     """
     found = []
     leaves_with_path = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_flow_state)[0]
     for path, leaf in leaves_with_path:
         if _is_flow_state(leaf):
-            found.append((jax.tree_util.keystr(path), leaf))
+            # Frameworks may wrap each field (flax.nnx.Optimizer keeps OptArray
+            # variables); hand back plain arrays.
+            plain = GradientFlowState(*(jnp.asarray(field) for field in leaf))
+            found.append((jax.tree_util.keystr(path), plain))
     return found
 
 

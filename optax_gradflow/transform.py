@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradflow import loss_scaling
+from optax_gradflow import events, loss_scaling
 from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.diagnostics import diagnose
@@ -102,8 +102,10 @@ def _event_flags(**bits: jax.Array) -> jax.Array:
     return total
 
 
-def _structure_signature(tree: Any):
-    return jax.tree.structure(tree)
+def _structure_signature(tree: Any) -> tuple[tuple[int, ...], ...]:
+    # Leaf shapes, not the treedef: frameworks such as flax.nnx initialise with
+    # wrapped parameters (nnx.Param) and update with plain arrays.
+    return tuple(tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
 def init_state(
@@ -178,6 +180,7 @@ def stabilize(
     store: Any = None,
     label: str | None = None,
     axis_name: str | None = None,
+    log_events: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive gradient clipping with dynamic loss scaling and an emergency policy.
 
@@ -217,6 +220,11 @@ def stabilize(
     axis_name: under ``pmap`` / ``shard_map`` with gradients sharded over
       this axis, the squared norm is summed across it, so every device takes
       the same decision.
+    log_events: log explosions, non-finite and vanishing steps, adaptations,
+      emergencies and early warnings through the ``"optax_gradflow"`` logger
+      (see :mod:`optax_gradflow.events`). Only a step with such an event
+      calls back to the host (``jax.debug.callback`` behind a ``lax.cond``);
+      the other steps transfer nothing.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -245,6 +253,7 @@ def stabilize(
   """
     config = _check_factory_args(learning_rate, config, initial_threshold)
     seen: dict[str, Any] = {}
+    emitter = events.InGraphEmitter(config, name=label) if log_events else None
 
     def init_fn(params):
         seen["structure"] = _structure_signature(params)
@@ -259,10 +268,13 @@ def stabilize(
         if "structure" in seen and _structure_signature(updates) != seen["structure"]:
             raise ValueError(
                 "The gradients' tree structure does not match the parameters this "
-                f"stabilizer was initialised with: got {_structure_signature(updates)}, "
-                f"expected {seen['structure']}."
+                "stabilizer was initialised with: leaf shapes "
+                f"{list(_structure_signature(updates))}, expected {list(seen['structure'])}."
             )
-        return step(updates, state, config, value=value, axis_name=axis_name)
+        new_updates, new_state = step(updates, state, config, value=value, axis_name=axis_name)
+        if emitter is not None:
+            events.emit_in_graph(state, new_state, config, emitter)
+        return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -507,6 +519,7 @@ def stabilized(
     label: str | None = None,
     axis_name: str | None = None,
     track_update_ratio: bool = True,
+    log_events: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that it only ever sees stabilized gradients.
 
@@ -526,6 +539,7 @@ def stabilized(
       axis_name: as in :func:`stabilize`.
       track_update_ratio: record ``|update| / |params|`` each applied step;
         costs two extra reductions over the updates and the parameters.
+      log_events: as in :func:`stabilize`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`StabilizedState`.
@@ -548,6 +562,7 @@ def stabilized(
         store=store,
         label=label,
         axis_name=axis_name,
+        log_events=log_events,
     )
     inner = optax.with_extra_args_support(inner)
 
