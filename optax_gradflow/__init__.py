@@ -6,20 +6,48 @@ intervention, all in immutable, jit-friendly state. SPEC.md is the state
 machine; README.md shows how to use it.
 """
 
+from optax_gradflow import presets
 from optax_gradflow.config import StabilizerConfig
-from optax_gradflow.loss_scaling import find_states, loss_scale, scale_loss
+from optax_gradflow.events import EventLogger
+from optax_gradflow.loss_scaling import find_states
+from optax_gradflow.loss_scaling import loss_scale
+from optax_gradflow.loss_scaling import scale_loss
+from optax_gradflow.plotting import plot
+from optax_gradflow.report import EventCounts
+from optax_gradflow.report import NormStatistics
+from optax_gradflow.report import StabilityReport
+from optax_gradflow.report import metrics
+from optax_gradflow.report import stability_report
 from optax_gradflow.state import GradientFlowState
-from optax_gradflow.transform import StabilizedState, stabilize, stabilized
+from optax_gradflow.store import ThresholdStore
+from optax_gradflow.store import ThresholdStoreError
+from optax_gradflow.store import ThresholdStoreWarning
+from optax_gradflow.store import fingerprint
+from optax_gradflow.transform import StabilizedState
+from optax_gradflow.transform import stabilize
+from optax_gradflow.transform import stabilized
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "EventCounts",
+    "EventLogger",
     "GradientFlowState",
+    "NormStatistics",
+    "StabilityReport",
     "StabilizedState",
     "StabilizerConfig",
+    "ThresholdStore",
+    "ThresholdStoreError",
+    "ThresholdStoreWarning",
     "find_states",
+    "fingerprint",
     "loss_scale",
+    "metrics",
+    "plot",
+    "presets",
     "scale_loss",
+    "stability_report",
     "stabilize",
     "stabilized",
 )

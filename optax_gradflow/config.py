@@ -38,6 +38,7 @@ class StabilizerConfig:
     """
 
     # Threshold ("Initial threshold", "Threshold adaptation").
+    initial_threshold: float | None = None
     min_threshold: float = 0.1
     max_threshold: float = math.inf
     lr_threshold_scale: float = 0.1
@@ -136,12 +137,23 @@ def _check_float(
 def _validate(cfg: StabilizerConfig) -> None:
     """Raises TypeError / ValueError naming the first bad field and its value."""
     _check_float(cfg, "min_threshold", above=0.0)
+    if cfg.initial_threshold is not None:
+        _check_float(cfg, "initial_threshold", above=0.0, allow_inf=True)
     _check_float(cfg, "max_threshold", above=0.0, allow_inf=True)
     if cfg.max_threshold < cfg.min_threshold:
         _fail(
             "max_threshold",
             cfg.max_threshold,
             f"must be >= min_threshold ({cfg.min_threshold})",
+        )
+    if cfg.initial_threshold is not None and not (
+        cfg.min_threshold <= cfg.initial_threshold <= cfg.max_threshold
+    ):
+        _fail(
+            "initial_threshold",
+            cfg.initial_threshold,
+            f"must lie in [min_threshold, max_threshold] = "
+            f"[{cfg.min_threshold}, {cfg.max_threshold}]",
         )
     _check_float(cfg, "lr_threshold_scale", above=0.0)
     _check_int(cfg, "warmup_steps", 0)
@@ -154,7 +166,7 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_int(cfg, "norm_history_size", 1)
     _check_int(cfg, "threshold_history_size", 1)
 
-    _check_float(cfg, "explosion_factor", above=1.0)
+    _check_float(cfg, "explosion_factor", above=1.0, allow_inf=True)
     _check_float(cfg, "vanishing_norm", at_least=0.0)
 
     _check_bool(cfg, "loss_scaling")

@@ -30,8 +30,10 @@ def learning_rate_at_start(learning_rate) -> jax.Array | float:
     return learning_rate
 
 
-def validate_positive(name: str, value) -> None:
+def validate_positive(name: str, value, *, allow_inf: bool = False) -> None:
     """Raises if a concrete ``value`` is not a positive, finite number.
+
+    With ``allow_inf``, ``+inf`` is accepted too (a threshold that never clips).
 
     Traced values (``inject_hyperparams`` under ``jit``) cannot be checked and
     pass through; they were checked when the state was first built.
@@ -42,8 +44,9 @@ def validate_positive(name: str, value) -> None:
         number = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {value!r}.") from None
-    if not math.isfinite(number) or number <= 0.0:
-        raise ValueError(f"{name} must be positive and finite, got {value!r}.")
+    if math.isnan(number) or number <= 0.0 or (math.isinf(number) and not allow_inf):
+        finite = "" if allow_inf else " and finite"
+        raise ValueError(f"{name} must be positive{finite}, got {value!r}.")
 
 
 def threshold_from_learning_rate(learning_rate, config: StabilizerConfig) -> jax.Array:

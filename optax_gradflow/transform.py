@@ -136,6 +136,8 @@ def _initial_threshold(
     params, learning_rate, initial_threshold, store, label, config
 ) -> tuple[jax.Array, int]:
     """(threshold, warm-up steps): explicit > stored > learning rate > data."""
+    if initial_threshold is None:
+        initial_threshold = config.initial_threshold
     if initial_threshold is not None:
         return threshold_lib.clamp_threshold(initial_threshold, config), 0
     if store is not None:
@@ -159,7 +161,7 @@ def _check_factory_args(learning_rate, config, initial_threshold) -> StabilizerC
         threshold_lib.validate_positive(
             "learning_rate", threshold_lib.learning_rate_at_start(learning_rate)
         )
-    threshold_lib.validate_positive("initial_threshold", initial_threshold)
+    threshold_lib.validate_positive("initial_threshold", initial_threshold, allow_inf=True)
     if (
         initial_threshold is not None
         and not isinstance(initial_threshold, jax.core.Tracer)
@@ -205,7 +207,8 @@ def stabilize(
   sqrt(1 / learning_rate)`` when ``learning_rate`` (a float or a schedule,
   read at step 0) is given; otherwise a data warm-up of ``warmup_steps``.
 
-  No step transfers anything to the host. A non-finite step outputs zeros:
+  No step transfers anything to the host (with ``log_events``, only steps
+  with an event do). A non-finite step outputs zeros:
   in a chain the next transformation still sees that zero update, so prefer
   :func:`stabilized` to leave an inner optimizer's state untouched.
 

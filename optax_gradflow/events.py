@@ -1,0 +1,552 @@
+"""Event logging through Python's ``logging``, logger ``"optax_gradflow"``.
+
+What is logged, at which level (SPEC.md, "Event flags" names the events):
+
+=======================  ========  =============================================
+event                    level     context
+=======================  ========  =============================================
+explosion                ERROR     step, norm, threshold, total explosions
+non-finite norm          ERROR     step, loss scale before / after
+vanishing norm           WARNING   step, norm, loss scale before / after
+early warning            WARNING   step, log-norm trend, windowed variance
+emergency intervention   CRITICAL  step, norm, threshold and loss scale before /
+                                   after, total counts
+threshold adaptation     INFO      step, threshold before / after
+loss-scale change        INFO      (host-side logger only) old and new scale
+=======================  ========  =============================================
+
+Two ways to get these lines:
+
+* in-graph, ``stabilize(..., log_events=True)``: each step that has an event
+  calls back to the host with :func:`jax.debug.callback`, behind a
+  ``jax.lax.cond`` so that steps without events transfer nothing. Values are
+  exact: the callback sees the step's own norm and thresholds.
+* host-side, :class:`EventLogger`: the training loop calls it every step; it
+  reads the device only every ``every`` calls and logs what changed since the
+  previous read. Zero cost in between, but per-step details older than the
+  event window (``event_history_size`` steps) are summarised, not itemised, and
+  the norm is only known for the latest step.
+
+Both fold bursts: at most ``max_lines`` lines per kind of event in each window
+of ``fold_window`` steps (windows aligned to multiples of ``fold_window``); the
+rest is counted and summarised in one line ("... 995 more explosions folded
+(steps 5-999)") when an event of a later window arrives, on :meth:`flush`, or
+at interpreter exit. Each record carries ``gradflow_kind``, ``gradflow_step``
+and ``gradflow_folded`` attributes for structured handlers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import weakref
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_gradflow import threshold as threshold_lib
+from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.loss_scaling import find_states
+from optax_gradflow.state import (
+    FLAG_ADAPTED,
+    FLAG_EMERGENCY,
+    FLAG_EXPLOSION,
+    FLAG_NONFINITE,
+    FLAG_VANISHING,
+    FLAG_WARNING,
+    GradientFlowState,
+)
+
+logger = logging.getLogger("optax_gradflow")
+
+# Flags worth a log line; a plain clip is routine and is not logged.
+LOGGED_FLAGS = (
+    FLAG_EXPLOSION | FLAG_VANISHING | FLAG_NONFINITE | FLAG_EMERGENCY | FLAG_ADAPTED | FLAG_WARNING
+)
+DEFAULT_MAX_LINES = 5
+DEFAULT_FOLD_WINDOW = 1000
+
+# kind -> (level, plural noun used in fold summaries).
+KINDS: dict[str, tuple[int, str]] = {
+    "explosion": (logging.ERROR, "explosions"),
+    "nonfinite": (logging.ERROR, "non-finite steps"),
+    "vanishing": (logging.WARNING, "vanishing steps"),
+    "adaptation": (logging.INFO, "threshold adaptations"),
+    "emergency": (logging.CRITICAL, "emergency interventions"),
+    "warning": (logging.WARNING, "early warnings"),
+    "loss_scale": (logging.INFO, "loss-scale changes"),
+}
+
+# Counter field -> (kind, flag) for the events that have a total counter.
+_COUNTED = {
+    "explosion_count": ("explosion", FLAG_EXPLOSION),
+    "nonfinite_count": ("nonfinite", FLAG_NONFINITE),
+    "vanishing_count": ("vanishing", FLAG_VANISHING),
+    "emergency_count": ("emergency", FLAG_EMERGENCY),
+    "warning_count": ("warning", FLAG_WARNING),
+}
+
+
+def _fmt(value: float) -> str:
+    """``%.4g``, or "?" for a value the host-side logger cannot know."""
+    return "?" if value != value else f"{value:.4g}"
+
+
+def host_chronological(values: Any, index: Any, count: Any) -> np.ndarray:
+    """The valid entries of a host-side ring, oldest first (SPEC.md, "Ring buffers")."""
+    values = np.asarray(values)
+    count = int(count)
+    positions = (int(index) - count + np.arange(count)) % values.shape[0]
+    return values[positions]
+
+
+# --- Burst folding ------------------------------------------------------------
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+
+
+@dataclasses.dataclass
+class _KindWindow:
+    window_id: int
+    lines: int = 0
+    folded: int = 0
+    first: int = -1
+    last: int = -1
+
+
+class BurstFolder:
+    """Writes event lines, at most ``max_lines`` per kind per ``window`` steps.
+
+    Further events of that kind in the same window are counted; one summary
+    line per kind reports them once a later window starts, on :meth:`flush`, or
+    at interpreter exit.
+
+    Args:
+      max_lines: lines per kind per window before folding starts (>= 1).
+      window: window length in steps (>= 1); windows are aligned to multiples.
+      name: prefix of every line, e.g. the key path of one of several
+        stabilizers.
+      log: the ``logging.Logger`` to write to; ``"optax_gradflow"`` by default.
+    """
+
+    def __init__(
+        self,
+        max_lines: int = DEFAULT_MAX_LINES,
+        window: int = DEFAULT_FOLD_WINDOW,
+        *,
+        name: str | None = None,
+        log: logging.Logger | None = None,
+    ):
+        _check_count("max_lines", max_lines)
+        _check_count("window", window)
+        self.max_lines = max_lines
+        self.window = window
+        self.name = name
+        self.log = logger if log is None else log
+        self._kinds: dict[str, _KindWindow] = {}
+        _LIVE_FOLDERS.add(self)
+
+    def emit(self, kind: str, step: int, message: str) -> None:
+        """Writes ``message`` at the level of ``kind``, or folds it."""
+        window_id = step // self.window
+        for other, state in self._kinds.items():
+            if state.window_id != window_id:
+                self._summarise(other, state)
+                self._kinds[other] = _KindWindow(window_id)
+        state = self._kinds.setdefault(kind, _KindWindow(window_id))
+        if state.lines < self.max_lines:
+            state.lines += 1
+            if state.lines == self.max_lines:
+                end = (window_id + 1) * self.window - 1
+                message += f" [further {KINDS[kind][1]} up to step {end} are folded]"
+            self._write(kind, step, message, folded=0)
+        else:
+            state.folded += 1
+            state.first = step if state.folded == 1 else state.first
+            state.last = step
+
+    def flush(self) -> None:
+        """Writes the summary line of every kind with folded events."""
+        for kind, state in self._kinds.items():
+            self._summarise(kind, state)
+
+    def _summarise(self, kind: str, state: _KindWindow) -> None:
+        if state.folded:
+            noun = KINDS[kind][1]
+            message = f"... {state.folded} more {noun} folded (steps {state.first}-{state.last})"
+            self._write(kind, state.last, message, folded=state.folded)
+            state.folded = 0
+
+    def _write(self, kind: str, step: int, message: str, *, folded: int) -> None:
+        if self.name:
+            message = f"[{self.name}] {message}"
+        extra = {"gradflow_kind": kind, "gradflow_step": step, "gradflow_folded": folded}
+        self.log.log(KINDS[kind][0], message, extra=extra)
+
+
+_LIVE_FOLDERS: weakref.WeakSet[BurstFolder] = weakref.WeakSet()
+
+
+@atexit.register
+def flush_all() -> None:
+    """Writes the pending fold summaries of every live folder (also run at exit)."""
+    for folder in list(_LIVE_FOLDERS):
+        folder.flush()
+
+
+# --- In-graph logging ---------------------------------------------------------
+
+
+class InGraphEmitter:
+    """Host half of ``stabilize(..., log_events=True)``.
+
+    Receives one callback per step with an event and writes its lines; it
+    keeps the fold counts, so one emitter belongs to one transformation.
+    """
+
+    def __init__(
+        self,
+        config: StabilizerConfig,
+        *,
+        name: str | None = None,
+        max_lines: int = DEFAULT_MAX_LINES,
+        fold_window: int = DEFAULT_FOLD_WINDOW,
+        log: logging.Logger | None = None,
+    ):
+        self.config = config
+        self.folder = BurstFolder(max_lines, fold_window, name=name, log=log)
+
+    def flush(self) -> None:
+        """Writes the pending fold summaries."""
+        self.folder.flush()
+
+    def __call__(self, **payload: Any) -> None:
+        ctx = {key: np.asarray(value).item() for key, value in payload.items()}
+        step, flags = int(ctx["step"]), int(ctx["flags"])
+        cfg = self.config
+        emit = self.folder.emit
+        if flags & FLAG_EXPLOSION:
+            emit(
+                "explosion",
+                step,
+                f"gradient explosion at step {step}: norm {ctx['norm']:.4g} > "
+                f"{cfg.explosion_factor:g} x threshold {ctx['threshold']:.4g}; clipped to the "
+                f"threshold (explosions so far: {ctx['explosion_count']})",
+            )
+        if flags & FLAG_NONFINITE:
+            emit(
+                "nonfinite",
+                step,
+                f"non-finite gradient norm at step {step}: update skipped, loss scale "
+                f"{ctx['scale_before']:.4g} -> {ctx['scale_after']:.4g} "
+                f"(non-finite steps so far: {ctx['nonfinite_count']})",
+            )
+        if flags & FLAG_VANISHING:
+            emit(
+                "vanishing",
+                step,
+                f"vanishing gradient at step {step}: norm {ctx['norm']:.3g} < "
+                f"{cfg.vanishing_norm:g}; loss scale {ctx['scale_before']:.4g} -> "
+                f"{ctx['scale_after']:.4g} (vanishing steps so far: {ctx['vanishing_count']})",
+            )
+        if flags & FLAG_ADAPTED and not flags & FLAG_EMERGENCY:
+            emit(
+                "adaptation",
+                step,
+                f"clip threshold adapted at step {step}: {ctx['threshold']:.4g} -> "
+                f"{ctx['threshold_after']:.4g}",
+            )
+        if flags & FLAG_EMERGENCY:
+            adapted = " (adapted in the same step)" if flags & FLAG_ADAPTED else ""
+            emit(
+                "emergency",
+                step,
+                f"emergency intervention at step {step} after {cfg.emergency_patience} "
+                f"consecutive explosions or non-finite steps: norm {ctx['norm']:.4g}, threshold "
+                f"{ctx['threshold']:.4g} -> {ctx['threshold_after']:.4g}{adapted}, loss scale "
+                f"{ctx['scale_before']:.4g} -> {ctx['scale_after']:.4g}; totals: "
+                f"{ctx['emergency_count']} emergencies, {ctx['explosion_count']} explosions, "
+                f"{ctx['nonfinite_count']} non-finite steps",
+            )
+        if flags & FLAG_WARNING:
+            emit(
+                "warning",
+                step,
+                f"early warning at step {step}: log-norm trend {ctx['trend']:.3g} per history "
+                f"entry (limit {cfg.trend_limit:g}), norm variance {ctx['variance']:.4g} "
+                f"(limit on variance / mean^2: {cfg.variance_limit:g}); warnings so far: "
+                f"{ctx['warning_count']}",
+            )
+
+
+def _step_threshold(old: GradientFlowState, norm: jax.Array, config: StabilizerConfig):
+    # The threshold the step clipped at (SPEC.md, "Warm-up threshold"); only
+    # evaluated on steps with an event, inside the lax.cond below.
+    if config.warmup_steps == 0:
+        return old.clip_threshold
+    return jax.lax.cond(
+        old.warmup_steps_left > 0,
+        lambda: threshold_lib.warmup_threshold(
+            old.norm_history, old.norm_history_count, norm, old.clip_threshold, config
+        ),
+        lambda: old.clip_threshold,
+    )
+
+
+def emit_in_graph(
+    old_state: GradientFlowState,
+    new_state: GradientFlowState,
+    config: StabilizerConfig,
+    emitter: InGraphEmitter,
+) -> None:
+    """Calls ``emitter`` on the host when the step from ``old_state`` had an event.
+
+    Traced code: the callback sits in the true branch of a ``jax.lax.cond`` on
+    "any logged flag this step", so a step without events does no host
+    transfer at all; a step with events transfers a dozen scalars.
+    """
+    size = new_state.event_flags.shape[0]
+    flags = new_state.event_flags[(new_state.event_flags_index - 1) % size]
+    var_size = new_state.variance_history.shape[0]
+
+    def send():
+        jax.debug.callback(
+            emitter,
+            step=old_state.stabilizer_step,
+            flags=flags,
+            norm=new_state.last_grad_norm,
+            threshold=_step_threshold(old_state, new_state.last_grad_norm, config),
+            threshold_after=new_state.clip_threshold,
+            scale_before=old_state.loss_scale,
+            scale_after=new_state.loss_scale,
+            explosion_count=new_state.explosion_count,
+            nonfinite_count=new_state.nonfinite_count,
+            vanishing_count=new_state.vanishing_count,
+            emergency_count=new_state.emergency_count,
+            warning_count=new_state.warning_count,
+            trend=new_state.norm_trend,
+            variance=new_state.variance_history[(new_state.variance_history_index - 1) % var_size],
+        )
+
+    jax.lax.cond((flags & jnp.int32(LOGGED_FLAGS)) != 0, send, lambda: None)
+
+
+# --- Host-side logging ----------------------------------------------------------
+
+
+class EventLogger:
+    """Logs the stabilizer's events from the host, reading the device every ``every`` calls.
+
+    Call it (or :meth:`update`) once per training step with the optimizer
+    state. The first call and then every ``every``-th call (calls 1, 1 +
+    every, 1 + 2 every, ...) do one ``jax.device_get`` of the stabilizer
+    states (never of the inner optimizer's moments) and log what changed
+    since the previous read: each explosion, non-finite, vanishing,
+    adaptation, emergency and early-warning step still in the event window
+    (the last ``event_history_size`` steps), one summary line per kind for
+    older ones, and the loss-scale change. The other calls cost nothing.
+
+    Exactness: steps and counts are exact. A step's norm is only known for
+    the latest step (the history keeps no norm of an exploding step), and the
+    threshold of a step is the one in force outside warm-up, rebuilt from the
+    threshold history. ``stabilize(..., log_events=True)`` logs exact values
+    from inside the graph instead.
+
+    With several stabilizers (``optax.partition``), each one's lines are
+    prefixed by its key path.
+
+    Args:
+      every: read the device every this many calls (>= 1).
+      max_lines: see the module docstring, burst folding.
+      fold_window: see the module docstring, burst folding.
+      log: the ``logging.Logger`` to write to; ``"optax_gradflow"`` by default.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_gradflow
+      >>> from optax_gradflow.events import EventLogger
+      >>> opt = optax.chain(optax_gradflow.stabilize(1e-2), optax.sgd(1e-2))
+      >>> state = opt.init({"w": jnp.ones(3)})
+      >>> events = EventLogger(every=100)
+      >>> events(state)  # the first call reads: the baseline
+      True
+      >>> events(state)  # the next 99 calls do not
+      False
+    """
+
+    def __init__(
+        self,
+        every: int = 100,
+        *,
+        max_lines: int = DEFAULT_MAX_LINES,
+        fold_window: int = DEFAULT_FOLD_WINDOW,
+        log: logging.Logger | None = None,
+    ):
+        _check_count("every", every)
+        _check_count("max_lines", max_lines)
+        _check_count("fold_window", fold_window)
+        self.every = every
+        self.max_lines = max_lines
+        self.fold_window = fold_window
+        self.log = logger if log is None else log
+        self._calls = 0
+        self._seen: dict[str, GradientFlowState] = {}
+        self._folders: dict[str, BurstFolder] = {}
+
+    def update(self, opt_state: Any) -> bool:
+        """Counts one call; reads and logs on calls 1, 1 + every, ... Returns whether it read.
+
+        The first call reads too: it sets the baseline (the threshold in force,
+        the loss scale) that the next reads compare with.
+        """
+        self._calls += 1
+        if (self._calls - 1) % self.every:
+            return False
+        self.read(opt_state)
+        return True
+
+    __call__ = update
+
+    def flush(self, opt_state: Any = None) -> None:
+        """Reads ``opt_state`` now if given, then writes all pending fold summaries."""
+        if opt_state is not None:
+            self.read(opt_state)
+        for folder in self._folders.values():
+            folder.flush()
+
+    def read(self, opt_state: Any) -> None:
+        """Reads the device now (one transfer) and logs what changed."""
+        found = find_states(opt_state)
+        if not found:
+            raise ValueError("No GradientFlowState found in the optimizer state.")
+        host = jax.device_get([state for _, state in found])
+        several = len(found) > 1
+        for (path, _), state in zip(found, host, strict=True):
+            folder = self._folders.get(path)
+            if folder is None:
+                folder = BurstFolder(
+                    self.max_lines,
+                    self.fold_window,
+                    name=path if several else None,
+                    log=self.log,
+                )
+                self._folders[path] = folder
+            self._log_changes(folder, self._seen.get(path), state)
+            self._seen[path] = state
+
+    def _log_changes(
+        self, folder: BurstFolder, prev: GradientFlowState | None, cur: GradientFlowState
+    ) -> None:
+        step = int(cur.stabilizer_step)
+        if prev is not None and step < int(prev.stabilizer_step):
+            prev = None  # a new run (or a restored earlier checkpoint): start over
+        prev_step = 0 if prev is None else int(prev.stabilizer_step)
+        flags = host_chronological(cur.event_flags, cur.event_flags_index, cur.event_flags_count)
+        visible = min(step - prev_step, flags.shape[0])
+        flags = [int(f) for f in flags[flags.shape[0] - visible :]]
+        first_visible = step - visible
+
+        # Events too old for the event window: one summary line per kind.
+        for field, (kind, flag) in _COUNTED.items():
+            before = 0 if prev is None else int(getattr(prev, field))
+            hidden = int(getattr(cur, field)) - before - sum(1 for f in flags if f & flag)
+            if hidden > 0:
+                folder.emit(
+                    kind,
+                    prev_step,
+                    f"{hidden} {KINDS[kind][1]} in steps {prev_step}-{first_visible - 1} are "
+                    f"older than the event window ({cur.event_flags.shape[0]} steps) and not "
+                    f"itemised",
+                )
+
+        before_after = self._threshold_changes(prev, cur, flags)
+        in_force = before_after[0][0] if before_after else float(cur.clip_threshold)
+        pushes = iter(before_after)
+        for offset, f in enumerate(flags):
+            k = first_visible + offset
+            if f & (FLAG_ADAPTED | FLAG_EMERGENCY):
+                thr_before, thr_after = next(pushes)
+            else:
+                thr_before = thr_after = in_force
+            self._log_step(folder, cur, k, f, thr_before, thr_after, k == step - 1)
+            in_force = thr_after
+
+        if prev is not None and float(cur.loss_scale) != float(prev.loss_scale):
+            folder.emit(
+                "loss_scale",
+                step - 1,
+                f"loss scale {float(prev.loss_scale):.4g} -> {float(cur.loss_scale):.4g} "
+                f"between steps {prev_step} and {step - 1}",
+            )
+
+    @staticmethod
+    def _threshold_changes(
+        prev: GradientFlowState | None, cur: GradientFlowState, flags: list[int]
+    ) -> list[tuple[float, float]]:
+        # One threshold push per adapted or emergency step (SPEC.md, "Per-step
+        # order" 10), so the newest pushes line up with the newest such steps.
+        history = host_chronological(
+            cur.threshold_history, cur.threshold_history_index, cur.threshold_history_count
+        ).tolist()
+        pushes = sum(1 for f in flags if f & (FLAG_ADAPTED | FLAG_EMERGENCY))
+        fallback = float("nan") if prev is None else float(prev.clip_threshold)
+        pairs = []
+        for j in range(len(history) - pushes, len(history)):
+            after = history[j] if j >= 0 else float("nan")
+            before = history[j - 1] if j >= 1 else (fallback if j == 0 else float("nan"))
+            pairs.append((before, after))
+        return pairs
+
+    @staticmethod
+    def _log_step(
+        folder: BurstFolder,
+        cur: GradientFlowState,
+        k: int,
+        f: int,
+        thr_before: float,
+        thr_after: float,
+        latest: bool,
+    ) -> None:
+        norm = f", norm {float(cur.last_grad_norm):.4g}" if latest else ""
+        if f & FLAG_EXPLOSION:
+            folder.emit(
+                "explosion",
+                k,
+                f"gradient explosion at step {k} (threshold {_fmt(thr_before)}{norm})",
+            )
+        if f & FLAG_NONFINITE:
+            folder.emit("nonfinite", k, f"non-finite gradient norm at step {k}: update skipped")
+        if f & FLAG_VANISHING:
+            folder.emit("vanishing", k, f"vanishing gradient at step {k}{norm}")
+        if f & FLAG_ADAPTED and not f & FLAG_EMERGENCY:
+            folder.emit(
+                "adaptation",
+                k,
+                f"clip threshold adapted at step {k}: {_fmt(thr_before)} -> {_fmt(thr_after)}",
+            )
+        if f & FLAG_EMERGENCY:
+            folder.emit(
+                "emergency",
+                k,
+                f"emergency intervention at step {k}: threshold {_fmt(thr_before)} -> "
+                f"{_fmt(thr_after)}; now: loss scale {float(cur.loss_scale):.4g}, "
+                f"{int(cur.emergency_count)} emergencies, {int(cur.explosion_count)} "
+                f"explosions, {int(cur.nonfinite_count)} non-finite steps, "
+                f"{int(cur.consecutive_explosions)} consecutive explosions",
+            )
+        if f & FLAG_WARNING:
+            var = host_chronological(
+                cur.variance_history, cur.variance_history_index, cur.variance_history_count
+            )
+            variance = f", norm variance {float(var[-1]):.4g}" if var.size else ""
+            folder.emit(
+                "warning",
+                k,
+                f"early warning at step {k} (latest diagnostics: log-norm trend "
+                f"{float(cur.norm_trend):.3g} per history entry{variance})",
+            )

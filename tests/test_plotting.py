@@ -1,0 +1,125 @@
+"""plot(): renders with the Agg backend; the norm / step alignment by hand."""
+
+import functools
+import sys
+
+import jax.numpy as jnp
+import matplotlib
+import optax
+import pytest
+from _helpers import run_steps, vec
+
+import optax_gradflow as og
+from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.plotting import norm_steps, plot, threshold_path
+from optax_gradflow.report import stability_report
+from optax_gradflow.transform import init_state
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after choosing the backend
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@functools.cache
+def eventful_state():
+    # Threshold 1 (explicit), explosion above 3, emergency after 3 explosions
+    # in a row, no loss scaling. Steps: quiet, clipped (2), vanishing (0),
+    # three explosions (the third fires: threshold 0.5), quiet, non-finite.
+    cfg = StabilizerConfig(
+        loss_scaling=False, emergency_patience=3, adaptation_interval=0, diagnostics_interval=0
+    )
+    opt = optax.chain(og.stabilize(config=cfg, initial_threshold=1.0), optax.sgd(0.1))
+    norms = [0.5, 2.0, 0.0, 10.0, 10.0, 10.0, 0.3, float("nan"), 0.4]
+    _, states = run_steps(opt, [vec(n) for n in norms], params=vec(1.0))
+    return states[-1]
+
+
+def test_plot_renders_a_png(tmp_path):
+    fig = plot(eventful_state())
+    out = tmp_path / "flow.png"
+    fig.savefig(out)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    ax_norm, ax_scale = fig.axes
+    labels = set(ax_norm.get_legend_handles_labels()[1])
+    assert {
+        "gradient norm",
+        "clip threshold",
+        "clipped",
+        "vanishing",
+        "explosion",
+        "non-finite",
+        "emergency",
+    } <= labels
+    # The history holds the 6 finite, non-exploding norms, at their steps.
+    (norm_line,) = [line for line in ax_norm.get_lines() if line.get_label() == "gradient norm"]
+    assert list(norm_line.get_xdata()) == [0, 1, 2, 6, 8]
+    assert list(norm_line.get_ydata()) == pytest.approx([0.5, 2.0, 0.0, 0.3, 0.4], rel=1e-6)
+    # Vertical lines: 3 explosions, 1 non-finite step, 1 emergency.
+    vertical = [line for line in ax_norm.get_lines() if len(set(line.get_xdata())) == 1]
+    assert len(vertical) == 5
+    # An emergency in the window: critical; score 1 - (3 + 1) / 9 = 0.56.
+    assert ax_norm.get_title() == "[0]: critical, score 0.56, step 9"
+    assert ax_scale.get_ylabel() == "loss scale"
+
+
+def test_plot_accepts_a_report_and_one_axes():
+    rep = stability_report(eventful_state())
+    fig, ax = plt.subplots()
+    assert plot(rep, ax=ax) is fig
+    assert len(fig.axes) == 1
+    assert "loss scale 1" in ax.get_title()
+
+
+def test_norm_steps_by_hand():
+    # E = 5 window over steps 2..6 with flags [0, explosion, 0, non-finite, 0];
+    # 5 history entries. Newest first: 6, 4, 2 take the last three; the two
+    # older ones go before the window: steps 1 and 0.
+    cfg = StabilizerConfig(event_history_size=5, norm_history_size=8, diagnostics_window=2)
+    state = init_state(1.0, 0, cfg)._replace(
+        stabilizer_step=jnp.int32(7),
+        event_flags=jnp.asarray([3, 0, 8, 0, 0], jnp.int32),  # wrapped: index 2
+        event_flags_index=jnp.int32(2),
+        event_flags_count=jnp.int32(5),
+        norm_history=jnp.asarray([1, 2, 3, 4, 5, 0, 0, 0], jnp.float32),
+        norm_history_index=jnp.int32(5),
+        norm_history_count=jnp.int32(5),
+    )
+    rep = stability_report(state)
+    assert rep.event_flags == (8, 0, 0, 3, 0)  # steps 2, 3, 4, 5, 6
+    # Flags by step: 2 non-finite, 3 quiet, 4 quiet, 5 explosion, 6 quiet.
+    # Newest first: 6 -> 5.0, 4 -> 4.0, 3 -> 3.0; then 1, 0 before the window.
+    assert norm_steps(rep) == [0, 1, 3, 4, 6]
+
+
+def test_threshold_path_follows_pushes():
+    # The emergency at step 5 pushed 0.5, the only push: used from step 6 on. The
+    # threshold before it is not in the state, so the line starts at 0.5 too.
+    rep = stability_report(eventful_state())
+    xs, ys = threshold_path(rep, 0)
+    assert xs == [0, 6, 9]
+    assert ys == [0.5, 0.5, 0.5]
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"optax-gradflow\[plot\]"):
+        plot(eventful_state())
+
+
+def test_several_stabilizers_must_be_picked():
+    opt = optax.partition(
+        {"a": og.stabilize(initial_threshold=1.0), "b": og.stabilize(initial_threshold=2.0)},
+        {"x": "a", "y": "b"},
+    )
+    state = opt.init({"x": jnp.ones(2), "y": jnp.ones(2)})
+    with pytest.raises(ValueError, match="2 stabilizers"):
+        plot(state)
+    reports = stability_report(state)
+    fig = plot(next(iter(reports.values())))
+    assert len(fig.axes) == 2

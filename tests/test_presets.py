@@ -1,0 +1,229 @@
+"""Presets against the reference implementations they reproduce (JAX side)."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradflow as og
+from optax_gradflow import presets
+
+# --- clip_only == optax.clip_by_global_norm --------------------------------
+
+
+def _random_tree(key, n_leaves, scale):
+    keys = jax.random.split(key, n_leaves)
+    shapes = [(3,), (2, 5), (), (4, 1, 3), (7,), (1,)]
+    return {
+        f"leaf{i}": scale * jax.random.normal(k, shapes[i % len(shapes)])
+        for i, k in enumerate(keys)
+    }
+
+
+@pytest.mark.parametrize("n_leaves", [1, 2, 6])
+@pytest.mark.parametrize("max_norm", [0.05, 1.0, 30.0])
+def test_clip_only_equals_clip_by_global_norm_bit_for_bit(n_leaves, max_norm):
+    ours = og.stabilize(config=presets.clip_only(max_norm))
+    theirs = optax.clip_by_global_norm(max_norm)
+    ours_update, theirs_update = jax.jit(ours.update), jax.jit(theirs.update)
+    for seed in range(12):
+        # Tree norms from 1e-3 to 1e3 times the threshold: clipped and not.
+        scale = max_norm * 10.0 ** (seed / 2 - 3)
+        tree = _random_tree(jax.random.PRNGKey(seed), n_leaves, scale)
+        out, _ = ours_update(tree, ours.init(tree))
+        ref, _ = theirs_update(tree, theirs.init(tree))
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_clip_only_passes_optax_clip_by_global_norm_cases():
+    # The cases of optax's own clip_by_global_norm test: updates
+    # ([500, 5], [300, 3]) clipped at 1 / i, the clipped result re-clipped at
+    # the next threshold, and clipping the original giving the same result.
+    # Every seventh of optax's fifty thresholds, to bound compile time.
+    original = (jnp.array([500.0, 5.0]), jnp.array([300.0, 3.0]))
+    updates = original
+    for i in range(1, 51, 7):
+        tx = og.stabilize(config=presets.clip_only(1.0 / i))
+        update = jax.jit(tx.update)
+        updates, _ = update(updates, tx.init(updates))
+        assert float(optax.tree.norm(updates)) == pytest.approx(1.0 / i, abs=1e-6)
+        again, _ = update(original, tx.init(original))
+        for a, b in zip(updates, again, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_clip_only_is_fixed_and_scale_free():
+    cfg = presets.clip_only(2.0)
+    tx = og.stabilize(config=cfg)
+    state = tx.init({"w": jnp.zeros(2)})
+    for g in ([300.0, 400.0], [1e-9, 0.0], [3.0, 4.0]):
+        _, state = jax.jit(tx.update)({"w": jnp.array(g)}, state)
+    assert float(state.clip_threshold) == 2.0
+    assert float(state.loss_scale) == 1.0
+    assert int(state.explosion_count) == 0 and int(state.emergency_count) == 0
+
+
+def test_clip_only_skips_nonfinite_where_optax_lets_it_through():
+    tree = {"w": jnp.array([jnp.nan, 1.0])}
+    ours = og.stabilize(config=presets.clip_only(1.0))
+    out, _ = ours.update(tree, ours.init(tree))
+    np.testing.assert_array_equal(out["w"], [0.0, 0.0])
+    ref, _ = optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+    assert np.isnan(ref["w"]).all()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_clip_only_rejects_bad_max_norm(bad):
+    with pytest.raises(ValueError, match="max_norm"):
+        presets.clip_only(bad)
+
+
+def test_presets_compose_with_replace():
+    cfg = dataclasses.replace(presets.clip_only(1.0), loss_scaling=True)
+    assert cfg.loss_scaling and cfg.initial_threshold == 1.0
+    with pytest.raises(ValueError, match="max_threshold"):
+        dataclasses.replace(presets.clip_only(1.0), max_threshold=0.5)
+
+
+# --- autoclip == autoclip.torch.QuantileClip(global_threshold=True) ----------
+
+
+def _norm_sequence(n, seed=0):
+    rng = np.random.default_rng(seed)
+    # Heavy-tailed norms with spikes: what AutoClip is for.
+    base = np.exp(rng.normal(0.0, 0.5, n)) * np.where(rng.random(n) < 0.05, 30.0, 1.0)
+    directions = rng.normal(size=(n, 6))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    return (directions * base[:, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("percentile, history", [(10.0, 1000), (90.0, 1000), (50.0, 7)])
+def test_autoclip_threshold_matches_quantileclip_every_step(percentile, history):
+    torch = pytest.importorskip("torch")
+    quantile_mod = pytest.importorskip("autoclip.torch")
+    grads = _norm_sequence(60)
+
+    param = torch.nn.Parameter(torch.zeros(6))
+    clipper = quantile_mod.QuantileClip(
+        [param], quantile=percentile / 100.0, history_length=history, global_threshold=True
+    )
+    tx = og.stabilize(config=presets.autoclip(percentile=percentile, history=history))
+    state = tx.init({"w": jnp.zeros(6)})
+    update = jax.jit(tx.update)
+    for k, g in enumerate(grads):
+        # The reference's threshold for this step, read from its history.
+        history_t = clipper.state["global_history"]
+        ref_threshold = (
+            math.inf
+            if len(history_t) == 0
+            else float(torch.quantile(history_t, percentile / 100.0))
+        )
+        param.grad = torch.tensor(g)
+        clipper.step()
+        ref_out = param.grad.numpy()
+
+        out, new_state = update({"w": jnp.asarray(g)}, state)
+        if k == 0:
+            # First step: no threshold yet, nothing clipped by either.
+            assert ref_threshold == math.inf
+            np.testing.assert_array_equal(out["w"], g)
+        else:
+            assert float(state.clip_threshold) == pytest.approx(ref_threshold, rel=1e-5)
+            # clip_grad_norm_ divides by (norm + 1e-6): outputs agree to ~1e-6.
+            np.testing.assert_allclose(out["w"], ref_out, rtol=2e-5, atol=1e-7)
+        state = new_state
+
+
+# --- mixed_precision == torch.amp.GradScaler == jmp.DynamicLossScale --------
+
+
+def _finite_pattern(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.random(n) > 0.15
+
+
+def _our_scales(cfg, finite):
+    tx = og.stabilize(config=cfg)
+    state = tx.init({"w": jnp.zeros(2)})
+    update = jax.jit(tx.update)
+    scales = []
+    for ok in finite:
+        g = jnp.array([1.0, 1.0 if ok else jnp.inf])
+        _, state = update({"w": g}, state)
+        scales.append(float(state.loss_scale))
+    return scales
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mixed_precision_matches_gradscaler(seed):
+    torch = pytest.importorskip("torch")
+    finite = _finite_pattern(80, seed)
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    ref = []
+    for ok in finite:
+        opt.zero_grad()
+        scaler.scale(torch.ones(()))  # lets the scaler create its scale tensor
+        param.grad = torch.tensor([1.0, 1.0 if ok else math.inf])
+        scaler.step(opt)
+        scaler.update()
+        ref.append(scaler.get_scale())
+    # GradScaler has no minimum: give the preset one that never binds here.
+    cfg = presets.mixed_precision(growth_interval=3, min_loss_scale=2.0**-60)
+    assert _our_scales(cfg, finite) == ref
+
+
+def test_mixed_precision_never_grows_to_inf_like_gradscaler():
+    torch = pytest.importorskip("torch")
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126, growth_interval=1)
+    ref = []
+    for _ in range(4):
+        scaler.scale(torch.ones(()))
+        param.grad = torch.ones(2)
+        scaler.step(opt)
+        scaler.update()
+        ref.append(scaler.get_scale())
+    cfg = presets.mixed_precision(initial_scale=2.0**126, growth_interval=1)
+    ours = _our_scales(cfg, [True] * 4)
+    assert ours == ref == [2.0**127] * 4
+
+
+def _jmp_scales(finite, min_loss_scale, jit):
+    jmp = pytest.importorskip("jmp")
+    scale = jmp.DynamicLossScale(
+        jnp.float32(2.0**16), period=3, min_loss_scale=jnp.float32(min_loss_scale)
+    )
+    adjust = jax.jit(lambda s, ok: s.adjust(ok)) if jit else (lambda s, ok: s.adjust(ok))
+    out = []
+    for ok in finite:
+        scale = adjust(scale, jnp.asarray(bool(ok)))
+        out.append(float(scale.loss_scale))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mixed_precision_matches_jmp(seed):
+    # Enough overflows to hit the floor of 1 (jmp's default minimum).
+    finite = np.concatenate([np.zeros(20, bool), _finite_pattern(60, seed)])
+    cfg = presets.mixed_precision(growth_interval=3)
+    assert _our_scales(cfg, finite) == _jmp_scales(finite, 1.0, jit=False)
+
+
+def test_mixed_precision_keeps_its_minimum_where_jmp_loses_it_under_jit():
+    # jmp.DynamicLossScale does not flatten min_loss_scale, so through jit the
+    # floor falls back to 1. The preset's minimum is static config: it holds.
+    finite = np.zeros(25, bool)  # 2**16 halves to 2**-9 without a floor
+    floor = 2.0**-5
+    eager = _jmp_scales(finite, floor, jit=False)
+    jitted = _jmp_scales(finite, floor, jit=True)
+    assert min(eager) == floor and min(jitted) == 1.0
+    ours = _our_scales(presets.mixed_precision(growth_interval=3, min_loss_scale=floor), finite)
+    assert ours == eager
