@@ -59,7 +59,8 @@ def diagnose(
     variance ``variance / mean**2`` exceeds ``variance_limit``.
     """
     recent, valid = recent_window(values, index, count, config.diagnostics_window)
-    trend = log_norm_trend(recent, valid, config.vanishing_norm)
+    # The floor keeps log() finite for zero norms even when vanishing_norm is 0.
+    trend = log_norm_trend(recent, valid, max(config.vanishing_norm, 1e-30))
     mean, var = windowed_mean_variance(recent, valid)
     relative = jnp.where(mean > 0, var / jnp.where(mean > 0, jnp.square(mean), 1.0), 0.0)
     warning = (trend > config.trend_limit) | (relative > config.variance_limit)

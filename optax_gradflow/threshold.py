@@ -140,9 +140,10 @@ def warmup_threshold(
 
     ``warmup_multiplier * median(history)`` once the history holds a norm; with
     an empty history, the step's own norm if finite (nothing to compare it with,
-    so it is not clipped), else the previous threshold. Clamped.
+    so it is not clipped), both clamped; else the previous threshold, as is.
     """
     median = percentile(values, count, 50.0)
-    from_history = jnp.float32(config.warmup_multiplier) * median
-    first = jnp.where(jnp.isfinite(norm), norm, previous)
-    return clamp_threshold(jnp.where(count > 0, from_history, first), config)
+    from_history = clamp_threshold(jnp.float32(config.warmup_multiplier) * median, config)
+    # A skipped step keeps the previous threshold as it is.
+    first = jnp.where(jnp.isfinite(norm), clamp_threshold(norm, config), previous)
+    return jnp.where(count > 0, from_history, first)

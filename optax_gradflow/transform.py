@@ -301,19 +301,16 @@ def step(
     finite = jnp.isfinite(norm)
 
     # 3. The threshold this step clips at.
-    in_warmup = state.warmup_steps_left > 0
-    if config.warmup_steps > 0:
-        # lax.cond, not jnp.where: the warm-up median sorts the history, work
-        # that only the first warmup_steps steps need.
-        thr = jax.lax.cond(
-            in_warmup,
-            lambda: threshold_lib.warmup_threshold(
-                state.norm_history, state.norm_history_count, norm, state.clip_threshold, config
-            ),
-            lambda: state.clip_threshold,
-        )
-    else:
-        thr = state.clip_threshold
+    # lax.cond, not jnp.where: the warm-up median sorts the history, work that
+    # only warm-up steps need. The gate is the state's counter, not the config,
+    # so that a resumed warm-up finishes whatever the config now says.
+    thr = jax.lax.cond(
+        state.warmup_steps_left > 0,
+        lambda: threshold_lib.warmup_threshold(
+            state.norm_history, state.norm_history_count, norm, state.clip_threshold, config
+        ),
+        lambda: state.clip_threshold,
+    )
 
     # 4. Classification.
     nonfinite = ~finite

@@ -1,0 +1,465 @@
+"""One stabilizer step on a list of PyTorch gradients: ``update(grads, state)``.
+
+An independent implementation of SPEC.md, "Per-step order", with the same
+state (a dict keyed by the ``GradientFlowState`` field names). Every value
+that depends on the gradients stays a tensor on their device: no ``.item()``,
+no ``bool(tensor)``, no Python branch on a tensor. Branches that JAX takes with
+``lax.cond`` (the warm-up median, the adaptation rule, the diagnostics) are
+computed every step here and selected with ``torch.where``; they cost a sort
+of the norm history, far less than the gradient pass itself, and keep the
+step a single graph for ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from optax_gradflow.config import INT32_MAX, StabilizerConfig
+from optax_gradflow.torch.state import (
+    FLAG_ADAPTED,
+    FLAG_CLIPPED,
+    FLAG_EMERGENCY,
+    FLAG_EXPLOSION,
+    FLAG_NONFINITE,
+    FLAG_VANISHING,
+    FLAG_WARNING,
+    State,
+    _check_config,
+    check_state,
+)
+
+# 1 / Phi^{-1}(3/4): the median absolute deviation of normal data times this
+# estimates its standard deviation (SPEC.md, "Threshold adaptation").
+MAD_TO_STD = 1.4826
+
+_F32 = torch.float32
+_I32 = torch.int32
+
+
+def _is_float(x: torch.Tensor) -> bool:
+    return x.is_floating_point() or x.is_complex()
+
+
+def _device_of(grads: Sequence[torch.Tensor | None], state: State) -> torch.device:
+    """The one device of the gradients and the state; ValueError otherwise."""
+    device = state["loss_scale"].device
+    first = None
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if first is None:
+            first = (i, g.device)
+        elif g.device != first[1]:
+            raise ValueError(
+                f"All gradients must be on one device: gradient {first[0]} is on {first[1]}, "
+                f"gradient {i} on {g.device}."
+            )
+    if first is not None and first[1] != device:
+        raise ValueError(
+            f"The gradients are on {first[1]} but the stabilizer state is on {device}; move "
+            "the state first: {k: v.to(device) for k, v in state.items()}."
+        )
+    return device
+
+
+# --- Small helpers ---------------------------------------------------------
+
+
+def _sat_inc(counter: torch.Tensor, increment: torch.Tensor | bool = True) -> torch.Tensor:
+    """``counter + increment`` for an int32 counter, stopping at 2**31 - 1."""
+    if isinstance(increment, bool):
+        increment = torch.ones_like(counter) if increment else torch.zeros_like(counter)
+    step = increment.to(_I32)
+    return torch.where(counter >= INT32_MAX, counter, counter + step)
+
+
+def _push(
+    values: torch.Tensor,
+    index: torch.Tensor,
+    count: torch.Tensor,
+    item: torch.Tensor,
+    do_push: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ring push (SPEC.md, "Ring buffers"), only where ``do_push``; no host read."""
+    size = values.shape[0]
+    slot = torch.arange(size, device=values.device, dtype=_I32) == index
+    if do_push is not None:
+        slot = slot & do_push
+    new_values = torch.where(slot, item.to(values.dtype), values)
+    new_index = (index + 1) % size
+    new_count = torch.clamp(count + 1, max=size)
+    if do_push is not None:
+        new_index = torch.where(do_push, new_index, index)
+        new_count = torch.where(do_push, new_count, count)
+    return new_values, new_index.to(_I32), new_count.to(_I32)
+
+
+def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # gather, not values[index]: indexing with a 0-d tensor reads it on the host.
+    return values.gather(0, index.reshape(1)).reshape(())
+
+
+def _percentile(values: torch.Tensor, count: torch.Tensor, q: float) -> torch.Tensor:
+    """``q``-th percentile of the valid slots ``[0, count)`` (numpy's "linear").
+
+    NaN-free garbage when ``count == 0``; callers select it away.
+    """
+    size = values.shape[0]
+    valid = torch.arange(size, device=values.device, dtype=_I32) < count
+    ordered = torch.sort(torch.where(valid, values, math.inf)).values
+    # q / 100 is a constant: rounded to float32 once, then used in float32.
+    pos = (count.to(_F32) - 1.0) * (q / 100.0)
+    lo = torch.floor(pos)
+    frac = pos - lo
+    lo_i = torch.clamp(lo.to(torch.int64), 0, size - 1)
+    hi_i = torch.clamp(torch.minimum(lo_i + 1, count.to(torch.int64) - 1), 0, size - 1)
+    a_lo = _gather(ordered, lo_i)
+    a_hi = _gather(ordered, hi_i)
+    return a_lo + frac * (a_hi - a_lo)
+
+
+def _clamp_threshold(t: torch.Tensor, config: StabilizerConfig) -> torch.Tensor:
+    return torch.clamp(t, min=config.min_threshold, max=config.max_threshold)
+
+
+def _adapted_threshold(
+    values: torch.Tensor, count: torch.Tensor, config: StabilizerConfig
+) -> torch.Tensor:
+    """The configured rule over the history, clamped (SPEC.md, "Threshold adaptation")."""
+    if config.adaptation_rule == "percentile":
+        raw = _percentile(values, count, config.adaptation_percentile)
+    elif config.adaptation_rule == "median_mad":
+        median = _percentile(values, count, 50.0)
+        mad = _percentile(torch.abs(values - median), count, 50.0)
+        raw = median + mad * (config.adaptation_k * MAD_TO_STD)
+    else:  # "mean_std", population std.
+        valid = torch.arange(values.shape[0], device=values.device, dtype=_I32) < count
+        m = torch.clamp(count, min=1).to(_F32)
+        mean = torch.where(valid, values, 0.0).sum() / m
+        var = torch.where(valid, torch.square(values - mean), 0.0).sum() / m
+        raw = mean + torch.sqrt(var) * config.adaptation_k
+    return _clamp_threshold(raw, config)
+
+
+def _diagnose(
+    values: torch.Tensor, index: torch.Tensor, count: torch.Tensor, config: StabilizerConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(trend, variance, warning) over the last W pushes (SPEC.md, "Diagnostics")."""
+    size = values.shape[0]
+    window = config.diagnostics_window
+    j = torch.arange(window, device=values.device, dtype=_I32)
+    positions = ((index - window + j) % size).to(torch.int64)
+    recent = values.gather(0, positions)
+    valid = j >= window - torch.clamp(count, max=window)
+    w = valid.to(_F32)
+    total = w.sum()
+    safe_total = torch.clamp(total, min=1.0)
+    x = j.to(_F32)
+    floor = max(config.vanishing_norm, 1e-30)
+    y = torch.where(valid, torch.log(torch.clamp(recent, min=floor)), 0.0)
+    x_mean = (w * x).sum() / safe_total
+    y_mean = (w * y).sum() / safe_total
+    sxx = (w * torch.square(x - x_mean)).sum()
+    sxy = (w * (x - x_mean) * (y - y_mean)).sum()
+    trend = torch.where(total >= 2.0, sxy / torch.where(sxx > 0, sxx, 1.0), 0.0)
+    norms = torch.where(valid, recent, 0.0)
+    mean = (w * norms).sum() / safe_total
+    variance = (w * torch.square(norms - mean)).sum() / safe_total
+    relative = torch.where(mean > 0, variance / torch.where(mean > 0, mean * mean, 1.0), 0.0)
+    warning = (trend > config.trend_limit) | (relative > config.variance_limit)
+    return trend, variance, warning
+
+
+def _sum_of_squares(leaves: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Per-leaf sums of float32 squares, then their sum (SPEC.md, "Per-step order" 1).
+
+    The squares are taken in float32 on purpose: squares that overflow
+    float32 must make the norm infinite (a non-finite step), and float16
+    gradients of a scaled loss would overflow in their own dtype. Norm
+    kernels (``torch.linalg.vector_norm``, ``get_total_norm``) are not used:
+    they return ``sqrt`` of the sum, and squaring it back costs an extra
+    rounding per leaf.
+    """
+    if not leaves:
+        return torch.zeros((), dtype=_F32, device=device)
+    upcast = []
+    for x in leaves:
+        if x.is_complex():
+            x = torch.view_as_real(x)
+        upcast.append(x if x.dtype == _F32 else x.to(_F32))
+    squares = torch._foreach_mul(upcast, upcast)
+    sums = [s.sum() for s in squares]
+    return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
+
+
+_REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16 / bfloat16 are rescaled in float32 so that tiny or huge
+    # coefficients of loss scaling neither underflow nor overflow.
+    return torch.promote_types(dtype, _F32)
+
+
+def _rescale(
+    leaves: list[torch.Tensor],
+    *,
+    divisor: torch.Tensor,
+    factor: torch.Tensor,
+    finite: torch.Tensor,
+) -> list[torch.Tensor]:
+    """``(x / divisor) * factor`` per leaf, zero where not ``finite``.
+
+    With ``divisor = r, factor = t`` this is the clip ``(x / r) * t``;
+    with ``divisor = 1, factor = 1 / s`` it is ``x * (1 / s)`` bit for bit
+    (``x / 1`` is exact). Leaves are grouped by compute dtype so each group is
+    one fused multi-tensor kernel.
+    """
+    out: list[torch.Tensor | None] = [None] * len(leaves)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(_compute_dtype(x.dtype), []).append(i)
+    for cd, members in groups.items():
+        real_cd = _REAL_OF_COMPLEX.get(cd, cd)
+        xs = [leaves[i].to(cd) for i in members]
+        ys = torch._foreach_div(xs, divisor.to(real_cd))
+        ys = torch._foreach_mul(ys, factor.to(real_cd))
+        for i, y in zip(members, ys, strict=True):
+            # where, not a multiplication by 0: 0 * NaN is NaN.
+            out[i] = torch.where(finite, y, 0.0).to(leaves[i].dtype)
+    return out  # type: ignore[return-value]
+
+
+# --- The step --------------------------------------------------------------
+
+
+def update(
+    grads: Sequence[torch.Tensor | None],
+    state: State,
+    params: Any = None,
+    *,
+    value: torch.Tensor | float | None = None,
+    config: StabilizerConfig | None = None,
+) -> tuple[list[torch.Tensor | None], State]:
+    """One stabilizer step (SPEC.md, "Per-step order"); pure, no host transfer.
+
+    Args:
+      grads: gradients of the scaled loss ``loss * loss_scale``. ``None``
+        entries and integer / boolean tensors are passed through untouched and
+        are not part of the norm.
+      state: a dict from :func:`init_state` (or :func:`from_jax_state`), on the
+        gradients' device. It is not modified.
+      params: unused; accepted for symmetry with optax.
+      value: the loss, recorded as ``last_loss``.
+      config: the :class:`~optax_gradflow.StabilizerConfig` the state was built
+        with; the defaults if None.
+
+    Returns:
+      ``(new_grads, new_state)``: the unscaled, clipped gradients (zeros on a
+      non-finite step), in the input dtypes, and the next state.
+
+    Raises:
+      ValueError: gradients on several devices, or not on the state's device;
+        a state whose keys, shapes or dtypes do not match ``config``.
+    """
+    del params
+    config = _check_config(config)
+    check_state(state, config)
+    device = _device_of(grads, state)
+    float_idx = [i for i, g in enumerate(grads) if g is not None and _is_float(g)]
+    leaves = [grads[i] for i in float_idx]
+
+    # 1. Global norm of the scaled gradients, then unscaled.
+    scale = state["loss_scale"]
+    raw_norm = torch.sqrt(_sum_of_squares(leaves, device))  # type: ignore[arg-type]
+    norm = raw_norm / scale
+    finite = torch.isfinite(norm)
+
+    # 2. The threshold of this step (SPEC.md, "Warm-up threshold").
+    hist = state["norm_history"]
+    hist_count = state["norm_history_count"]
+    threshold = state["clip_threshold"]
+    # Driven by the state, not by config.warmup_steps: a state resumed under a
+    # config without warm-up finishes the warm-up it started.
+    from_history = _percentile(hist, hist_count, 50.0) * config.warmup_multiplier
+    warm = torch.where(
+        hist_count > 0,
+        _clamp_threshold(from_history, config),
+        torch.where(finite, _clamp_threshold(norm, config), threshold),
+    )
+    threshold = torch.where(state["warmup_steps_left"] > 0, warm, threshold)
+
+    # 3. Classification.
+    nonfinite = ~finite
+    explosion = finite & (norm > threshold * config.explosion_factor)
+    vanishing = finite & ~explosion & (norm < config.vanishing_norm)
+    clipped = finite & (norm > threshold)
+
+    # 4. Output: (x / r) * t when clipped, x * (1 / s) otherwise, 0 if non-finite.
+    one = torch.ones((), dtype=_F32, device=device)
+    keep_factor = one / scale if config.loss_scaling else one
+    new_leaves = _rescale(
+        leaves,  # type: ignore[arg-type]
+        divisor=torch.where(clipped, raw_norm, one),
+        factor=torch.where(clipped, threshold, keep_factor),
+        finite=finite,
+    )
+    new_grads: list[torch.Tensor | None] = list(grads)
+    for i, g in zip(float_idx, new_leaves, strict=True):
+        new_grads[i] = g
+
+    # 5. Loss-scale rule.
+    growth_count = state["loss_scale_growth_count"]
+    new_scale = scale
+    if config.loss_scaling:
+        factor = torch.where(
+            nonfinite,
+            config.nonfinite_backoff,
+            torch.where(
+                explosion,
+                config.explosion_backoff,
+                torch.where(vanishing, config.vanishing_growth, 1.0),
+            ),
+        ).to(_F32)
+        new_scale = scale * factor
+        growth_count = torch.where(nonfinite, 0, _sat_inc(growth_count))
+        if config.growth_interval > 0:
+            grow = growth_count >= config.growth_interval
+            new_scale = torch.where(grow, new_scale * config.growth_factor, new_scale)
+            growth_count = torch.where(grow, 0, growth_count)
+        # A scale never grows to inf: keep the old one.
+        new_scale = torch.where(torch.isfinite(new_scale), new_scale, scale)
+        new_scale = torch.clamp(new_scale, min=config.min_loss_scale, max=config.max_loss_scale)
+
+    # 6. History. Explosions stay out: they would drag the threshold up.
+    norm_hist, norm_idx, norm_cnt = _push(
+        hist, state["norm_history_index"], hist_count, norm, finite & ~explosion
+    )
+
+    # 7. Adaptation, after the push.
+    step_after = _sat_inc(state["stabilizer_step"])
+    left = state["warmup_steps_left"]
+    left_after = torch.clamp(left - 1, min=0)
+    adapt = left == 1
+    if config.adaptation_interval > 0:
+        adapt = adapt | ((step_after % config.adaptation_interval == 0) & (left_after == 0))
+    adapt = adapt & (norm_cnt > 0)
+    new_threshold = torch.where(adapt, _adapted_threshold(norm_hist, norm_cnt, config), threshold)
+
+    # 8. Emergency intervention, after the adaptation so that it cannot be undone.
+    unstable = nonfinite | explosion
+    consecutive = torch.where(unstable, _sat_inc(state["consecutive_explosions"]), 0)
+    if config.emergency_patience > 0:
+        fire = consecutive >= config.emergency_patience
+    else:
+        fire = torch.zeros((), dtype=torch.bool, device=device)
+    new_threshold = torch.where(
+        fire,
+        torch.clamp(new_threshold * config.emergency_threshold_factor, min=config.min_threshold),
+        new_threshold,
+    )
+    if config.loss_scaling:
+        new_scale = torch.where(
+            fire,
+            torch.clamp(new_scale * config.emergency_loss_scale_factor, min=config.min_loss_scale),
+            new_scale,
+        )
+    consecutive = torch.where(fire, 0, consecutive)
+
+    # 9. Diagnostics.
+    trend, warning = state["norm_trend"], state["early_warning"]
+    var_hist = state["variance_history"]
+    var_idx, var_cnt = state["variance_history_index"], state["variance_history_count"]
+    if config.diagnostics_interval > 0:
+        run_diag = (step_after % config.diagnostics_interval == 0) & (norm_cnt >= 2)
+        d_trend, d_var, d_warning = _diagnose(norm_hist, norm_idx, norm_cnt, config)
+        trend = torch.where(run_diag, d_trend, trend)
+        warning = torch.where(run_diag, d_warning, warning)
+        var_hist, var_idx, var_cnt = _push(var_hist, var_idx, var_cnt, d_var, run_diag)
+        warned = run_diag & d_warning
+    else:
+        warned = torch.zeros((), dtype=torch.bool, device=device)
+
+    # 10. Records and counters.
+    thr_hist, thr_idx, thr_cnt = _push(
+        state["threshold_history"],
+        state["threshold_history_index"],
+        state["threshold_history_count"],
+        new_threshold,
+        adapt | fire,
+    )
+    ls_hist, ls_idx, ls_cnt = _push(
+        state["loss_scale_history"],
+        state["loss_scale_history_index"],
+        state["loss_scale_history_count"],
+        new_scale,
+        new_scale != scale,
+    )
+    flags = (
+        clipped.to(_I32) * FLAG_CLIPPED
+        + explosion.to(_I32) * FLAG_EXPLOSION
+        + vanishing.to(_I32) * FLAG_VANISHING
+        + nonfinite.to(_I32) * FLAG_NONFINITE
+        + fire.to(_I32) * FLAG_EMERGENCY
+        + adapt.to(_I32) * FLAG_ADAPTED
+        + warned.to(_I32) * FLAG_WARNING
+    )
+    ev_hist, ev_idx, ev_cnt = _push(
+        state["event_flags"], state["event_flags_index"], state["event_flags_count"], flags
+    )
+    em_hist, em_idx, em_cnt = _push(
+        state["emergency_steps"],
+        state["emergency_steps_index"],
+        state["emergency_steps_count"],
+        state["stabilizer_step"],
+        fire,
+    )
+    if value is None:
+        last_loss = state["last_loss"]
+    elif isinstance(value, torch.Tensor):
+        last_loss = value.detach().to(device=device, dtype=_F32).reshape(())
+    else:
+        last_loss = torch.full((), value, dtype=_F32, device=device)
+
+    new_state: State = {
+        "stabilizer_step": step_after,
+        "clip_threshold": new_threshold.to(_F32),
+        "loss_scale": new_scale.to(_F32),
+        "loss_scale_growth_count": growth_count.to(_I32),
+        "warmup_steps_left": left_after.to(_I32),
+        "consecutive_explosions": consecutive.to(_I32),
+        "explosion_count": _sat_inc(state["explosion_count"], explosion),
+        "vanishing_count": _sat_inc(state["vanishing_count"], vanishing),
+        "nonfinite_count": _sat_inc(state["nonfinite_count"], nonfinite),
+        "clip_count": _sat_inc(state["clip_count"], clipped),
+        "emergency_count": _sat_inc(state["emergency_count"], fire),
+        "warning_count": _sat_inc(state["warning_count"], warned),
+        "stable_streak": torch.where(unstable, 0, _sat_inc(state["stable_streak"])).to(_I32),
+        "last_grad_norm": norm.to(_F32),
+        "last_loss": last_loss,
+        "norm_trend": trend.to(_F32),
+        "early_warning": warning.to(torch.bool),
+        "norm_history": norm_hist,
+        "norm_history_index": norm_idx,
+        "norm_history_count": norm_cnt,
+        "variance_history": var_hist,
+        "variance_history_index": var_idx,
+        "variance_history_count": var_cnt,
+        "loss_scale_history": ls_hist,
+        "loss_scale_history_index": ls_idx,
+        "loss_scale_history_count": ls_cnt,
+        "threshold_history": thr_hist,
+        "threshold_history_index": thr_idx,
+        "threshold_history_count": thr_cnt,
+        "event_flags": ev_hist,
+        "event_flags_index": ev_idx,
+        "event_flags_count": ev_cnt,
+        "emergency_steps": em_hist,
+        "emergency_steps_index": em_idx,
+        "emergency_steps_count": em_cnt,
+    }
+    return new_grads, new_state

@@ -1,0 +1,428 @@
+"""``GradientFlowStabilizer``: the stabilizer with a ``torch.amp.GradScaler``-shaped API.
+
+A thin stateful front end of :func:`optax_gradflow.torch.update`; every rule is
+in SPEC.md. A training step reads::
+
+    stab = GradientFlowStabilizer(lr)
+    loss = loss_fn(model(x), y)
+    stab.get_scaled_loss(loss).backward()
+    norm = stab.clip_gradients(model.parameters(), loss=loss)
+    stab.step(optimizer)
+    optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.torch.functional import _is_float, update
+from optax_gradflow.torch.state import (
+    FIELDS,
+    FLAG_CLIPPED,
+    FLAG_EMERGENCY,
+    FLAG_EXPLOSION,
+    FLAG_NONFINITE,
+    FLAG_VANISHING,
+    State,
+    _check_config,
+    expected_specs,
+    init_state,
+)
+
+# Attribute set on each gradient tensor this stabilizer has written.
+_TAG = "_optax_gradflow_tag"
+
+SkipMode = Literal["auto", "found_inf", "restore", "sync"]
+_SKIP_MODES = ("auto", "found_inf", "restore", "sync")
+
+_COUNTERS = (
+    "explosion_count",
+    "vanishing_count",
+    "nonfinite_count",
+    "clip_count",
+    "emergency_count",
+    "warning_count",
+    "stable_streak",
+    "consecutive_explosions",
+    "warmup_steps_left",
+)
+
+
+class GradientFlowStabilizer:
+    """Adaptive clipping, dynamic loss scaling and skipping of non-finite steps.
+
+    The state is a dict of tensors (SPEC.md, "State") that lives on the
+    gradients' device: it is created on the CPU and moved, once, to the device
+    of the first loss or gradients it sees. ``get_scaled_loss``,
+    ``unscale_gradients`` and ``clip_gradients`` never read a device value on
+    the host.
+
+    How ``step(optimizer)`` skips a non-finite step (``skip_mode``): the
+    gradients of such a step are already zero, but an optimizer stepped on zeros
+    still moves (momentum, weight decay, step counts), so the step must be
+    skipped. With ``"auto"``:
+
+    * an optimizer built with ``fused=True`` (``_step_supports_amp_scaling``)
+      gets the skip flag as ``optimizer.found_inf``, as ``GradScaler`` passes
+      it: the fused kernel skips the update on the device; no host read;
+    * on the CPU, the flag is read (free: there is no device to wait for);
+    * on an accelerator, when every parameter with a gradient already has
+      optimizer state made of tensors on that device (after the first step,
+      or with ``capturable=True``), the parameters and the state are copied,
+      the optimizer is stepped, and the old values are put back with
+      ``torch.where(skip, old, new)``: exact, no host read, at the price of one
+      copy of the parameters and the optimizer state per step;
+    * otherwise (the first step, before the optimizer has state;
+      CPU-resident step counters as in the default non-capturable Adam on
+      CUDA; Python numbers in the state) the flag is read on the host: one
+      device-to-host transfer, in ``step`` only.
+
+    ``skip_mode="found_inf"``, ``"restore"`` or ``"sync"`` forces one method
+    (``"restore"`` still reads the flag on the first step, and raises
+    ValueError for state it cannot restore).
+
+    Args:
+      learning_rate: as in :func:`optax_gradflow.stabilize` (initial threshold).
+      config: a :class:`~optax_gradflow.StabilizerConfig`; the defaults if None.
+      initial_threshold: an explicit initial threshold.
+      skip_mode: how ``step`` skips a non-finite step, see above.
+
+    Example:
+      >>> import torch
+      >>> from optax_gradflow.torch import GradientFlowStabilizer
+      >>> model = torch.nn.Linear(3, 1)
+      >>> opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+      >>> stab = GradientFlowStabilizer(1e-2)
+      >>> loss = model(torch.ones(2, 3)).pow(2).mean()
+      >>> stab.get_scaled_loss(loss).backward()
+      >>> norm = stab.clip_gradients(model.parameters(), loss=loss)
+      >>> stab.step(opt)
+      >>> stab.get_stability_report()["steps"]
+      1
+    """
+
+    def __init__(
+        self,
+        learning_rate: float | Callable[[int], Any] | None = None,
+        *,
+        config: StabilizerConfig | None = None,
+        initial_threshold: float | None = None,
+        skip_mode: SkipMode = "auto",
+    ):
+        if skip_mode not in _SKIP_MODES:
+            raise ValueError(f"skip_mode must be one of {_SKIP_MODES}, got {skip_mode!r}.")
+        self.config = _check_config(config)
+        self.skip_mode = skip_mode
+        self._state = init_state(
+            learning_rate, config=self.config, initial_threshold=initial_threshold
+        )
+        # Each gradient this stabilizer writes is tagged with (id(self), epoch,
+        # its version counter after the write). A gradient with that tag is
+        # already stabilized; a new tensor (zero_grad(set_to_none=True), then
+        # backward) has no tag, and an in-place change (accumulation, zero_)
+        # bumps the version. The epoch changes on load_state_dict.
+        self._epoch = 0
+        self._processed_step: int | None = None
+        self._pending_loss: torch.Tensor | None = None
+
+    # --- State access --------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The current state (a new dict; the tensors are the live ones)."""
+        return dict(self._state)
+
+    @property
+    def loss_scale(self) -> torch.Tensor:
+        """The current loss scale, a float32 scalar tensor on the state's device."""
+        return self._state["loss_scale"]
+
+    def _move_to(self, device: torch.device) -> None:
+        # Once, when the first loss or gradients arrive on another device.
+        if self._state["loss_scale"].device != device:
+            self._state = {name: value.to(device) for name, value in self._state.items()}
+
+    # --- The training step ---------------------------------------------------
+
+    def get_scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * loss_scale`` in the loss's dtype: call ``backward`` on this.
+
+        The loss (detached) is remembered as the ``value`` of the next update.
+        """
+        self._move_to(loss.device)
+        self._pending_loss = loss.detach()
+        return loss * self._state["loss_scale"].to(loss.dtype)
+
+    def unscale_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Runs the stabilizer step on ``p.grad`` in place.
+
+        Afterwards every ``p.grad`` holds the unscaled gradient, clipped to the
+        threshold when the global norm exceeds it, and zero on a non-finite step
+        (SPEC.md, "Per-step order"); the state has advanced one step. The clip
+        is part of this pass because SPEC.md defines it on the scaled
+        gradients, ``(g / r) * t``. Idempotent within a step: a second call on
+        the same, unchanged gradients does nothing.
+        """
+        self._process(list(parameters), step=None, loss=None)
+
+    def clip_gradients(
+        self,
+        parameters: Iterable[torch.Tensor],
+        step: int | None = None,
+        loss: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Stabilizes ``p.grad`` in place; returns the pre-clip unscaled global norm.
+
+        Args:
+          parameters: the parameters whose ``.grad`` to stabilize.
+          step: optional, the caller's step number. A call with a number other
+            than the previous call's starts a new stabilizer step even when the
+            gradients look unchanged; otherwise a new step starts when the
+            gradients are new or changed in place (a new ``backward``).
+          loss: the loss, recorded as ``last_loss``; defaults to the loss given
+            to :meth:`get_scaled_loss`.
+
+        Returns:
+          The unscaled global norm ``n`` of this step as a float32 scalar tensor
+          on the gradients' device (NaN or inf on a non-finite step); no host
+          transfer.
+        """
+        self._process(list(parameters), step=step, loss=loss)
+        return self._state["last_grad_norm"]
+
+    def _tag(self, grad: torch.Tensor) -> tuple[int, int, int]:
+        return (id(self), self._epoch, grad._version)
+
+    def _is_processed(self, grads: list[torch.Tensor | None], step: int | None) -> bool:
+        if step is not None and step != self._processed_step:
+            return False
+        seen = [
+            getattr(g, _TAG, None) == self._tag(g) for g in grads if g is not None and _is_float(g)
+        ]
+        if seen and any(seen) and not all(seen):
+            raise ValueError(
+                "Some of these gradients were stabilized in this step and some were not: "
+                "pass the same parameters to clip_gradients / unscale_gradients and to the "
+                "optimizer."
+            )
+        return all(seen)
+
+    def _process(
+        self,
+        params: list[torch.Tensor],
+        *,
+        step: int | None,
+        loss: torch.Tensor | float | None,
+    ) -> None:
+        grads = [p.grad for p in params]
+        if self._is_processed(grads, step):
+            if loss is not None:
+                self._state["last_loss"] = _as_f32(loss, self._state["last_loss"].device)
+            return
+        for g in grads:
+            if g is not None:
+                self._move_to(g.device)
+                break
+        value = loss if loss is not None else self._pending_loss
+        new_grads, self._state = update(grads, self._state, value=value, config=self.config)
+        pairs = [
+            (g, n) for g, n in zip(grads, new_grads, strict=True) if g is not None and _is_float(g)
+        ]
+        targets = [g for g, _ in pairs]
+        sources = [n for _, n in pairs]
+        if targets:
+            with torch.no_grad():
+                torch._foreach_copy_(targets, sources)
+        for g in targets:
+            setattr(g, _TAG, self._tag(g))
+        self._processed_step = step
+        self._pending_loss = None
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        """Stabilizes the gradients if not done yet, then steps ``optimizer`` unless non-finite.
+
+        See the class docstring for how the skip is done without a host read.
+        Extra arguments go to ``optimizer.step``. Returns what it returns, or
+        None on a skipped step of the ``"sync"`` method. With several
+        optimizers, call :meth:`clip_gradients` on all parameters first, then
+        ``step`` each optimizer: the stabilizer step covers all gradients.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._process(params, step=self._processed_step, loss=None)
+        skip = ~torch.isfinite(self._state["last_grad_norm"])
+        mode = self._skip_method(optimizer, params, skip.device)
+        if mode == "found_inf":
+            optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+            try:
+                return optimizer.step(*args, **kwargs)
+            finally:
+                del optimizer.found_inf  # type: ignore[attr-defined]
+        if mode == "restore":
+            return _step_and_restore(optimizer, params, skip, args, kwargs)
+        # One device-to-host read of the skip flag.
+        if skip.item():
+            return None
+        return optimizer.step(*args, **kwargs)
+
+    def _skip_method(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], device: torch.device
+    ) -> str:
+        if self.skip_mode == "found_inf":
+            if not getattr(optimizer, "_step_supports_amp_scaling", False):
+                raise ValueError(
+                    f"skip_mode='found_inf' needs an optimizer that accepts found_inf "
+                    f"(built with fused=True); got {type(optimizer).__name__}."
+                )
+            return "found_inf"
+        if self.skip_mode == "restore":
+            problem = _restore_problem(optimizer, params, device)
+            if problem is not None:
+                raise ValueError(f"skip_mode='restore' cannot restore this optimizer: {problem}.")
+            return "restore" if _has_state(optimizer, params) else "sync"
+        if self.skip_mode == "sync":
+            return "sync"
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            return "found_inf"
+        if device.type == "cpu":
+            return "sync"
+        if _restore_problem(optimizer, params, device) is None and _has_state(optimizer, params):
+            return "restore"
+        return "sync"
+
+    # --- Reporting and checkpoints -------------------------------------------
+
+    def get_stability_report(self) -> dict[str, Any]:
+        """A plain dict summarising the run; reads the state on the host.
+
+        ``score`` is the share of the steps in the event window (the last
+        ``event_history_size`` steps) with neither an explosion nor a
+        non-finite norm; 1.0 before the first step.
+        """
+        host = {name: value.detach().cpu() for name, value in self._state.items()}
+        count = int(host["event_flags_count"])
+        flags = [int(f) for f in host["event_flags"][:count]]
+
+        def window(bit: int) -> int:
+            return sum(1 for f in flags if f & bit)
+
+        unstable = sum(1 for f in flags if f & (FLAG_EXPLOSION | FLAG_NONFINITE))
+        report: dict[str, Any] = {
+            "steps": int(host["stabilizer_step"]),
+            "clip_threshold": float(host["clip_threshold"]),
+            "loss_scale": float(host["loss_scale"]),
+            "last_grad_norm": float(host["last_grad_norm"]),
+            "last_loss": float(host["last_loss"]),
+            "norm_trend": float(host["norm_trend"]),
+            "early_warning": bool(host["early_warning"]),
+        }
+        report.update({name: int(host[name]) for name in _COUNTERS})
+        report.update(
+            window_steps=count,
+            window_clipped=window(FLAG_CLIPPED),
+            window_explosions=window(FLAG_EXPLOSION),
+            window_vanishing=window(FLAG_VANISHING),
+            window_nonfinite=window(FLAG_NONFINITE),
+            window_emergencies=window(FLAG_EMERGENCY),
+            score=1.0 - unstable / count if count else 1.0,
+        )
+        return report
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The state, cloned: keys are the ``GradientFlowState`` field names."""
+        return {name: self._state[name].detach().clone() for name in FIELDS}
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Loads a :meth:`state_dict`, all or nothing.
+
+        The tensors are copied onto the device the current state is on.
+
+        Raises:
+          ValueError: naming the key, for a missing or extra key, a value that
+            is not a tensor, or a shape or dtype this stabilizer's config does
+            not build. Nothing is loaded then.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Expected a mapping, got {type(state_dict).__name__}.")
+        specs = expected_specs(self.config)
+        for name in FIELDS:
+            if name not in state_dict:
+                raise ValueError(f"state_dict is missing key {name!r}.")
+        for name in state_dict:
+            if name not in specs:
+                raise ValueError(f"state_dict has unexpected key {name!r}.")
+        for name, (shape, dtype) in specs.items():
+            value = state_dict[name]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"state_dict[{name!r}] is a {type(value).__name__}, not a tensor.")
+            if tuple(value.shape) != shape or value.dtype != dtype:
+                raise ValueError(
+                    f"state_dict[{name!r}] has shape {tuple(value.shape)} and dtype "
+                    f"{value.dtype}; this stabilizer's config expects shape {shape} and dtype "
+                    f"{dtype}."
+                )
+        device = self._state["loss_scale"].device
+        self._state = {
+            name: state_dict[name].detach().to(device=device, copy=True) for name in FIELDS
+        }
+        self._epoch += 1
+        self._processed_step = None
+        self._pending_loss = None
+
+
+def _as_f32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
+def _has_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
+    """Whether every parameter with a gradient has optimizer state (not the first step)."""
+    return all(optimizer.state.get(p) for p in params if p.grad is not None)
+
+
+def _restore_problem(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], device: torch.device
+) -> str | None:
+    """Why parameters and optimizer state cannot be restored on ``device``; None if they can."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.device != device:
+            return f"a parameter is on {p.device}, the skip flag on {device}"
+        for key, value in optimizer.state.get(p, {}).items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                return f"optimizer state {key!r} is a {type(value).__name__}, not a tensor"
+            if value.device != device:
+                return f"optimizer state {key!r} is on {value.device}, the skip flag on {device}"
+    return None
+
+
+def _step_and_restore(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    skip: torch.Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Steps, then puts parameters and optimizer state back where ``skip``; no host read."""
+    stepped = [p for p in params if p.grad is not None]
+    saved_params = [p.detach().clone() for p in stepped]
+    saved_state = [
+        {key: v.detach().clone() for key, v in optimizer.state[p].items() if v is not None}
+        for p in stepped
+    ]
+    result = optimizer.step(*args, **kwargs)
+    with torch.no_grad():
+        for p, old_p, old_state in zip(stepped, saved_params, saved_state, strict=True):
+            p.copy_(torch.where(skip, old_p, p))
+            state = optimizer.state[p]
+            for key, old in old_state.items():
+                new = state[key]
+                new.copy_(torch.where(skip, old, new))
+    return result

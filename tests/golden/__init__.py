@@ -1,0 +1,1 @@
+"""Golden traces of SPEC.md and the plain-Python reference that writes them."""

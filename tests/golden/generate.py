@@ -1,0 +1,404 @@
+"""Writes the golden traces ``tests/golden/*.json`` from ``reference.py``.
+
+Run from the repository root::
+
+    python tests/golden/generate.py
+
+Only the plain-Python reference computes expected values here; neither the
+JAX nor the PyTorch implementation is imported. Each scenario below says what
+it exercises; ``test_parity_golden.py`` replays the inputs through both
+implementations and also checks a few numbers derived by hand from SPEC.md.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from golden import golden_io, reference
+
+NAN, INF = math.nan, math.inf
+# A two-leaf gradient of global norm 3: [1, 2] and [2].
+BASE3 = [[1.0, 2.0], [2.0]]
+F32x2 = ["float32", "float32"]
+
+
+def run(label, *, inputs, config=None, init=None, values=None, state_overrides=None, note=""):
+    spec = {"label": label}
+    if note:
+        spec["note"] = note
+    spec["config"] = config or {}
+    spec["init"] = init or {}
+    if state_overrides:
+        spec["state_overrides"] = state_overrides
+    spec["inputs"] = inputs
+    spec["values"] = values
+    return spec
+
+
+def explicit(grads, dtypes=F32x2):
+    return {"dtypes": dtypes, "grads": grads}
+
+
+def formula(multiplier, steps, base=BASE3, dtypes=F32x2):
+    return {"dtypes": dtypes, "base": base, "multiplier": multiplier, "steps": steps}
+
+
+def scale3(*norms):
+    """Explicit steps of BASE3 scaled to the given raw global norms."""
+    return [[[n / 3.0, 2.0 * n / 3.0], [2.0 * n / 3.0]] for n in norms]
+
+
+SCENARIOS = {
+    "calm": {
+        "description": "Ordinary steps below the threshold: unscaled by x * (1 / s), nothing "
+        "else moves. A norm exactly at the threshold is not clipped. The float16 run uses a "
+        "loss scale of 1024 with gradients whose squares overflow float16 but not float32.",
+        "spec_sections": ["Per-step order", "Classification", "Boundary cases"],
+        "runs": [
+            run(
+                "float32, loss scale 3",
+                note="lr 1e-2 gives t = 1; s = 3 so 1 / s is rounded; step 3 has raw norm 3, "
+                "n = 1 = t exactly: not clipped.",
+                config={"initial_loss_scale": 3.0},
+                init={"learning_rate": 0.01},
+                inputs=explicit(
+                    [
+                        [[0.3, -0.6], [0.9]],
+                        [[1.2, 0.15], [-0.45]],
+                        [[0.0, 0.75], [0.6]],
+                        [[1.0, 2.0], [2.0]],
+                        [[-0.21, 0.33], [1.7]],
+                        [[0.05, 0.05], [0.05]],
+                    ]
+                ),
+                values=[2.5, 2.25, 2.0, 1.875, 1.75, 1.5],
+            ),
+            run(
+                "float16, loss scale 1024",
+                note="Raw values up to 900: their squares overflow float16, not float32. "
+                "Step 2 has n = 2 > t = 1: clipped.",
+                config={
+                    "initial_loss_scale": 1024.0,
+                    "min_loss_scale": 1.0,
+                    "max_loss_scale": 65536.0,
+                },
+                init={"learning_rate": 0.01},
+                inputs=explicit(
+                    [
+                        [[300.0, -400.0], [500.0]],
+                        [[512.0, 256.0], [-128.0]],
+                        [[1024.0, 1536.0], [-768.0]],
+                        [[900.0, 0.5], [-0.25]],
+                    ],
+                    dtypes=["float16", "float16"],
+                ),
+            ),
+        ],
+    },
+    "spike": {
+        "description": "One explosion among calm steps (n = 10 > 3 t): clipped to norm t, "
+        "the scale backs off to 0.8 and the norm stays out of the history; later a "
+        "moderate spike (n = 2) is clipped without being an explosion.",
+        "spec_sections": ["Classification", "Per-step order", "Loss scale rule"],
+        "runs": [
+            run(
+                "lr 1e-2, spike at step 3",
+                init={"learning_rate": 0.01},
+                inputs=explicit(scale3(0.5, 0.6, 0.4, 10.0, 0.4, 0.48, 1.6, 0.32)),
+                values={"expr": "1.0 / (k + 1)"},
+            )
+        ],
+    },
+    "emergency": {
+        "description": "Sustained explosion: five steps of unscaled norm about 100 against "
+        "t = 1. The scale goes 1, 0.8, 0.64, 0.512, 0.4096, the fifth step fires the "
+        "emergency: t = 0.5, s = max(0.032768, 0.1) = 0.1 (SPEC.md worked example). Then "
+        "calm steps.",
+        "spec_sections": ["Emergency intervention", "Loss scale rule"],
+        "runs": [
+            run(
+                "lr 1e-2, five explosions",
+                init={"learning_rate": 0.01},
+                inputs=formula("20.0 * 0.8 ** k if k < 5 else 0.006", 8, base=[[3.0], [4.0]]),
+            )
+        ],
+    },
+    "vanishing": {
+        "description": "A vanishing run (n < 1e-7) grows the scale by 1.5 per step: "
+        "1.5^10 = 57.6650390625 after 10 steps, exactly 64 on the 11th, then it stays. "
+        "All-zero gradients are vanishing too and come out exactly 0.",
+        "spec_sections": ["Loss scale rule", "Boundary cases"],
+        "runs": [
+            run(
+                "lr 1e-2, tiny gradients",
+                init={"learning_rate": 0.01},
+                inputs=formula("1e-9", 13, base=[[3.0], [4.0]]),
+            ),
+            run(
+                "all-zero gradients",
+                init={"learning_rate": 0.01},
+                inputs=formula("0.0", 3),
+            ),
+        ],
+    },
+    "nan_inf": {
+        "description": "Non-finite steps output zeros and halve the scale: a NaN element, "
+        "+inf, -inf and finite values whose squares overflow float32 (1e30). A burst of six "
+        "NaN steps fires the emergency on the fifth (non-finite steps count as explosions "
+        "for it) and the scale is floored at 0.1.",
+        "spec_sections": ["Per-step order", "Emergency intervention", "Loss scale rule"],
+        "runs": [
+            run(
+                "scattered",
+                init={"learning_rate": 0.01},
+                inputs=explicit(
+                    [
+                        [[0.3, 0.4], [0.0]],
+                        [[NAN, 0.4], [0.0]],
+                        [[0.15, 0.2], [0.0]],
+                        [[0.3, INF], [0.0]],
+                        [[0.3, 0.4], [-INF]],
+                        [[1e30, 1e30], [0.0]],
+                        [[0.05, 0.1], [0.1]],
+                        [[0.02, 0.04], [0.04]],
+                    ]
+                ),
+                values=[1.0, NAN, 1.0, 1.0, INF, 1.0, 0.5, 0.25],
+            ),
+            run(
+                "NaN burst",
+                init={"learning_rate": 0.01},
+                inputs=formula("0.1 if k == 0 else 0.01 if k == 7 else nan", 8),
+            ),
+        ],
+    },
+    "lr_init": {
+        "description": "Initial threshold from the learning rate, clamp(0.1 * sqrt(1 / lr), "
+        "0.1, inf) in float32: lr 1e-2 -> 1, 1 -> 0.1, 10 -> 0.0316 clamped to 0.1, "
+        "1e-4 -> 10, 2e-3 -> 2.236...; an explicit threshold wins over the learning rate. "
+        "Each run clips a norm-1.5 step against its threshold.",
+        "spec_sections": ["Initial threshold"],
+        "runs": [
+            run(f"lr {lr}", init={"learning_rate": lr}, inputs=explicit(scale3(1.5, 0.05)))
+            for lr in (1e-2, 1.0, 10.0, 1e-4, 2e-3)
+        ]
+        + [
+            run(
+                "explicit 7 over lr 1e-2",
+                init={"learning_rate": 0.01, "initial_threshold": 7.0},
+                inputs=explicit(scale3(1.5, 0.05)),
+            ),
+            run(
+                "max_threshold clamps lr 1e-4",
+                config={"max_threshold": 4.0},
+                init={"learning_rate": 1e-4},
+                inputs=explicit(scale3(1.5, 0.05)),
+            ),
+        ],
+    },
+    "warmup": {
+        "description": "Data warm-up: the first finite norm is not clipped, later warm-up "
+        "steps clip at 2 x the median so far, an explosion during the warm-up stays out of "
+        "the history, a non-finite first step uses the placeholder, the last warm-up step "
+        "adapts, and then the periodic rule takes over.",
+        "spec_sections": ["Initial threshold", "Warm-up threshold", "Per-step order"],
+        "runs": [
+            run(
+                "warmup 6, interval 10",
+                config={"warmup_steps": 6, "adaptation_interval": 10},
+                inputs=explicit(
+                    scale3(2.0, 1.5, 9.0, 30.0, NAN, 2.2, 1.8, 2.5, 12.0, 2.1, 1.9, 2.0)
+                ),
+            ),
+            run(
+                "non-finite first step",
+                config={"warmup_steps": 3},
+                inputs=explicit(scale3(NAN, 1.0, 1.2, 0.9, 1.1)),
+            ),
+            run(
+                "warmup 0 in data mode: the placeholder until the first adaptation",
+                config={"warmup_steps": 0, "adaptation_interval": 4},
+                inputs=explicit(scale3(0.2, 0.25, 0.15, 0.2, 0.22, 0.3)),
+            ),
+            run(
+                "warm-up left in the state, warmup_steps = 0 in the config",
+                note="The warm-up is driven by the state's warmup_steps_left (a checkpoint "
+                "resumed with another config): three warm-up steps still run.",
+                config={"warmup_steps": 0},
+                state_overrides={"warmup_steps_left": 3},
+                inputs=explicit(scale3(2.0, 1.0, 5.0, 1.2, 0.5)),
+            ),
+            run(
+                "default warm-up of 100 steps",
+                note="Multiplier 1 + 0.25 sin(k), a spike of 20 at step 50; the warm-up ends "
+                "(and adapts) at step 99.",
+                inputs=formula("20.0 if k == 50 else 1.0 + 0.25 * math.sin(k)", 120),
+            ),
+        ],
+    },
+    "adaptation": {
+        "description": "Adaptation boundaries with the default interval 100: step 99 "
+        "adapts (stabilizer_step + 1 = 100), step 100 is the first to clip at the new "
+        "threshold, step 101 does not adapt. One run per rule.",
+        "spec_sections": ["Per-step order", "Threshold adaptation"],
+        "runs": [
+            run(
+                f"rule {rule}",
+                config={"adaptation_rule": rule},
+                init={"learning_rate": 0.01},
+                inputs=formula("0.25 + 0.0625 * (k % 7)", 103),
+            )
+            for rule in ("median_mad", "percentile", "mean_std")
+        ],
+    },
+    "diagnostics": {
+        "description": "Diagnostics at stabilizer_step + 1 = 500 with the defaults: the "
+        "norms alternate 0.9 / 1.1 around 3 for 400 steps, then grow by e^0.012 per step; "
+        "the log-norm slope of the last 100 history entries is about 0.012 > 0.01, so the "
+        "early warning fires at step 499. The second run raises the warning through the "
+        "relative variance (one step in ten is a 20x spike) with a short window.",
+        "spec_sections": ["Diagnostics", "Ring buffers"],
+        "runs": [
+            run(
+                "trend warning at step 500",
+                inputs=formula(
+                    "(1.0 + 0.1 * (-1) ** k) * (1.0 if k < 400 else math.exp(0.012 * (k - 400)))",
+                    501,
+                ),
+            ),
+            run(
+                "variance warning",
+                config={
+                    "adaptation_interval": 0,
+                    "diagnostics_interval": 50,
+                    "diagnostics_window": 40,
+                    "norm_history_size": 64,
+                    "variance_history_size": 4,
+                },
+                init={"learning_rate": 1e-4},
+                inputs=formula("20.0 / 3.0 if k % 10 == 3 else 1.0 / 3.0", 101),
+            ),
+            run(
+                "zero norm with vanishing_norm = 0",
+                note="The log floor is max(vanishing_norm, 1e-30): a zero norm in the window "
+                "gives ln(1e-30), not -inf, so the trend stays finite (and here large: warning).",
+                config={
+                    "vanishing_norm": 0.0,
+                    "diagnostics_interval": 4,
+                    "diagnostics_window": 4,
+                    "norm_history_size": 8,
+                },
+                init={"learning_rate": 1e-4},
+                inputs=explicit(scale3(1.0, 0.0, 2.0, 1.5)),
+            ),
+        ],
+    },
+    "growth_and_no_scaling": {
+        "description": "The GradScaler-like preset (backoff 0.5 on non-finite steps only, "
+        "x2 after 3 finite steps in a row, clamped at 2^16) and loss_scaling = False, where "
+        "the output is x itself and the scale never moves.",
+        "spec_sections": ["Loss scale rule"],
+        "runs": [
+            run(
+                "growth interval 3",
+                config={
+                    "explosion_backoff": 1.0,
+                    "vanishing_growth": 1.0,
+                    "growth_interval": 3,
+                    "initial_loss_scale": 16384.0,
+                    "min_loss_scale": 1.0,
+                    "max_loss_scale": 65536.0,
+                },
+                init={"learning_rate": 0.01},
+                inputs=formula("nan if k == 7 else 16384.0 * 2 ** min(k // 3, 2) * 0.1", 12),
+            ),
+            run(
+                "loss_scaling off",
+                config={"loss_scaling": False},
+                init={"learning_rate": 0.01},
+                inputs=explicit(
+                    [
+                        [[0.1, 0.2], [0.2]],
+                        [[1e-9, 0.0], [0.0]],
+                        [[NAN, 0.0], [0.0]],
+                        [[3.0, 4.0], [0.0]],
+                        [[0.1, 0.1], [0.1]],
+                    ]
+                ),
+            ),
+        ],
+    },
+    "saturation": {
+        "description": "Counters saturate at 2^31 - 1 instead of wrapping, stabilizer_step "
+        "included; the periodic rules keep using the saturated value "
+        "(2147483647 % 7 == 1, so with interval 7 nothing adapts).",
+        "spec_sections": ["Counters"],
+        "runs": [
+            run(
+                "near INT32_MAX",
+                config={"adaptation_interval": 7, "diagnostics_interval": 3},
+                init={"learning_rate": 0.01},
+                state_overrides={
+                    "stabilizer_step": reference.INT32_MAX - 2,
+                    "clip_count": reference.INT32_MAX - 1,
+                    "stable_streak": reference.INT32_MAX - 1,
+                    "explosion_count": reference.INT32_MAX,
+                },
+                inputs=explicit(scale3(2.0, 2.0, 0.5, 0.5)),
+            )
+        ],
+    },
+}
+
+
+def _reference_init(cfg: dict, init: dict) -> dict:
+    return reference.init(
+        cfg,
+        learning_rate=init.get("learning_rate"),
+        initial_threshold=init.get("initial_threshold"),
+    )
+
+
+def evaluate(spec: dict) -> dict:
+    """Runs the reference over one run's inputs; returns the run with its expectations."""
+    cfg = reference.config(**spec["config"])
+    state = _reference_init(cfg, spec["init"])
+    for name, value in spec.get("state_overrides", {}).items():
+        state[name] = value
+    dtypes = spec["inputs"]["dtypes"]
+    out = dict(spec)
+    out["initial_state"] = {name: state[name] for name in golden_io.SCALAR_FIELDS}
+    records = []
+    for k, (leaves, value) in enumerate(golden_io.expand(spec)):
+        grads, state = reference.step(state, [list(a) for a in leaves], dtypes, cfg, value=value)
+        flags = state["event_flags"][(state["event_flags_index"] - 1) % cfg["event_history_size"]]
+        record = {"k": k, "out": grads, "flags": flags}
+        record.update({name: state[name] for name in golden_io.SCALAR_FIELDS})
+        records.append(record)
+    out["steps"] = records
+    out["final_state"] = {
+        name: state[name] for name in golden_io.SCALAR_FIELDS + golden_io.RING_FIELDS
+    }
+    return out
+
+
+def main() -> None:
+    for name, scenario in SCENARIOS.items():
+        data = {
+            "name": name,
+            "description": scenario["description"],
+            "spec_sections": scenario["spec_sections"],
+            "generated_by": "tests/golden/generate.py from tests/golden/reference.py",
+            "runs": [evaluate(spec) for spec in scenario["runs"]],
+        }
+        path = golden_io.GOLDEN_DIR / f"{name}.json"
+        golden_io.dump(data, path)
+        print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""A deliberately plain transcription of SPEC.md: the oracle of the golden traces.
+
+No JAX, no PyTorch, no vectorisation: Python lists and loops, one SPEC.md rule
+after the other, in the order of "Per-step order". Float32 values are
+``numpy.float32`` scalars, and every operation on them is wrapped in ``f32``
+so that it rounds the way SPEC.md's float32 arithmetic does. Constants that are
+products of config values (``q / 100``, ``adaptation_k * 1.4826``) are computed
+in float64 and rounded once, as numbers written in a config would be.
+
+Two places are computed in float64 and rounded at the end instead of summed in
+float32, because SPEC.md does not fix a summation order there and the exact
+sum is the order-free answer: the ``mean_std`` rule and the diagnostics. The
+golden tests compare those fields with a documented looser tolerance.
+
+The state is a dict with the ``GradientFlowState`` field names: float32 scalars,
+Python ints (int32 counters), a bool, and lists for the rings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+INT32_MAX = 2**31 - 1
+
+# SPEC.md, "Hyperparameters", the default column, copied by hand.
+DEFAULTS: dict[str, object] = {
+    "min_threshold": 0.1,
+    "max_threshold": math.inf,
+    "lr_threshold_scale": 0.1,
+    "warmup_steps": 100,
+    "warmup_multiplier": 2.0,
+    "adaptation_interval": 100,
+    "adaptation_rule": "median_mad",
+    "adaptation_percentile": 90.0,
+    "adaptation_k": 3.0,
+    "norm_history_size": 1000,
+    "threshold_history_size": 100,
+    "explosion_factor": 3.0,
+    "vanishing_norm": 1e-7,
+    "loss_scaling": True,
+    "initial_loss_scale": 1.0,
+    "min_loss_scale": 0.1,
+    "max_loss_scale": 64.0,
+    "nonfinite_backoff": 0.5,
+    "explosion_backoff": 0.8,
+    "vanishing_growth": 1.5,
+    "growth_interval": 0,
+    "growth_factor": 2.0,
+    "loss_scale_history_size": 100,
+    "emergency_patience": 5,
+    "emergency_threshold_factor": 0.5,
+    "emergency_loss_scale_factor": 0.1,
+    "emergency_history_size": 32,
+    "diagnostics_interval": 500,
+    "diagnostics_window": 100,
+    "trend_limit": 0.01,
+    "variance_limit": 1.0,
+    "variance_history_size": 200,
+    "event_history_size": 100,
+}
+
+# Ring name -> config field of its size (SPEC.md, "State").
+RING_SIZES = {
+    "norm_history": "norm_history_size",
+    "variance_history": "variance_history_size",
+    "loss_scale_history": "loss_scale_history_size",
+    "threshold_history": "threshold_history_size",
+    "event_flags": "event_history_size",
+    "emergency_steps": "emergency_history_size",
+}
+
+MAD_TO_STD = 1.4826
+
+
+def f32(x) -> np.float32:
+    return np.float32(x)
+
+
+def config(**overrides) -> dict[str, object]:
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise KeyError(f"unknown config fields {sorted(unknown)}")
+    return {**DEFAULTS, **overrides}
+
+
+def sat(counter: int) -> int:
+    """Saturating +1 (SPEC.md, "Counters")."""
+    return counter if counter >= INT32_MAX else counter + 1
+
+
+def clamp(x, lo, hi) -> np.float32:
+    return f32(min(max(f32(x), f32(lo)), f32(hi)))
+
+
+def push(state: dict, ring: str, item) -> None:
+    """SPEC.md, "Ring buffers"."""
+    values = state[ring]
+    size = len(values)
+    values[state[ring + "_index"]] = item
+    state[ring + "_index"] = (state[ring + "_index"] + 1) % size
+    state[ring + "_count"] = min(state[ring + "_count"] + 1, size)
+
+
+def history(state: dict) -> list[np.float32]:
+    return list(state["norm_history"][: state["norm_history_count"]])
+
+
+# --- Initial state -----------------------------------------------------------
+
+
+def init(cfg: dict, *, learning_rate=None, initial_threshold=None, stored=None) -> dict:
+    """SPEC.md, "State" and "Initial threshold" (first match wins)."""
+    if initial_threshold is not None:
+        threshold, warmup = f32(initial_threshold), 0
+    elif stored is not None:
+        threshold, warmup = clamp(stored, cfg["min_threshold"], cfg["max_threshold"]), 0
+    elif learning_rate is not None:
+        root = np.sqrt(f32(f32(1.0) / f32(learning_rate)))
+        raw = f32(f32(cfg["lr_threshold_scale"]) * root)
+        threshold, warmup = clamp(raw, cfg["min_threshold"], cfg["max_threshold"]), 0
+    else:
+        threshold, warmup = f32(cfg["min_threshold"]), cfg["warmup_steps"]
+    state: dict = {
+        "stabilizer_step": 0,
+        "clip_threshold": threshold,
+        "loss_scale": f32(cfg["initial_loss_scale"]),
+        "loss_scale_growth_count": 0,
+        "warmup_steps_left": warmup,
+        "consecutive_explosions": 0,
+        "explosion_count": 0,
+        "vanishing_count": 0,
+        "nonfinite_count": 0,
+        "clip_count": 0,
+        "emergency_count": 0,
+        "warning_count": 0,
+        "stable_streak": 0,
+        "last_grad_norm": f32(math.nan),
+        "last_loss": f32(math.nan),
+        "norm_trend": f32(0.0),
+        "early_warning": False,
+    }
+    for ring, size_field in RING_SIZES.items():
+        size = cfg[size_field]
+        zero = 0 if ring in ("event_flags", "emergency_steps") else f32(0.0)
+        state[ring] = [zero] * size
+        state[ring + "_index"] = 0
+        state[ring + "_count"] = 0
+    state["loss_scale_history"][0] = f32(cfg["initial_loss_scale"])
+    state["loss_scale_history_index"] = 1 % cfg["loss_scale_history_size"]
+    state["loss_scale_history_count"] = 1
+    return state
+
+
+# --- Statistics ("Threshold adaptation", "Diagnostics") ----------------------
+
+
+def percentile(values: list, q: float) -> np.float32:
+    a = sorted(f32(v) for v in values)
+    m = len(a)
+    pos = f32(f32(q / 100.0) * f32(m - 1))
+    lo = math.floor(pos)
+    hi = min(lo + 1, m - 1)
+    frac = f32(pos - f32(lo))
+    return f32(a[lo] + f32(frac * f32(a[hi] - a[lo])))
+
+
+def adaptation_rule(values: list, cfg: dict) -> np.float32:
+    rule = cfg["adaptation_rule"]
+    if rule == "percentile":
+        raw = percentile(values, cfg["adaptation_percentile"])
+    elif rule == "median_mad":
+        med = percentile(values, 50.0)
+        mad = percentile([f32(abs(f32(v - med))) for v in values], 50.0)
+        raw = f32(med + f32(f32(cfg["adaptation_k"] * MAD_TO_STD) * mad))
+    elif rule == "mean_std":
+        m = len(values)
+        mean = f32(math.fsum(float(v) for v in values) / m)
+        var = f32(math.fsum(float(f32(v - mean)) ** 2 for v in values) / m)
+        raw = f32(mean + f32(f32(cfg["adaptation_k"]) * np.sqrt(var)))
+    else:
+        raise ValueError(rule)
+    return clamp(raw, cfg["min_threshold"], cfg["max_threshold"])
+
+
+def diagnostics(state: dict, cfg: dict) -> tuple[np.float32, np.float32, bool]:
+    """(trend, variance, warning) over the last W pushes, oldest first."""
+    window = cfg["diagnostics_window"]
+    size = len(state["norm_history"])
+    index, count = state["norm_history_index"], state["norm_history_count"]
+    floor = f32(max(cfg["vanishing_norm"], 1e-30))
+    xs, ys, norms = [], [], []
+    for j in range(window):
+        if j < window - min(count, window):
+            continue
+        norm = state["norm_history"][(index - window + j) % size]
+        xs.append(float(j))
+        ys.append(math.log(float(max(norm, floor))))
+        norms.append(float(norm))
+    n = len(xs)
+    if n >= 2:
+        xm, ym = math.fsum(xs) / n, math.fsum(ys) / n
+        sxx = math.fsum((x - xm) ** 2 for x in xs)
+        sxy = math.fsum((x - xm) * (y - ym) for x, y in zip(xs, ys, strict=True))
+        trend = sxy / sxx if sxx > 0 else 0.0
+    else:
+        trend = 0.0
+    mean = math.fsum(norms) / max(n, 1)
+    variance = math.fsum((v - mean) ** 2 for v in norms) / max(n, 1)
+    trend32, var32, mean32 = f32(trend), f32(variance), f32(mean)
+    warning = bool(trend32 > f32(cfg["trend_limit"])) or (
+        mean32 > 0 and f32(var32 / f32(mean32 * mean32)) > f32(cfg["variance_limit"])
+    )
+    return trend32, var32, warning
+
+
+# --- One step ("Per-step order") ---------------------------------------------
+
+
+def _compute(x, dtype: str):
+    # promote(dtype(x), f32): float16 and float32 leaves are computed in float32.
+    if dtype not in ("float16", "float32"):
+        raise ValueError(dtype)
+    return f32(x)
+
+
+def _cast(x, dtype: str):
+    return np.float16(x) if dtype == "float16" else f32(x)
+
+
+def step(state: dict, leaves: list[list[float]], dtypes: list[str], cfg: dict, value=None):
+    """Returns (output leaves as lists of floats, new state); ``state`` is not modified."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _step(state, leaves, dtypes, cfg, value)
+
+
+def _step(state, leaves, dtypes, cfg, value):
+    st = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
+    s = st["loss_scale"]
+
+    # 1. Global norm: per-leaf float32 sums of float32 squares, in order, from 0.
+    q = f32(0.0)
+    for leaf in leaves:
+        leaf_sum = f32(0.0)
+        for x in leaf:
+            x32 = f32(x)
+            leaf_sum = f32(leaf_sum + f32(x32 * x32))
+        q = f32(q + leaf_sum)
+    r = np.sqrt(q)
+    n = f32(r / s)
+    finite = bool(np.isfinite(n))
+
+    # 2. Threshold ("Warm-up threshold").
+    if st["warmup_steps_left"] > 0:
+        hist = history(st)
+        if hist:
+            t = clamp(
+                f32(f32(cfg["warmup_multiplier"]) * percentile(hist, 50.0)),
+                cfg["min_threshold"],
+                cfg["max_threshold"],
+            )
+        elif finite:
+            t = clamp(n, cfg["min_threshold"], cfg["max_threshold"])
+        else:
+            t = st["clip_threshold"]
+    else:
+        t = st["clip_threshold"]
+
+    # 3. Classification.
+    nonfinite = not finite
+    explosion = finite and bool(n > f32(f32(cfg["explosion_factor"]) * t))
+    vanishing = finite and not explosion and bool(n < f32(cfg["vanishing_norm"]))
+    clipped = finite and bool(n > t)
+
+    # 4. Output.
+    inv_s = f32(f32(1.0) / s)
+    out = []
+    for leaf, dtype in zip(leaves, dtypes, strict=True):
+        new_leaf = []
+        for x in leaf:
+            xc = _compute(x, dtype)
+            if nonfinite:
+                y = f32(0.0)
+            elif clipped:
+                y = f32(f32(xc / r) * t)
+            elif cfg["loss_scaling"]:
+                y = f32(xc * inv_s)
+            else:
+                y = xc
+            new_leaf.append(float(_cast(y, dtype)))
+        out.append(new_leaf)
+
+    # 5. Loss scale rule.
+    s_new = s
+    if cfg["loss_scaling"]:
+        if nonfinite:
+            factor = cfg["nonfinite_backoff"]
+        elif explosion:
+            factor = cfg["explosion_backoff"]
+        elif vanishing:
+            factor = cfg["vanishing_growth"]
+        else:
+            factor = 1.0
+        s_new = f32(s * f32(factor))
+        st["loss_scale_growth_count"] = 0 if nonfinite else sat(st["loss_scale_growth_count"])
+        if cfg["growth_interval"] > 0 and st["loss_scale_growth_count"] >= cfg["growth_interval"]:
+            s_new = f32(s_new * f32(cfg["growth_factor"]))
+            st["loss_scale_growth_count"] = 0
+        if not np.isfinite(s_new):
+            s_new = s
+        s_new = clamp(s_new, cfg["min_loss_scale"], cfg["max_loss_scale"])
+
+    # 6. History.
+    if finite and not explosion:
+        push(st, "norm_history", n)
+
+    # 7. Adaptation.
+    step_next = sat(st["stabilizer_step"])
+    left = st["warmup_steps_left"]
+    left_next = max(left - 1, 0)
+    periodic = (
+        cfg["adaptation_interval"] > 0
+        and step_next % cfg["adaptation_interval"] == 0
+        and left_next == 0
+    )
+    adapted = st["norm_history_count"] > 0 and (left == 1 or periodic)
+    t_new = adaptation_rule(history(st), cfg) if adapted else t
+
+    # 8. Emergency intervention.
+    if nonfinite or explosion:
+        st["consecutive_explosions"] = sat(st["consecutive_explosions"])
+    else:
+        st["consecutive_explosions"] = 0
+    emergency = (
+        cfg["emergency_patience"] > 0 and st["consecutive_explosions"] >= cfg["emergency_patience"]
+    )
+    if emergency:
+        t_new = f32(
+            max(f32(t_new * f32(cfg["emergency_threshold_factor"])), f32(cfg["min_threshold"]))
+        )
+        if cfg["loss_scaling"]:
+            s_new = f32(
+                max(
+                    f32(s_new * f32(cfg["emergency_loss_scale_factor"])), f32(cfg["min_loss_scale"])
+                )
+            )
+        st["consecutive_explosions"] = 0
+        st["emergency_count"] = sat(st["emergency_count"])
+        push(st, "emergency_steps", st["stabilizer_step"])
+
+    # 9. Diagnostics.
+    warned = False
+    if (
+        cfg["diagnostics_interval"] > 0
+        and step_next % cfg["diagnostics_interval"] == 0
+        and st["norm_history_count"] >= 2
+    ):
+        trend, variance, warning = diagnostics(st, cfg)
+        push(st, "variance_history", variance)
+        st["norm_trend"] = trend
+        st["early_warning"] = warning
+        if warning:
+            warned = True
+            st["warning_count"] = sat(st["warning_count"])
+
+    # 10. Records.
+    if adapted or emergency:
+        push(st, "threshold_history", t_new)
+    if s_new != s:
+        push(st, "loss_scale_history", s_new)
+    flags = (
+        1 * clipped
+        + 2 * explosion
+        + 4 * vanishing
+        + 8 * nonfinite
+        + 16 * emergency
+        + 32 * adapted
+        + 64 * warned
+    )
+    push(st, "event_flags", int(flags))
+    if explosion:
+        st["explosion_count"] = sat(st["explosion_count"])
+    if vanishing:
+        st["vanishing_count"] = sat(st["vanishing_count"])
+    if nonfinite:
+        st["nonfinite_count"] = sat(st["nonfinite_count"])
+    if clipped:
+        st["clip_count"] = sat(st["clip_count"])
+    st["stable_streak"] = 0 if (nonfinite or explosion) else sat(st["stable_streak"])
+    st["last_grad_norm"] = n
+    if value is not None:
+        st["last_loss"] = f32(value)
+    st["warmup_steps_left"] = left_next
+    st["stabilizer_step"] = step_next
+    st["clip_threshold"] = t_new
+    st["loss_scale"] = s_new
+    return out, st
