@@ -12,8 +12,18 @@ import dataclasses
 import math
 from typing import Literal
 
-AdaptationRule = Literal["percentile", "median_mad", "mean_std"]
-ADAPTATION_RULES: tuple[str, ...] = ("percentile", "median_mad", "mean_std")
+AdaptationRule = Literal["percentile", "median_mad", "mean_std", "zscore"]
+ADAPTATION_RULES: tuple[str, ...] = ("percentile", "median_mad", "mean_std", "zscore")
+ZSCORE_CLIPS: tuple[str, ...] = ("adaptive_scaling", "mean", "percentile")
+
+# Bits of one entry of the per-step event flags (SPEC.md, "Event flags").
+FLAG_CLIPPED = 1
+FLAG_EXPLOSION = 2
+FLAG_VANISHING = 4
+FLAG_NONFINITE = 8
+FLAG_EMERGENCY = 16
+FLAG_ADAPTED = 32
+FLAG_WARNING = 64
 
 # Largest value an int32 counter holds; counters saturate here (SPEC.md,
 # "Counters").
@@ -50,6 +60,15 @@ class StabilizerConfig:
     adaptation_k: float = 3.0
     norm_history_size: int = 1000
     threshold_history_size: int = 100
+
+    # The "zscore" rule ("Z-score rule"): ZClip's EMA of the norm.
+    zscore_alpha: float = 0.97
+    zscore_threshold: float = 2.5
+    zscore_eps: float = 1e-6
+    zscore_clip: str = "adaptive_scaling"
+    zscore_clip_factor: float = 1.0
+    zscore_skip_spikes: bool = False
+    zscore_reference_variance: bool = True
 
     # Classification ("Classification").
     explosion_factor: float = 3.0
@@ -165,6 +184,24 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_float(cfg, "adaptation_k", at_least=0.0)
     _check_int(cfg, "norm_history_size", 1)
     _check_int(cfg, "threshold_history_size", 1)
+    _check_float(cfg, "zscore_alpha", above=0.0, below=1.0)
+    _check_float(cfg, "zscore_threshold", above=0.0)
+    _check_float(cfg, "zscore_eps", at_least=0.0)
+    if cfg.zscore_clip not in ZSCORE_CLIPS:
+        _fail("zscore_clip", cfg.zscore_clip, f"must be one of {ZSCORE_CLIPS}")
+    _check_float(cfg, "zscore_clip_factor", above=0.0)
+    _check_bool(cfg, "zscore_skip_spikes")
+    _check_bool(cfg, "zscore_reference_variance")
+    if cfg.adaptation_rule == "zscore":
+        # The EMA starts from the norms of the warm-up, which the history keeps.
+        if cfg.warmup_steps < 1:
+            _fail("warmup_steps", cfg.warmup_steps, "must be >= 1 with the zscore rule")
+        if cfg.norm_history_size < cfg.warmup_steps:
+            _fail(
+                "norm_history_size",
+                cfg.norm_history_size,
+                f"must be >= warmup_steps ({cfg.warmup_steps}) with the zscore rule",
+            )
 
     _check_float(cfg, "explosion_factor", above=1.0, allow_inf=True)
     _check_float(cfg, "vanishing_norm", at_least=0.0)

@@ -47,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.loss_scaling import find_states
 from optax_gradflow.state import (
@@ -285,27 +284,15 @@ class InGraphEmitter:
             )
 
 
-def _step_threshold(old: GradientFlowState, norm: jax.Array, config: StabilizerConfig):
-    # The threshold the step clipped at (SPEC.md, "Warm-up threshold"); only
-    # evaluated on steps with an event, inside the lax.cond below.
-    if config.warmup_steps == 0:
-        return old.clip_threshold
-    return jax.lax.cond(
-        old.warmup_steps_left > 0,
-        lambda: threshold_lib.warmup_threshold(
-            old.norm_history, old.norm_history_count, norm, old.clip_threshold, config
-        ),
-        lambda: old.clip_threshold,
-    )
-
-
 def emit_in_graph(
     old_state: GradientFlowState,
     new_state: GradientFlowState,
-    config: StabilizerConfig,
     emitter: InGraphEmitter,
+    threshold: jax.Array,
 ) -> None:
     """Calls ``emitter`` on the host when the step from ``old_state`` had an event.
+
+    ``threshold`` is the one the step clipped at (see ``transform.step``).
 
     Traced code: the callback sits in the true branch of a ``jax.lax.cond`` on
     "any logged flag this step", so a step without events does no host
@@ -321,7 +308,7 @@ def emit_in_graph(
             step=old_state.stabilizer_step,
             flags=flags,
             norm=new_state.last_grad_norm,
-            threshold=_step_threshold(old_state, new_state.last_grad_norm, config),
+            threshold=threshold,
             threshold_after=new_state.clip_threshold,
             scale_before=old_state.loss_scale,
             scale_after=new_state.loss_scale,

@@ -120,3 +120,64 @@ def mixed_precision(
         growth_interval=int(growth_interval),
         growth_factor=float(growth_factor),
     )
+
+
+def zclip(
+    alpha: float = 0.97,
+    z_thresh: float = 2.5,
+    max_grad_norm: float | None = 1.0,
+    eps: float = 1e-6,
+    warmup_steps: int = 25,
+    mode: str = "zscore",
+    clip_option: str = "adaptive_scaling",
+    clip_factor: float = 1.0,
+    skip_update_on_spike: bool = False,
+    reference_variance: bool = True,
+) -> StabilizerConfig:
+    """ZClip: clip the norm's z-score spikes against an EMA of mean and variance.
+
+    As ``zclip.ZClip(alpha, z_thresh, max_grad_norm, eps, warmup_steps, mode,
+    clip_option, clip_factor, skip_update_on_spike)``, whose argument names
+    and defaults these are: the first ``warmup_steps`` norms are collected
+    (clipped only at ``max_grad_norm``) and start the EMA; after that a norm
+    whose z-score exceeds ``z_thresh`` is clipped to ``mean + z_thresh * std
+    / (z / z_thresh)`` (``clip_option="adaptive_scaling"``, times
+    ``clip_factor``) or to the mean (``"mean"``); ``mode="percentile"``
+    clips any norm above ``mean + z_thresh * std`` to that value. The EMA then
+    moves towards the clipped value. ``max_grad_norm`` caps every step.
+
+    The zclip package updates the variance with the already updated mean
+    (``var = a * var + (1 - a) * (x - mean_new)**2``). With
+    ``reference_variance=True`` (the default) the preset does the same, so it
+    reproduces the package step for step; ``False`` uses the incremental
+    form ``var = a * (var + (1 - a) * (x - mean_old)**2)`` (Finch 2009).
+
+    Do not pass a learning rate or initial threshold along with this preset:
+    under the zscore rule the warm-up always runs.
+
+    References:
+      Kumar et al., `ZClip: Adaptive spike mitigation for LLM pre-training
+      <https://arxiv.org/abs/2504.02507>`_, 2025.
+      Finch, `Incremental calculation of weighted mean and variance
+      <https://fanf2.user.srcf.net/hermes/doc/antiforgery/stats.pdf>`_, 2009.
+    """
+    modes = {"zscore", "percentile"}
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}.")
+    if mode == "zscore" and clip_option not in ("adaptive_scaling", "mean"):
+        raise ValueError(f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}.")
+    return StabilizerConfig(
+        min_threshold=_NO_FLOOR,
+        max_threshold=math.inf if max_grad_norm is None else float(max_grad_norm),
+        warmup_steps=int(warmup_steps),
+        norm_history_size=max(1000, int(warmup_steps)),
+        adaptation_rule="zscore",
+        zscore_alpha=float(alpha),
+        zscore_threshold=float(z_thresh),
+        zscore_eps=float(eps),
+        zscore_clip="percentile" if mode == "percentile" else clip_option,
+        zscore_clip_factor=float(clip_factor),
+        zscore_skip_spikes=bool(skip_update_on_spike),
+        zscore_reference_variance=bool(reference_variance),
+        **_CLIP_ONLY,
+    )

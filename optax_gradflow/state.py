@@ -7,16 +7,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_gradflow.config import INT32_MAX, StabilizerConfig
-
-# Bits of one entry of ``GradientFlowState.event_flags`` (SPEC.md, "Event flags").
-FLAG_CLIPPED = 1
-FLAG_EXPLOSION = 2
-FLAG_VANISHING = 4
-FLAG_NONFINITE = 8
-FLAG_EMERGENCY = 16
-FLAG_ADAPTED = 32
-FLAG_WARNING = 64
+from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
+    FLAG_ADAPTED,
+    FLAG_CLIPPED,
+    FLAG_EMERGENCY,
+    FLAG_EXPLOSION,
+    FLAG_NONFINITE,
+    FLAG_VANISHING,
+    FLAG_WARNING,
+    INT32_MAX,
+    StabilizerConfig,
+)
 
 
 class GradientFlowState(NamedTuple):
@@ -51,6 +52,8 @@ class GradientFlowState(NamedTuple):
       norm_trend: f32[], slope of log-norm per history entry at the last
         diagnostics run.
       early_warning: bool[], whether the last diagnostics run crossed a limit.
+    ema_mean: f32[], EMA of the norm (the "zscore" rule only; 0 otherwise).
+    ema_var: f32[], EMA of its variance (the "zscore" rule only; 0 otherwise).
       norm_history: f32[H], ring of finite, non-exploding unscaled norms.
       norm_history_index: i32[], next write position in ``norm_history``.
       norm_history_count: i32[], valid entries in ``norm_history`` (<= H).
@@ -89,6 +92,8 @@ class GradientFlowState(NamedTuple):
     last_loss: jax.Array
     norm_trend: jax.Array
     early_warning: jax.Array
+    ema_mean: jax.Array
+    ema_var: jax.Array
     norm_history: jax.Array
     norm_history_index: jax.Array
     norm_history_count: jax.Array
@@ -126,7 +131,15 @@ def expected_shapes(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...]
     spec: dict[str, tuple[tuple[int, ...], jnp.dtype]] = {}
     for name in GradientFlowState._fields:
         spec[name] = ((), jnp.int32)
-    for name in ("clip_threshold", "loss_scale", "last_grad_norm", "last_loss", "norm_trend"):
+    for name in (
+        "clip_threshold",
+        "loss_scale",
+        "last_grad_norm",
+        "last_loss",
+        "norm_trend",
+        "ema_mean",
+        "ema_var",
+    ):
         spec[name] = ((), jnp.float32)
     spec["early_warning"] = ((), jnp.bool_)
     for ring, (size_field, dtype) in RINGS.items():

@@ -89,12 +89,12 @@ def percentile(values: jax.Array, count: jax.Array, q: float) -> jax.Array:
     return jnp.where(count > 0, result, jnp.nan)
 
 
-def _mean_std(values: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _mean_var(values: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
     valid = _valid_mask(values, count)
     n = jnp.maximum(count, 1).astype(jnp.float32)
     mean = jnp.sum(jnp.where(valid, values, 0.0)) / n
     var = jnp.sum(jnp.where(valid, jnp.square(values - mean), 0.0)) / n
-    return mean, jnp.sqrt(var)
+    return mean, var
 
 
 def rule_percentile(values, count, config: StabilizerConfig) -> jax.Array:
@@ -112,8 +112,8 @@ def rule_median_mad(values, count, config: StabilizerConfig) -> jax.Array:
 
 def rule_mean_std(values, count, config: StabilizerConfig) -> jax.Array:
     """``mean + adaptation_k * std`` (population std) of the history."""
-    mean, std = _mean_std(values, count)
-    return mean + jnp.float32(config.adaptation_k) * std
+    mean, var = _mean_var(values, count)
+    return mean + jnp.float32(config.adaptation_k) * jnp.sqrt(var)
 
 
 ADAPTATION_RULE_FNS: dict[str, Callable[..., jax.Array]] = {
@@ -147,3 +147,67 @@ def warmup_threshold(
     # A skipped step keeps the previous threshold as it is.
     first = jnp.where(jnp.isfinite(norm), clamp_threshold(norm, config), previous)
     return jnp.where(count > 0, from_history, first)
+
+
+# --- The "zscore" rule (SPEC.md, "Z-score rule") -----------------------------
+
+
+def zscore_step_threshold(
+    norm: jax.Array, finite: jax.Array, mean: jax.Array, var: jax.Array, config: StabilizerConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(threshold, spike, target) of a step after the warm-up.
+
+    ZClip's rule: a finite norm is a spike when its z-score
+    ``(n - mean) / (std + eps)`` exceeds ``zscore_threshold`` (``percentile``
+    clip: when ``n > mean + zscore_threshold * std``); a spike is clipped to
+    ``target``, any other step only at ``max_threshold``.
+    """
+    zt = jnp.float32(config.zscore_threshold)
+    std = jnp.sqrt(var)
+    if config.zscore_clip == "percentile":
+        target = mean + zt * std
+        spike = finite & (norm > target)
+    else:
+        z = (norm - mean) / (std + jnp.float32(config.zscore_eps))
+        spike = finite & (z > zt)
+        if config.zscore_clip == "adaptive_scaling":
+            # Larger outliers are cut harder: the allowance shrinks by z / zt.
+            target = (mean + (zt * std) / (z / zt)) * jnp.float32(config.zscore_clip_factor)
+        else:
+            target = mean
+    threshold = clamp_threshold(jnp.where(spike, target, jnp.inf), config)
+    return threshold, spike, target
+
+
+def zscore_ema_update(
+    mean: jax.Array, var: jax.Array, x: jax.Array, config: StabilizerConfig
+) -> tuple[jax.Array, jax.Array]:
+    """One EMA step of mean and variance towards the value ``x``.
+
+    With ``zscore_reference_variance`` the variance uses the already updated
+    mean, as the zclip package does; otherwise the incremental form of Finch
+    (2009), ``var' = alpha * (var + (1 - alpha) * (x - mean)**2)``.
+    """
+    a = jnp.float32(config.zscore_alpha)
+    new_mean = a * mean + (1 - a) * x
+    if config.zscore_reference_variance:
+        new_var = a * var + (1 - a) * jnp.square(x - new_mean)
+    else:
+        new_var = a * (var + (1 - a) * jnp.square(x - mean))
+    return new_mean, new_var
+
+
+def zscore_boundary(mean: jax.Array, var: jax.Array, config: StabilizerConfig) -> jax.Array:
+    """The norm above which the next step is a spike: the reported threshold."""
+    std = jnp.sqrt(var)
+    zt = jnp.float32(config.zscore_threshold)
+    if config.zscore_clip == "percentile":
+        boundary = mean + zt * std
+    else:
+        boundary = mean + zt * (std + jnp.float32(config.zscore_eps))
+    return clamp_threshold(boundary, config)
+
+
+def history_mean_var(values: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and population variance of the valid history (the EMA's start)."""
+    return _mean_var(values, count)

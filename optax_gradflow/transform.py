@@ -122,6 +122,8 @@ def init_state(
         last_loss=jnp.asarray(jnp.nan, jnp.float32),
         norm_trend=jnp.zeros((), jnp.float32),
         early_warning=jnp.zeros((), jnp.bool_),
+        ema_mean=jnp.zeros((), jnp.float32),
+        ema_var=jnp.zeros((), jnp.float32),
     )
     for ring, (size_field, dtype) in RINGS.items():
         fields[ring] = jnp.zeros((getattr(config, size_field),), dtype)
@@ -136,6 +138,10 @@ def _initial_threshold(
     params, learning_rate, initial_threshold, store, label, config
 ) -> tuple[jax.Array, int]:
     """(threshold, warm-up steps): explicit > stored > learning rate > data."""
+    if config.adaptation_rule == "zscore":
+        # ZClip's warm-up always runs: the EMA starts from its norms, and until
+        # then only max_threshold clips.
+        return threshold_lib.clamp_threshold(config.max_threshold, config), config.warmup_steps
     if initial_threshold is None:
         initial_threshold = config.initial_threshold
     if initial_threshold is not None:
@@ -274,9 +280,11 @@ def stabilize(
                 "stabilizer was initialised with: leaf shapes "
                 f"{list(_structure_signature(updates))}, expected {list(seen['structure'])}."
             )
-        new_updates, new_state = step(updates, state, config, value=value, axis_name=axis_name)
+        new_updates, new_state, threshold = _step(
+            updates, state, config, value=value, axis_name=axis_name
+        )
         if emitter is not None:
-            events.emit_in_graph(state, new_state, config, emitter)
+            events.emit_in_graph(state, new_state, emitter, threshold)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -291,6 +299,19 @@ def step(
     axis_name: str | None = None,
 ) -> tuple[Any, GradientFlowState]:
     """One stabilizer step (SPEC.md, "Per-step order"); pure, jit-able."""
+    new_updates, new_state, _ = _step(updates, state, config, value=value, axis_name=axis_name)
+    return new_updates, new_state
+
+
+def _step(
+    updates: Any,
+    state: GradientFlowState,
+    config: StabilizerConfig,
+    *,
+    value: jax.Array | None,
+    axis_name: str | None,
+) -> tuple[Any, GradientFlowState, jax.Array]:
+    """:func:`step`, also returning the threshold the step clipped at."""
     # 1-2. Global norm of the scaled gradients, then unscale it.
     sq = sum_of_squares(updates)
     if axis_name is not None:
@@ -300,21 +321,34 @@ def step(
     norm = raw_norm / scale
     finite = jnp.isfinite(norm)
 
-    # 3. The threshold this step clips at.
-    # lax.cond, not jnp.where: the warm-up median sorts the history, work that
-    # only warm-up steps need. The gate is the state's counter, not the config,
-    # so that a resumed warm-up finishes whatever the config now says.
-    thr = jax.lax.cond(
-        state.warmup_steps_left > 0,
-        lambda: threshold_lib.warmup_threshold(
-            state.norm_history, state.norm_history_count, norm, state.clip_threshold, config
-        ),
-        lambda: state.clip_threshold,
-    )
+    # 3. The threshold this step clips at, and the one explosions are measured
+    # against (the same, except under the zscore rule).
+    in_warmup = state.warmup_steps_left > 0
+    if config.adaptation_rule == "zscore":
+        zscore_thr, spike, target = threshold_lib.zscore_step_threshold(
+            norm, finite, state.ema_mean, state.ema_var, config
+        )
+        # As ZClip: the warm-up collects norms and clips only at max_threshold.
+        warm_thr = threshold_lib.clamp_threshold(config.max_threshold, config)
+        thr = jnp.where(in_warmup, warm_thr, zscore_thr)
+        spike = spike & ~in_warmup
+        reference = jnp.where(in_warmup, warm_thr, state.clip_threshold)
+    else:
+        # lax.cond, not jnp.where: the warm-up median sorts the history, work
+        # that only warm-up steps need. The gate is the state's counter, not the
+        # config, so that a resumed warm-up finishes whatever the config says.
+        thr = jax.lax.cond(
+            in_warmup,
+            lambda: threshold_lib.warmup_threshold(
+                state.norm_history, state.norm_history_count, norm, state.clip_threshold, config
+            ),
+            lambda: state.clip_threshold,
+        )
+        reference = thr
 
     # 4. Classification.
     nonfinite = ~finite
-    explosion = finite & (norm > jnp.float32(config.explosion_factor) * thr)
+    explosion = finite & (norm > jnp.float32(config.explosion_factor) * reference)
     vanishing = finite & ~explosion & (norm < jnp.float32(config.vanishing_norm))
     clipped = finite & (norm > thr)
 
@@ -354,21 +388,39 @@ def step(
     )
 
     # 8. Adaptation: at the end of the warm-up, then every adaptation_interval
-    # steps once the warm-up is over.
+    # steps once the warm-up is over (the zscore rule: every step).
     step_after = saturating_increment(state.stabilizer_step, True)
     warmup_left = jnp.maximum(state.warmup_steps_left - 1, 0).astype(jnp.int32)
     ends_warmup = state.warmup_steps_left == 1
-    adapt = ends_warmup
-    if config.adaptation_interval > 0:
-        periodic = (step_after % config.adaptation_interval == 0) & (warmup_left == 0)
-        adapt = adapt | periodic
-    adapt = adapt & (norm_cnt > 0)
-    # lax.cond: the rule sorts the history, which most steps do not need.
-    new_thr = jax.lax.cond(
-        adapt,
-        lambda: threshold_lib.adapted_threshold(norm_hist, norm_cnt, config),
-        lambda: thr,
-    )
+    ema_mean, ema_var = state.ema_mean, state.ema_var
+    if config.adaptation_rule == "zscore":
+        # The EMA needs a norm to start from: the warm-up waits for one.
+        warmup_left = jnp.where(ends_warmup & (norm_cnt == 0), 1, warmup_left).astype(jnp.int32)
+        adapt = ends_warmup & (norm_cnt > 0)
+        start_mean, start_var = threshold_lib.history_mean_var(norm_hist, norm_cnt)
+        moved_mean, moved_var = threshold_lib.zscore_ema_update(
+            ema_mean, ema_var, jnp.where(spike, target, norm), config
+        )
+        move = finite & ~in_warmup
+        if config.zscore_skip_spikes:
+            move = move & ~spike
+        ema_mean = jnp.where(adapt, start_mean, jnp.where(move, moved_mean, ema_mean))
+        ema_var = jnp.where(adapt, start_var, jnp.where(move, moved_var, ema_var))
+        new_thr = jnp.where(
+            in_warmup & ~adapt, thr, threshold_lib.zscore_boundary(ema_mean, ema_var, config)
+        )
+    else:
+        adapt = ends_warmup
+        if config.adaptation_interval > 0:
+            periodic = (step_after % config.adaptation_interval == 0) & (warmup_left == 0)
+            adapt = adapt | periodic
+        adapt = adapt & (norm_cnt > 0)
+        # lax.cond: the rule sorts the history, which most steps do not need.
+        new_thr = jax.lax.cond(
+            adapt,
+            lambda: threshold_lib.adapted_threshold(norm_hist, norm_cnt, config),
+            lambda: thr,
+        )
 
     # 9. Emergency intervention.
     consecutive = jnp.where(
@@ -468,6 +520,8 @@ def step(
         last_loss=last_loss,
         norm_trend=trend,
         early_warning=warning,
+        ema_mean=ema_mean.astype(jnp.float32),
+        ema_var=ema_var.astype(jnp.float32),
         norm_history=norm_hist,
         norm_history_index=norm_idx,
         norm_history_count=norm_cnt,
@@ -487,7 +541,7 @@ def step(
         emergency_steps_index=em_idx,
         emergency_steps_count=em_cnt,
     )
-    return new_updates, new_state
+    return new_updates, new_state, thr
 
 
 class StabilizedState(NamedTuple):

@@ -227,3 +227,119 @@ def test_mixed_precision_keeps_its_minimum_where_jmp_loses_it_under_jit():
     assert min(eager) == floor and min(jitted) == 1.0
     ours = _our_scales(presets.mixed_precision(growth_interval=3, min_loss_scale=floor), finite)
     assert ours == eager
+
+
+# --- zclip == zclip.ZClip ----------------------------------------------------
+
+ZCLIP_CASES = [
+    dict(),  # the package defaults: adaptive scaling, max_grad_norm 1.0
+    dict(max_grad_norm=None, clip_option="mean"),
+    dict(max_grad_norm=8.0, mode="percentile", z_thresh=2.0),
+    dict(max_grad_norm=None, skip_update_on_spike=True, alpha=0.9, warmup_steps=10),
+]
+
+
+def _zclip_reference(kwargs, grads):
+    """Runs zclip.ZClip.step; returns per-step (effective threshold, mean, var)."""
+    torch = pytest.importorskip("torch")
+    zclip_mod = pytest.importorskip("zclip")
+
+    class Recording(zclip_mod.ZClip):
+        def _apply_clipping(self, model, clip_val, total_norm):
+            self.last_effective = super()._apply_clipping(model, clip_val, total_norm)
+            return self.last_effective
+
+    clipper = Recording(**kwargs)
+    model = torch.nn.Linear(3, 2, bias=False)  # 6 parameters
+    out = []
+    for g in grads:
+        model.weight.grad = torch.tensor(g.reshape(2, 3))
+        clipper.last_effective = None
+        clipper.step(model)
+        # During ZClip's warm-up only max_grad_norm clips.
+        if clipper.last_effective is None:
+            effective = math.inf if clipper.max_grad_norm is None else clipper.max_grad_norm
+        else:
+            effective = clipper.last_effective
+        out.append((effective, clipper.mean, clipper.var))
+    return out
+
+
+def _check_against_zclip(out_norm, norm, ref, mean, var, k, warmup):
+    effective = ref[k][0]
+    # Both clip the norm to the effective threshold (ZClip divides by norm + 1e-6).
+    assert out_norm == pytest.approx(min(norm, effective), rel=2e-5)
+    if k >= warmup - 1:
+        assert mean == pytest.approx(ref[k][1], rel=2e-5)
+        assert var == pytest.approx(ref[k][2], rel=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", ZCLIP_CASES)
+def test_zclip_matches_the_zclip_package_every_step(kwargs):
+    grads = _norm_sequence(150, seed=3)
+    ref = _zclip_reference(kwargs, grads)
+    tx = og.stabilize(config=presets.zclip(**kwargs))
+    state = tx.init({"w": jnp.zeros(6)})
+    update = jax.jit(tx.update)
+    warmup = kwargs.get("warmup_steps", 25)
+    clipped_steps = 0
+    for k, g in enumerate(grads):
+        out, state = update({"w": jnp.asarray(g)}, state)
+        norm = float(np.linalg.norm(g))
+        out_norm = float(jnp.linalg.norm(out["w"]))
+        clipped_steps += out_norm < norm * (1 - 1e-4)
+        _check_against_zclip(
+            out_norm, norm, ref, float(state.ema_mean), float(state.ema_var), k, warmup
+        )
+    assert clipped_steps > 0  # the sequence exercises the clip
+
+
+def test_zclip_torch_adapter_matches_the_zclip_package():
+    torch = pytest.importorskip("torch")
+    from optax_gradflow.torch import functional
+    from optax_gradflow.torch import state as torch_state
+
+    kwargs = ZCLIP_CASES[2]
+    grads = _norm_sequence(150, seed=4)
+    ref = _zclip_reference(kwargs, grads)
+    cfg = presets.zclip(**kwargs)
+    st = torch_state.init_state(config=cfg)
+    for k, g in enumerate(grads):
+        (out,), st = functional.update([torch.tensor(g)], st, config=cfg)
+        _check_against_zclip(
+            float(out.norm()),
+            float(np.linalg.norm(g)),
+            ref,
+            float(st["ema_mean"]),
+            float(st["ema_var"]),
+            k,
+            kwargs.get("warmup_steps", 25),
+        )
+
+
+def test_zclip_variance_fix_is_finch_and_departs_from_the_package():
+    # One EMA step by hand after a warm-up of two norms {1, 3}: mean 2, var 1.
+    # A norm of 2.5 (z = 0.5, no spike) moves the mean to 0.5 * 2 + 0.5 * 2.5 =
+    # 2.25. The package's variance: 0.5 * 1 + 0.5 * (2.5 - 2.25)**2 = 0.53125;
+    # Finch's: 0.5 * (1 + 0.5 * (2.5 - 2)**2) = 0.5625.
+    common = dict(alpha=0.5, warmup_steps=2, max_grad_norm=None)
+    for reference, expected_var in ((True, 0.53125), (False, 0.5625)):
+        tx = og.stabilize(config=presets.zclip(reference_variance=reference, **common))
+        state = tx.init({"w": jnp.zeros(1)})
+        for n in (1.0, 3.0, 2.5):
+            _, state = jax.jit(tx.update)({"w": jnp.array([n])}, state)
+        assert float(state.ema_mean) == pytest.approx(2.25, rel=1e-6)
+        assert float(state.ema_var) == pytest.approx(expected_var, rel=1e-6)
+
+
+def test_zclip_adaptive_scaling_by_hand():
+    # Warm-up {1, 3}: mean 2, std 1. A norm of 12: z = 10 / (1 + 1e-6) > 2.5, so
+    # the target is 2 + 2.5 * 1 / (z / 2.5) = 2 + 6.25 / z.
+    tx = og.stabilize(config=presets.zclip(warmup_steps=2, max_grad_norm=None))
+    state = tx.init({"w": jnp.zeros(1)})
+    for n in (1.0, 3.0):
+        _, state = jax.jit(tx.update)({"w": jnp.array([n])}, state)
+    out, state = jax.jit(tx.update)({"w": jnp.array([12.0])}, state)
+    z = 10.0 / (1.0 + 1e-6)
+    assert float(out["w"][0]) == pytest.approx(2.0 + 6.25 / z, rel=1e-6)
+    assert int(state.clip_count) == 1

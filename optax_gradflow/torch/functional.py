@@ -145,6 +145,61 @@ def _adapted_threshold(
     return _clamp_threshold(raw, config)
 
 
+def _zscore_threshold(
+    norm: torch.Tensor, finite: torch.Tensor, state: State, config: StabilizerConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(threshold, spike, target) after the warm-up (SPEC.md, "Z-score rule")."""
+    mean, std = state["ema_mean"], torch.sqrt(state["ema_var"])
+    zt = config.zscore_threshold
+    if config.zscore_clip == "percentile":
+        target = mean + std * zt
+        spike = finite & (norm > target)
+    else:
+        z = (norm - mean) / (std + config.zscore_eps)
+        spike = finite & (z > zt)
+        if config.zscore_clip == "adaptive_scaling":
+            target = (mean + (std * zt) / (z / zt)) * config.zscore_clip_factor
+        else:
+            target = mean
+    threshold = _clamp_threshold(torch.where(spike, target, math.inf), config)
+    return threshold, spike, target
+
+
+def _zscore_boundary(
+    mean: torch.Tensor, var: torch.Tensor, config: StabilizerConfig
+) -> torch.Tensor:
+    std = torch.sqrt(var)
+    if config.zscore_clip == "percentile":
+        boundary = mean + std * config.zscore_threshold
+    else:
+        boundary = mean + (std + config.zscore_eps) * config.zscore_threshold
+    return _clamp_threshold(boundary, config)
+
+
+def _zscore_ema(
+    mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor, config: StabilizerConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # 1 - alpha in float32, as a tensor: a Python float would round differently.
+    a = torch.full((), config.zscore_alpha, dtype=_F32, device=mean.device)
+    b = 1 - a
+    new_mean = a * mean + b * x
+    if config.zscore_reference_variance:
+        new_var = a * var + b * torch.square(x - new_mean)
+    else:
+        new_var = a * (var + b * torch.square(x - mean))
+    return new_mean, new_var
+
+
+def _history_mean_var(
+    values: torch.Tensor, count: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    valid = torch.arange(values.shape[0], device=values.device, dtype=_I32) < count
+    m = torch.clamp(count, min=1).to(_F32)
+    mean = torch.where(valid, values, 0.0).sum() / m
+    var = torch.where(valid, torch.square(values - mean), 0.0).sum() / m
+    return mean, var
+
+
 def _diagnose(
     values: torch.Tensor, index: torch.Tensor, count: torch.Tensor, config: StabilizerConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,11 +346,23 @@ def update(
         _clamp_threshold(from_history, config),
         torch.where(finite, _clamp_threshold(norm, config), threshold),
     )
-    threshold = torch.where(state["warmup_steps_left"] > 0, warm, threshold)
+    in_warmup = state["warmup_steps_left"] > 0
+    threshold = torch.where(in_warmup, warm, threshold)
+    # Explosions are measured against this step's threshold, except under the
+    # zscore rule: against the spike boundary held in the state.
+    reference = threshold
+    if config.adaptation_rule == "zscore":
+        zs_threshold, spike, target = _zscore_threshold(norm, finite, state, config)
+        warm_zs = _clamp_threshold(
+            torch.full((), config.max_threshold, dtype=_F32, device=device), config
+        )
+        threshold = torch.where(in_warmup, warm_zs, zs_threshold)
+        spike = spike & ~in_warmup
+        reference = torch.where(in_warmup, warm_zs, state["clip_threshold"])
 
     # 3. Classification.
     nonfinite = ~finite
-    explosion = finite & (norm > threshold * config.explosion_factor)
+    explosion = finite & (norm > reference * config.explosion_factor)
     vanishing = finite & ~explosion & (norm < config.vanishing_norm)
     clipped = finite & (norm > threshold)
 
@@ -344,11 +411,32 @@ def update(
     step_after = _sat_inc(state["stabilizer_step"])
     left = state["warmup_steps_left"]
     left_after = torch.clamp(left - 1, min=0)
-    adapt = left == 1
-    if config.adaptation_interval > 0:
-        adapt = adapt | ((step_after % config.adaptation_interval == 0) & (left_after == 0))
-    adapt = adapt & (norm_cnt > 0)
-    new_threshold = torch.where(adapt, _adapted_threshold(norm_hist, norm_cnt, config), threshold)
+    ema_mean, ema_var = state["ema_mean"], state["ema_var"]
+    if config.adaptation_rule == "zscore":
+        ends = left == 1
+        # The EMA needs a norm to start from: the warm-up waits for one.
+        left_after = torch.where(ends & (norm_cnt == 0), 1, left_after)
+        adapt = ends & (norm_cnt > 0)
+        start_mean, start_var = _history_mean_var(norm_hist, norm_cnt)
+        moved_mean, moved_var = _zscore_ema(
+            ema_mean, ema_var, torch.where(spike, target, norm), config
+        )
+        move = finite & ~in_warmup
+        if config.zscore_skip_spikes:
+            move = move & ~spike
+        ema_mean = torch.where(adapt, start_mean, torch.where(move, moved_mean, ema_mean))
+        ema_var = torch.where(adapt, start_var, torch.where(move, moved_var, ema_var))
+        new_threshold = torch.where(
+            in_warmup & ~adapt, threshold, _zscore_boundary(ema_mean, ema_var, config)
+        )
+    else:
+        adapt = left == 1
+        if config.adaptation_interval > 0:
+            adapt = adapt | ((step_after % config.adaptation_interval == 0) & (left_after == 0))
+        adapt = adapt & (norm_cnt > 0)
+        new_threshold = torch.where(
+            adapt, _adapted_threshold(norm_hist, norm_cnt, config), threshold
+        )
 
     # 8. Emergency intervention, after the adaptation so that it cannot be undone.
     unstable = nonfinite | explosion
@@ -443,6 +531,8 @@ def update(
         "last_loss": last_loss,
         "norm_trend": trend.to(_F32),
         "early_warning": warning.to(torch.bool),
+        "ema_mean": ema_mean.to(_F32),
+        "ema_var": ema_var.to(_F32),
         "norm_history": norm_hist,
         "norm_history_index": norm_idx,
         "norm_history_count": norm_cnt,

@@ -14,7 +14,16 @@ from typing import Any
 
 import torch
 
-from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
+    FLAG_ADAPTED,
+    FLAG_CLIPPED,
+    FLAG_EMERGENCY,
+    FLAG_EXPLOSION,
+    FLAG_NONFINITE,
+    FLAG_VANISHING,
+    FLAG_WARNING,
+    StabilizerConfig,
+)
 
 # Field names in the order of SPEC.md, "State" (and of the JAX NamedTuple).
 FIELDS: tuple[str, ...] = (
@@ -35,6 +44,8 @@ FIELDS: tuple[str, ...] = (
     "last_loss",
     "norm_trend",
     "early_warning",
+    "ema_mean",
+    "ema_var",
     "norm_history",
     "norm_history_index",
     "norm_history_count",
@@ -61,6 +72,8 @@ FLOAT_SCALARS: tuple[str, ...] = (
     "last_grad_norm",
     "last_loss",
     "norm_trend",
+    "ema_mean",
+    "ema_var",
 )
 
 # Ring name -> (config field holding its size, dtype).
@@ -73,14 +86,6 @@ RINGS: dict[str, tuple[str, torch.dtype]] = {
     "emergency_steps": ("emergency_history_size", torch.int32),
 }
 
-# Bits of one ``event_flags`` entry (SPEC.md, "Event flags").
-FLAG_CLIPPED = 1
-FLAG_EXPLOSION = 2
-FLAG_VANISHING = 4
-FLAG_NONFINITE = 8
-FLAG_EMERGENCY = 16
-FLAG_ADAPTED = 32
-FLAG_WARNING = 64
 
 State = dict[str, torch.Tensor]
 
@@ -165,8 +170,11 @@ def threshold_at_init(
     ``initial_threshold`` where the config has one; ``inf`` never clips), a
     stored one, one from the learning rate, else a data warm-up.
     """
+    if config.adaptation_rule == "zscore":
+        # ZClip's warm-up always runs (SPEC.md, "Z-score rule").
+        return _clamp_threshold(_f32(config.max_threshold), config), config.warmup_steps
     if initial_threshold is None:
-        initial_threshold = getattr(config, "initial_threshold", None)
+        initial_threshold = config.initial_threshold
     if initial_threshold is not None:
         value = _positive("initial_threshold", initial_threshold, allow_inf=True)
         if not config.min_threshold <= value <= config.max_threshold:
