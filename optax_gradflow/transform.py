@@ -108,6 +108,12 @@ def _structure_signature(tree: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
+def _same_structure(got, expected, *, sharded: bool) -> bool:
+    # With axis_name, update sees per-device shards of the parameters init saw
+    # (init usually runs outside shard_map / pmap): only the leaf count must match.
+    return len(got) == len(expected) if sharded else got == expected
+
+
 def init_state(
     threshold, warmup_steps: int | jax.Array, config: StabilizerConfig
 ) -> GradientFlowState:
@@ -227,8 +233,11 @@ def stabilize(
       as :class:`ThresholdStore`, consulted at ``init``.
     label: the user label of the model fingerprint for ``store``.
     axis_name: under ``pmap`` / ``shard_map`` with gradients sharded over
-      this axis, the squared norm is summed across it, so every device takes
-      the same decision.
+      this axis, the squared norm is summed across it (one all-reduce of one
+      float32 scalar per step), so every device takes the same decision.
+      Not for gradients that are already whole on every device (averaged
+      with ``pmean``): they would be counted once per device. Under ``jit``
+      with sharded arrays it is not needed: XLA does the reduction.
     log_events: log explosions, non-finite and vanishing steps, adaptations,
       emergencies and early warnings through the ``"optax_gradflow"`` logger
       (see :mod:`optax_gradflow.events`). Only a step with such an event
@@ -274,7 +283,9 @@ def stabilize(
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del params, extra_args
         check_state(state, config)
-        if "structure" in seen and _structure_signature(updates) != seen["structure"]:
+        if "structure" in seen and not _same_structure(
+            _structure_signature(updates), seen["structure"], sharded=axis_name is not None
+        ):
             raise ValueError(
                 "The gradients' tree structure does not match the parameters this "
                 "stabilizer was initialised with: leaf shapes "
@@ -590,9 +601,12 @@ def stabilized(
       initial_threshold: as in :func:`stabilize`.
       store: as in :func:`stabilize`.
       label: as in :func:`stabilize`.
-      axis_name: as in :func:`stabilize`.
+      axis_name: as in :func:`stabilize`; the parameters and updates are then
+        sharded like the gradients, and the update-ratio norms are summed
+        across the axis too.
       track_update_ratio: record ``|update| / |params|`` each applied step;
-        costs two extra reductions over the updates and the parameters.
+        costs two extra reductions over the updates and the parameters (and,
+        with ``axis_name``, one all-reduce of two scalars).
       log_events: as in :func:`stabilize`.
 
     Returns:
@@ -649,8 +663,13 @@ def stabilized(
             state.update_ratio_count,
         )
         if track_update_ratio and params is not None:
-            param_norm = jnp.sqrt(sum_of_squares(params))
-            ratio = jnp.sqrt(sum_of_squares(new_updates)) / param_norm
+            param_sq, update_sq = sum_of_squares(params), sum_of_squares(new_updates)
+            if axis_name is not None:
+                # The parameters and updates are sharded like the gradients: one
+                # more all-reduce, of these two scalars.
+                param_sq, update_sq = jax.lax.psum((param_sq, update_sq), axis_name)
+            param_norm = jnp.sqrt(param_sq)
+            ratio = jnp.sqrt(update_sq) / param_norm
             ratio_hist, ratio_idx, ratio_cnt = ring_push(
                 ratio_hist,
                 ratio_idx,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
+from optax_gradflow.torch import distributed
 from optax_gradflow.torch.state import (
     FLAG_ADAPTED,
     FLAG_CLIPPED,
@@ -299,6 +300,7 @@ def update(
     *,
     value: torch.Tensor | float | None = None,
     config: StabilizerConfig | None = None,
+    process_group: Any = None,
 ) -> tuple[list[torch.Tensor | None], State]:
     """One stabilizer step (SPEC.md, "Per-step order"); pure, no host transfer.
 
@@ -312,6 +314,11 @@ def update(
       value: the loss, recorded as ``last_loss``.
       config: the :class:`~optax_gradflow.StabilizerConfig` the state was built
         with; the defaults if None.
+      process_group: the ``torch.distributed`` group over which plain-tensor
+        gradients are sharded (each rank holds a part); their squared norm is
+        all-reduced over it. DTensor gradients (FSDP2) need nothing: they are
+        reduced over their own mesh. Leave it None for DDP, whose gradients are
+        already identical on every rank. See SPEC.md, "Distributed".
 
     Returns:
       ``(new_grads, new_state)``: the unscaled, clipped gradients (zeros on a
@@ -328,9 +335,17 @@ def update(
     float_idx = [i for i, g in enumerate(grads) if g is not None and _is_float(g)]
     leaves = [grads[i] for i in float_idx]
 
-    # 1. Global norm of the scaled gradients, then unscaled.
+    # 1. Global norm of the scaled gradients, then unscaled; sharded gradients
+    # add their ranks' sums with one scalar all-reduce (SPEC.md, "Distributed").
     scale = state["loss_scale"]
-    raw_norm = torch.sqrt(_sum_of_squares(leaves, device))  # type: ignore[arg-type]
+    raw_norm = torch.sqrt(
+        distributed.global_sum_of_squares(
+            leaves,  # type: ignore[arg-type]
+            device,
+            process_group,
+            _sum_of_squares,
+        )
+    )
     norm = raw_norm / scale
     finite = torch.isfinite(norm)
 
@@ -370,14 +385,14 @@ def update(
     one = torch.ones((), dtype=_F32, device=device)
     keep_factor = one / scale if config.loss_scaling else one
     new_leaves = _rescale(
-        leaves,  # type: ignore[arg-type]
+        [distributed.local_shard(x) for x in leaves],  # type: ignore[arg-type]
         divisor=torch.where(clipped, raw_norm, one),
         factor=torch.where(clipped, threshold, keep_factor),
         finite=finite,
     )
     new_grads: list[torch.Tensor | None] = list(grads)
     for i, g in zip(float_idx, new_leaves, strict=True):
-        new_grads[i] = g
+        new_grads[i] = distributed.like(grads[i], g)  # type: ignore[arg-type]
 
     # 5. Loss-scale rule.
     growth_count = state["loss_scale_growth_count"]

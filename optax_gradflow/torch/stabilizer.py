@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.torch import distributed
 from optax_gradflow.torch.functional import _is_float, update
 from optax_gradflow.torch.state import (
     FIELDS,
@@ -90,6 +91,12 @@ class GradientFlowStabilizer:
       config: a :class:`~optax_gradflow.StabilizerConfig`; the defaults if None.
       initial_threshold: an explicit initial threshold.
       skip_mode: how ``step`` skips a non-finite step, see above.
+      process_group: with gradients sharded over the ranks of this
+        ``torch.distributed`` group as plain tensors, their squared norm is
+        all-reduced over it (one scalar per step), so that every rank takes the
+        same decision. Not needed for FSDP2 (DTensor gradients are reduced over
+        their mesh) and wrong for DDP (its gradients are already all-reduced:
+        they would be counted once per rank). SPEC.md, "Distributed".
 
     Example:
       >>> import torch
@@ -112,11 +119,13 @@ class GradientFlowStabilizer:
         config: StabilizerConfig | None = None,
         initial_threshold: float | None = None,
         skip_mode: SkipMode = "auto",
+        process_group: Any = None,
     ):
         if skip_mode not in _SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {_SKIP_MODES}, got {skip_mode!r}.")
         self.config = _check_config(config)
         self.skip_mode = skip_mode
+        self.process_group = process_group
         self._state = init_state(
             learning_rate, config=self.config, initial_threshold=initial_threshold
         )
@@ -195,7 +204,9 @@ class GradientFlowStabilizer:
         return self._state["last_grad_norm"]
 
     def _tag(self, grad: torch.Tensor) -> tuple[int, int, int]:
-        return (id(self), self._epoch, grad._version)
+        # A DTensor's own version counter misses in-place writes to its local
+        # shard; the shard's counter sees them.
+        return (id(self), self._epoch, distributed.local_shard(grad)._version)
 
     def _is_processed(self, grads: list[torch.Tensor | None], step: int | None) -> bool:
         if step is not None and step != self._processed_step:
@@ -228,15 +239,25 @@ class GradientFlowStabilizer:
                 self._move_to(g.device)
                 break
         value = loss if loss is not None else self._pending_loss
-        new_grads, self._state = update(grads, self._state, value=value, config=self.config)
+        new_grads, self._state = update(
+            grads,
+            self._state,
+            value=value,
+            config=self.config,
+            process_group=self.process_group,
+        )
         pairs = [
             (g, n) for g, n in zip(grads, new_grads, strict=True) if g is not None and _is_float(g)
         ]
         targets = [g for g, _ in pairs]
         sources = [n for _, n in pairs]
         if targets:
+            # Shard to shard for DTensors: a local copy, no communication.
             with torch.no_grad():
-                torch._foreach_copy_(targets, sources)
+                torch._foreach_copy_(
+                    [distributed.local_shard(g) for g in targets],
+                    [distributed.local_shard(n) for n in sources],
+                )
         for g in targets:
             setattr(g, _TAG, self._tag(g))
         self._processed_step = step
