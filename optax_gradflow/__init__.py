@@ -7,6 +7,7 @@ machine; README.md shows how to use it.
 """
 
 from optax_gradflow import presets
+from optax_gradflow import rl
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.events import EventLogger
 from optax_gradflow.loss_scaling import find_states
@@ -18,6 +19,7 @@ from optax_gradflow.report import NormStatistics
 from optax_gradflow.report import StabilityReport
 from optax_gradflow.report import metrics
 from optax_gradflow.report import stability_report
+from optax_gradflow.rl import periodic_target_update
 from optax_gradflow.state import GradientFlowState
 from optax_gradflow.store import ThresholdStore
 from optax_gradflow.store import ThresholdStoreError
@@ -44,8 +46,10 @@ __all__ = (
     "fingerprint",
     "loss_scale",
     "metrics",
+    "periodic_target_update",
     "plot",
     "presets",
+    "rl",
     "scale_loss",
     "stability_report",
     "stabilize",

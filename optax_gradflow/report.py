@@ -396,10 +396,11 @@ def _located(opt_state: Any) -> list[tuple[str, GradientFlowState, tuple | None]
     for wrapper_path, w in flat:
         if _is_wrapper(w):
             ((flow_path, _),) = find_states(w._replace(inner_state=None))
+            # Plain arrays: frameworks may wrap fields (flax.nnx's OptArray).
             ring_of[jax.tree_util.keystr(wrapper_path) + flow_path] = (
-                w.update_ratio_history,
-                w.update_ratio_index,
-                w.update_ratio_count,
+                jnp.asarray(w.update_ratio_history),
+                jnp.asarray(w.update_ratio_index),
+                jnp.asarray(w.update_ratio_count),
             )
     return [(path, state, ring_of.get(path)) for path, state in found]
 

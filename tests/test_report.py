@@ -425,3 +425,16 @@ def test_metrics_of_several_stabilizers_are_prefixed_by_path():
     assert len(ratio_keys) == 1 and math.isnan(float(out[ratio_keys[0]]))
     # An empty window: score 1.
     assert all(float(out[f"gradflow/{p}/stability_score"]) == 1.0 for p in paths)
+
+
+def test_metrics_and_report_read_a_flax_nnx_optimizer_state():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, og.stabilized(optax.adam(1e-3), 1e-3), wrt=nnx.Param)
+    grads = nnx.state(model, nnx.Param)
+    optimizer.update(model, jax.tree.map(jnp.ones_like, grads))
+    metrics = og.metrics(optimizer.opt_state)
+    # One step of nine unit gradients: norm 3 < 0.1 * sqrt(1 / 1e-3) = 3.16,
+    # not clipped.
+    assert float(metrics["gradflow/clip_rate"]) == 0.0
+    assert og.stability_report(optimizer.opt_state).update_ratio_last is not None
