@@ -1,0 +1,743 @@
+"""Per-step cost of the stabilizer against plain clipping, in JAX and PyTorch.
+
+Every variant of a group runs interleaved in one process: each round calls
+every variant once, in an order rotated from round to round, and waits for
+its result. The table quotes the median step time and the median of the
+per-round ratios to the reference of the group, which cancels most of the
+drift of a shared machine.
+
+JAX groups, each step a jitted ``update`` plus ``optax.apply_updates`` with
+the parameters and the optimizer state donated:
+
+- ``alone``: the clipping transformation by itself; the reference is
+  ``optax.clip_by_global_norm``. The floor is the barest global-norm clip:
+  one reduction for the norm, then ``params + c * grads`` with a scalar ``c``.
+- ``chained``: the same, followed by ``optax.adam``; the reference is
+  ``optax.chain(optax.clip_by_global_norm, optax.adam)`` and the floor is the
+  floor followed by ``optax.adam``.
+
+PyTorch rows time one clipping call on gradients restored (outside the timed
+region) before every call; the reference is ``torch.nn.utils.clip_grad_norm_``.
+
+Usage::
+
+    python benchmarks/overhead.py                      # 1e6, 1e7, 1e8 parameters
+    python benchmarks/overhead.py --sizes 1e6 --quick  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import inspect
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import optax_gradflow  # noqa: E402
+
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "overhead.json"
+NUM_LEAVES = 4
+LEAF_COLUMNS = 1000
+THRESHOLD = 1.0
+# The gradients' global norm: ten times the threshold, so every step clips.
+GRAD_NORM = 10.0 * THRESHOLD
+LEARNING_RATE = 1e-3
+AGC_CLIPPING = 0.01
+
+
+# ----------------------------------------------------------------------------
+# Machine and versions.
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the working tree measured, with "+dirty" if it has local changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "optax_gradflow"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, memory, and the versions that matter here."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    mem_total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem_total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_bytes": mem_total,
+        "platform": platform.platform(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": _version("jaxlib"),
+            "optax": optax.__version__,
+            "optax_gradflow": optax_gradflow.__version__,
+            "numpy": np.__version__,
+            "torch": _version("torch"),
+            "zclip": _version("zclip"),
+            "autoclip": _version("autoclip"),
+        },
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Interleaved timing.
+
+
+def interleaved(
+    calls: dict[str, Callable[[], None]], warmup: int, repeats: int
+) -> dict[str, np.ndarray]:
+    """Seconds per call of every entry, measured round-robin.
+
+    Round ``r`` starts at entry ``r mod len(calls)``, so no variant always runs
+    right after the same neighbour. ``warmup`` rounds are run and discarded.
+    """
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            calls[name]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return {name: np.asarray(t) for name, t in times.items()}
+
+
+def summarize(times: dict[str, np.ndarray], reference: str) -> dict[str, dict[str, float]]:
+    """Median time and the median / IQR of the paired per-round ratios to ``reference``."""
+    out = {}
+    ref = times[reference]
+    for name, t in times.items():
+        ratios = t / ref
+        out[name] = {
+            "median_s": float(np.median(t)),
+            "p25_s": float(np.percentile(t, 25)),
+            "p75_s": float(np.percentile(t, 75)),
+            "ratio": float(np.median(ratios)),
+            "ratio_p25": float(np.percentile(ratios, 25)),
+            "ratio_p75": float(np.percentile(ratios, 75)),
+            "samples": len(t),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------
+# JAX variants.
+
+
+@dataclasses.dataclass
+class JaxVariant:
+    name: str
+    group: str  # "alone" or "chained"
+    make: Callable[[], Any]  # () -> step fn (params, state, grads) and a transformation
+    note: str = ""
+
+
+def _transform_step(tx: optax.GradientTransformation):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step, tx
+
+
+def scale_by_norm_floor(max_norm: float) -> optax.GradientTransformation:
+    """The barest global-norm clip: one reduction, then one multiply by a scalar.
+
+    ``g * min(1, max_norm / |g|)``; no select, no division per element.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(updates))
+        coef = jnp.minimum(jnp.float32(1.0), jnp.float32(max_norm) / jnp.sqrt(sq))
+        return jax.tree.map(lambda g: g * coef, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def jax_variants() -> list[JaxVariant]:
+    warmup_config = optax_gradflow.StabilizerConfig(warmup_steps=1_000_000)
+    adam = lambda: optax.adam(LEARNING_RATE)
+    return [
+        JaxVariant("no clipping", "alone", lambda: _transform_step(optax.identity())),
+        JaxVariant(
+            "clip_by_global_norm", "alone", lambda: _transform_step(optax.clip_by_global_norm(1.0))
+        ),
+        JaxVariant(
+            "adaptive_grad_clip",
+            "alone",
+            lambda: _transform_step(optax.adaptive_grad_clip(AGC_CLIPPING)),
+        ),
+        JaxVariant(
+            "stabilize",
+            "alone",
+            lambda: _transform_step(optax_gradflow.stabilize(initial_threshold=THRESHOLD)),
+            "default config, initial_threshold=1 (no warm-up)",
+        ),
+        JaxVariant(
+            "stabilize (data warm-up)",
+            "alone",
+            lambda: _transform_step(optax_gradflow.stabilize(config=warmup_config)),
+            "data mode, every step a warm-up step (sorts the norm history)",
+        ),
+        JaxVariant(
+            "floor",
+            "alone",
+            lambda: _transform_step(scale_by_norm_floor(THRESHOLD)),
+            "global norm, then one multiply by a scalar",
+        ),
+        JaxVariant("no clipping + adam", "chained", lambda: _transform_step(adam())),
+        JaxVariant(
+            "clip_by_global_norm + adam",
+            "chained",
+            lambda: _transform_step(optax.chain(optax.clip_by_global_norm(1.0), adam())),
+        ),
+        JaxVariant(
+            "adaptive_grad_clip + adam",
+            "chained",
+            lambda: _transform_step(optax.chain(optax.adaptive_grad_clip(AGC_CLIPPING), adam())),
+        ),
+        JaxVariant(
+            "chain(stabilize, adam)",
+            "chained",
+            lambda: _transform_step(
+                optax.chain(optax_gradflow.stabilize(initial_threshold=THRESHOLD), adam())
+            ),
+        ),
+        JaxVariant(
+            "stabilized(adam)",
+            "chained",
+            lambda: _transform_step(optax_gradflow.stabilized(adam(), initial_threshold=THRESHOLD)),
+            "track_update_ratio=True (default)",
+        ),
+        JaxVariant(
+            "stabilized(adam, no ratio)",
+            "chained",
+            lambda: _transform_step(
+                optax_gradflow.stabilized(
+                    adam(), initial_threshold=THRESHOLD, track_update_ratio=False
+                )
+            ),
+            "track_update_ratio=False",
+        ),
+        JaxVariant(
+            "floor + adam",
+            "chained",
+            lambda: _transform_step(optax.chain(scale_by_norm_floor(THRESHOLD), adam())),
+            "the floor, then adam",
+        ),
+    ]
+
+
+def _tree(size: int, seed: int, norm: float | None) -> dict[str, jax.Array]:
+    rows = size // (NUM_LEAVES * LEAF_COLUMNS)
+    keys = jax.random.split(jax.random.PRNGKey(seed), NUM_LEAVES)
+    tree = {
+        f"w{i}": jax.random.normal(keys[i], (rows, LEAF_COLUMNS), jnp.float32)
+        for i in range(NUM_LEAVES)
+    }
+    if norm is not None:
+        total = optax.tree.norm(tree)
+        tree = jax.tree.map(lambda x: x * (norm / total), tree)
+    return jax.block_until_ready(tree)
+
+
+def _fresh_copy(tree):
+    # Distinct buffers for every leaf: a donated argument must not alias another.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+
+
+def _hlo_stats(text: str) -> dict[str, int]:
+    lines = text.splitlines()
+    entry = next((i for i, line in enumerate(lines) if line.startswith("ENTRY")), 0)
+    body = lines[entry:]
+    return {
+        "hlo_lines": len(lines),
+        "entry_fusions": sum(" fusion(" in line for line in body),
+        "entry_conditionals": sum(" conditional(" in line for line in body),
+        "sorts": text.count(" sort("),
+    }
+
+
+def _time_jax_group(
+    members: list[JaxVariant], size: int, grads, reference: str, repeats: int, warmup: int
+) -> list[dict[str, Any]]:
+    """Compiles every member (round-robin), then times them interleaved."""
+    carry: dict[str, list[Any]] = {}
+    compile_s: dict[str, float] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for v in members:
+        step, tx = v.make()
+        params = _tree(size, seed=2, norm=None)
+        state = _fresh_copy(tx.init(params))
+        t0 = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+        compile_s[v.name] = time.perf_counter() - t0
+        info[v.name] = {"state_bytes": _nbytes(state), **_hlo_stats(compiled.as_text())}
+        carry[v.name] = [compiled, params, state]
+
+    def make_call(name):
+        def call():
+            compiled, params, state = carry[name]
+            params, state = compiled(params, state, grads)
+            jax.block_until_ready((params, state))
+            carry[name][1:] = [params, state]
+
+        return call
+
+    times = interleaved({v.name: make_call(v.name) for v in members}, warmup, repeats)
+    summary = summarize(times, reference)
+    floor = next(v.name for v in members if v.name.startswith("floor"))
+    rows = []
+    for v in members:
+        rows.append(
+            {
+                "framework": "jax",
+                "size": size,
+                "group": members[0].group,
+                "variant": v.name,
+                "note": v.note,
+                "reference": reference,
+                **summary[v.name],
+                "floor": floor,
+                "ratio_to_floor": float(np.median(times[v.name] / times[floor])),
+                "compile_s": compile_s[v.name],
+                "compile_ratio": compile_s[v.name] / compile_s[reference],
+                **info[v.name],
+            }
+        )
+    return rows
+
+
+def run_jax(sizes: list[int], repeats: int, warmup: int) -> tuple[list[dict[str, Any]], list]:
+    variants = jax_variants()
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for size in sizes:
+        grads = _tree(size, seed=1, norm=GRAD_NORM)
+        for group, reference in (
+            ("alone", "clip_by_global_norm"),
+            ("chained", "clip_by_global_norm + adam"),
+        ):
+            members = [v for v in variants if v.group == group]
+            # Parameters (and Adam's two moments) per variant, plus the shared grads.
+            per_variant = (3 if group == "chained" else 1) * size * 4
+            need = len(members) * per_variant + 2 * size * 4
+            avail = _mem_available()
+            if avail is not None and need > 0.8 * avail:
+                msg = (
+                    f"{group} at {size:.0e}: needs ~{need / 2**30:.1f} GiB, "
+                    f"{avail / 2**30:.1f} GiB available"
+                )
+                print(f"[jax] skipping {msg}", flush=True)
+                skipped.append(msg)
+                continue
+            print(f"[jax] {group} at {size:.0e} parameters: {len(members)} variants", flush=True)
+            rows += _time_jax_group(members, size, grads, reference, repeats, warmup)
+            gc.collect()
+        del grads
+        gc.collect()
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------
+# PyTorch variants.
+
+
+def _torch_adapter():
+    """The project's PyTorch adapter class, or None if it is not importable yet."""
+    try:
+        from optax_gradflow.torch import GradientFlowStabilizer
+    except ImportError as e:
+        print(f"[torch] optax_gradflow.torch not importable ({e}); its row is skipped.")
+        return None
+    return GradientFlowStabilizer
+
+
+def _build_adapter(cls, params):
+    # Configured like the JAX rows: an explicit initial threshold, so no warm-up.
+    sig = inspect.signature(cls)
+    kwargs: dict[str, Any] = {}
+    if "initial_threshold" in sig.parameters:
+        kwargs["initial_threshold"] = THRESHOLD
+    elif "learning_rate" in sig.parameters:
+        kwargs["learning_rate"] = 1e-2  # 0.1 * sqrt(1 / 1e-2) = 1.0, the same threshold
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.default is p.empty
+        and p.name not in kwargs
+    ]
+    if positional and positional[0].name in ("params", "parameters"):
+        return cls(params, **kwargs)
+    return cls(**kwargs)
+
+
+def _torch_params(torch, size: int, gen):
+    rows = size // (NUM_LEAVES * LEAF_COLUMNS)
+    params = [
+        torch.nn.Parameter(torch.randn(rows, LEAF_COLUMNS, generator=gen))
+        for _ in range(NUM_LEAVES)
+    ]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    return params
+
+
+def _torch_calls(torch, size: int, clippers: dict[str, Any]):
+    """name -> (restore, call): ``restore`` resets the gradients, ``call`` clips them."""
+    gen = torch.Generator().manual_seed(0)
+    rows = size // (NUM_LEAVES * LEAF_COLUMNS)
+    source = [torch.randn(rows, LEAF_COLUMNS, generator=gen) for _ in range(NUM_LEAVES)]
+    total = torch.sqrt(sum(torch.sum(s * s) for s in source))
+    source = [s * (GRAD_NORM / total) for s in source]
+    calls: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
+
+    def register(name, params, fn):
+        def restore():
+            with torch.no_grad():
+                for p, s in zip(params, source, strict=True):
+                    p.grad.copy_(s)
+
+        calls[name] = (restore, fn)
+
+    ps = _torch_params(torch, size, gen)
+    register("clip_grad_norm_", ps, lambda: torch.nn.utils.clip_grad_norm_(ps, THRESHOLD))
+
+    ps_s = _torch_params(torch, size, gen)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))  # initialises the scale tensor
+    opt = torch.optim.SGD(ps_s, lr=0.0)
+
+    def scaler_step():
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(ps_s, THRESHOLD)
+        scaler.update()
+
+    register("GradScaler.unscale_ + clip_grad_norm_", ps_s, scaler_step)
+
+    if clippers.get("zclip") is not None:
+        ps_z = _torch_params(torch, size, gen)
+        module = torch.nn.ParameterList(ps_z)
+        zc = clippers["zclip"]()
+        register("zclip.ZClip.step", ps_z, lambda: zc.step(module))
+    if clippers.get("autoclip") is not None:
+        ps_q = _torch_params(torch, size, gen)
+        qc = clippers["autoclip"](ps_q, quantile=0.9, history_length=1000, global_threshold=True)
+        register("autoclip QuantileClip (global)", ps_q, qc.step)
+    if clippers.get("adapter") is not None:
+        ps_a = _torch_params(torch, size, gen)
+        try:
+            stab = _build_adapter(clippers["adapter"], ps_a)
+        except Exception as e:
+            print(f"[torch] could not build GradientFlowStabilizer: {e!r}")
+        else:
+            register(
+                "GradientFlowStabilizer.clip_gradients", ps_a, lambda: stab.clip_gradients(ps_a)
+            )
+    return calls
+
+
+def run_torch(sizes: list[int], repeats: int, warmup: int) -> tuple[list[dict[str, Any]], list]:
+    try:
+        import torch
+    except ImportError:
+        print("[torch] not installed; PyTorch rows skipped.")
+        return [], ["torch not installed"]
+    skipped: list[str] = []
+    clippers: dict[str, Any] = {}
+    try:
+        from zclip import ZClip
+
+        clippers["zclip"] = ZClip
+    except ImportError:
+        skipped.append("zclip not installed")
+    try:
+        from autoclip.torch import QuantileClip
+
+        clippers["autoclip"] = QuantileClip
+    except ImportError:
+        skipped.append("autoclip not installed")
+    clippers["adapter"] = _torch_adapter()
+    if clippers["adapter"] is None:
+        skipped.append("optax_gradflow.torch not importable")
+
+    rows: list[dict[str, Any]] = []
+    reference = "clip_grad_norm_"
+    # ZClip initialises its statistics after 25 steps; time it after that.
+    warmup = max(warmup, 30)
+    for size in sizes:
+        calls = _torch_calls(torch, size, clippers)
+        names = list(calls)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        print(f"[torch] {size:.0e} parameters: {len(names)} variants", flush=True)
+        for r in range(warmup + repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                restore, call = calls[name]
+                restore()
+                t0 = time.perf_counter()
+                call()
+                dt = time.perf_counter() - t0
+                if r >= warmup:
+                    times[name].append(dt)
+        summary = summarize({n: np.asarray(t) for n, t in times.items()}, reference)
+        for name in names:
+            rows.append(
+                {
+                    "framework": "torch",
+                    "size": size,
+                    "group": "alone",
+                    "variant": name,
+                    "reference": reference,
+                    **summary[name],
+                }
+            )
+        gc.collect()
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def _fmt_size(size: int) -> str:
+    return f"{size / 1e6:g}M"
+
+
+def format_table(rows: list[dict[str, Any]], framework: str) -> str:
+    if framework == "jax":
+        header = (
+            "| size | group | variant | median ms | vs reference (IQR) | vs floor "
+            "| compile s | compile vs ref | state bytes |"
+        )
+        lines = [header, "|" + "---|" * 9]
+        for r in rows:
+            floor = f"{r['ratio_to_floor']:.2f}x"
+            lines.append(
+                f"| {_fmt_size(r['size'])} | {r['group']} | {r['variant']} "
+                f"| {r['median_s'] * 1e3:.3f} "
+                f"| {r['ratio']:.3f}x ({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f}) | {floor} "
+                f"| {r['compile_s']:.2f} | {r['compile_ratio']:.1f}x | {r['state_bytes']:,} |"
+            )
+    else:
+        lines = ["| size | variant | median ms | vs clip_grad_norm_ (IQR) |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {_fmt_size(r['size'])} | {r['variant']} | {r['median_s'] * 1e3:.3f} "
+                f"| {r['ratio']:.3f}x ({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f}) |"
+            )
+    return "\n".join(lines)
+
+
+def targets(jax_rows, torch_rows) -> list[dict[str, Any]]:
+    """The benchmark's targets, each with the measured value and whether it is met."""
+    out = []
+    for r in jax_rows:
+        if r["variant"] == "stabilize":
+            out.append(
+                {
+                    "target": "stabilize <= 1.00x clip_by_global_norm",
+                    "size": r["size"],
+                    "measured": r["ratio"],
+                    "met": r["ratio"] <= 1.0,
+                }
+            )
+            out.append(
+                {
+                    "target": "stabilize <= 1.10x floor",
+                    "size": r["size"],
+                    "measured": r["ratio_to_floor"],
+                    "met": r["ratio_to_floor"] <= 1.10,
+                }
+            )
+        if r["variant"] in ("stabilized(adam)", "chain(stabilize, adam)"):
+            out.append(
+                {
+                    "target": f"{r['variant']} <= 1.00x clip_by_global_norm + adam",
+                    "size": r["size"],
+                    "measured": r["ratio"],
+                    "met": r["ratio"] <= 1.0,
+                }
+            )
+            out.append(
+                {
+                    "target": f"{r['variant']} <= 1.10x floor + adam",
+                    "size": r["size"],
+                    "measured": r["ratio_to_floor"],
+                    "met": r["ratio_to_floor"] <= 1.10,
+                }
+            )
+    by_size: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in torch_rows:
+        by_size.setdefault(r["size"], {})[r["variant"]] = r
+    for size, rs in by_size.items():
+        ours = rs.get("GradientFlowStabilizer.clip_gradients")
+        if ours is None:
+            out.append({"target": "PyTorch adapter", "size": size, "measured": None, "met": None})
+            continue
+        out.append(
+            {
+                "target": "GradientFlowStabilizer <= 1.15x clip_grad_norm_",
+                "size": size,
+                "measured": ours["ratio"],
+                "met": ours["ratio"] <= 1.15,
+            }
+        )
+        if "zclip.ZClip.step" in rs:
+            z = rs["zclip.ZClip.step"]
+            out.append(
+                {
+                    "target": "GradientFlowStabilizer faster than ZClip",
+                    "size": size,
+                    "measured": ours["median_s"] / z["median_s"],
+                    "met": ours["median_s"] < z["median_s"],
+                }
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated parameter counts")
+    parser.add_argument("--torch-sizes", default="1e6,1e7", help="sizes of the PyTorch rows")
+    parser.add_argument("--repeats", type=int, default=50, help="measured rounds (>= 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="discarded rounds")
+    parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
+    parser.add_argument("--quick", action="store_true", help="1e6 only, 10 rounds: a smoke run")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    args = parser.parse_args(argv)
+
+    unit = NUM_LEAVES * LEAF_COLUMNS
+    parse = lambda text: [int(float(s)) // unit * unit for s in text.split(",") if s.strip()]
+    sizes, torch_sizes, repeats = parse(args.sizes), parse(args.torch_sizes), args.repeats
+    if args.quick:
+        sizes, torch_sizes, repeats = [min(sizes)], [min(torch_sizes)], 10
+
+    start = time.perf_counter()
+    jax_rows, jax_skipped = run_jax(sizes, repeats, args.warmup)
+    torch_rows, torch_skipped = ([], ["--no-torch"]) if args.no_torch else (None, None)
+    if torch_rows is None:
+        torch_rows, torch_skipped = run_torch(torch_sizes, repeats, args.warmup)
+    result = {
+        "command": "python " + " ".join([pathlib.Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "machine": machine_info(),
+        "settings": {
+            "sizes": sizes,
+            "torch_sizes": torch_sizes,
+            "repeats": repeats,
+            "warmup": args.warmup,
+            "num_leaves": NUM_LEAVES,
+            "threshold": THRESHOLD,
+            "grad_norm": GRAD_NORM,
+            "adam_learning_rate": LEARNING_RATE,
+            "agc_clipping": AGC_CLIPPING,
+        },
+        "jax": jax_rows,
+        "jax_skipped": jax_skipped,
+        "torch": torch_rows,
+        "torch_skipped": torch_skipped,
+        "targets": targets(jax_rows, torch_rows),
+        "wall_s": time.perf_counter() - start,
+    }
+    print()
+    print(format_table(jax_rows, "jax"))
+    if torch_rows:
+        print()
+        print(format_table(torch_rows, "torch"))
+    print()
+    for t in result["targets"]:
+        measured = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
+        met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        print(f"{t['target']} at {_fmt_size(t['size'])}: {measured} ({met})")
+    path = pathlib.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path} in {result['wall_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
