@@ -697,10 +697,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes, torch_sizes, repeats = [min(sizes)], [min(torch_sizes)], 10
 
     start = time.perf_counter()
-    jax_rows, jax_skipped = run_jax(sizes, repeats, args.warmup)
-    torch_rows, torch_skipped = ([], ["--no-torch"]) if args.no_torch else (None, None)
-    if torch_rows is None:
+    # PyTorch first: after the JAX rows, XLA's CPU thread pool and the freed
+    # 100M-parameter buffers disturbed the PyTorch timings.
+    torch_rows, torch_skipped = [], ["--no-torch"]
+    if not args.no_torch:
         torch_rows, torch_skipped = run_torch(torch_sizes, repeats, args.warmup)
+    jax_rows, jax_skipped = run_jax(sizes, repeats, args.warmup)
     result = {
         "command": "python " + " ".join([pathlib.Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "machine": machine_info(),

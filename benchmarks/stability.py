@@ -17,13 +17,15 @@ with every clipping method:
 
 Methods: no clipping; ``optax.clip_by_global_norm`` at fixed thresholds; AGC
 (``optax.adaptive_grad_clip``); ZClip and AutoClip, reimplemented below from
-their papers as optax transformations; the stabilizer with its defaults
-(``stabilized(base(lr), lr)``) and in data mode (``stabilized(base(lr))``).
-``--rules`` adds the stabilizer under each threshold adaptation rule.
+their papers as optax transformations; on the fp16 task the usual dynamic loss
+scaling; the stabilizer with its defaults (``stabilized(base(lr), lr)``) and in
+data mode (``stabilized(base(lr))``). ``--rules`` adds the stabilizer under
+each threshold adaptation rule, in both modes.
 
 Everything is generated in the script from fixed seeds. One run of a method is
-``jax.jit(jax.vmap(lax.scan(train_step)))`` over seeds (and over thresholds
-for the fixed clips), so each method compiles once per task.
+``jax.jit`` of a ``lax.scan`` over the steps, mapped with ``lax.map`` over the
+seeds (and the thresholds of the fixed clips), so each method compiles once
+per task.
 
 Metrics per run: diverged (a non-finite loss, or a final loss above 10x the
 initial one), final loss (mean of the last 10% of steps; the table quotes the
@@ -32,9 +34,11 @@ previous 50 steps).
 
 Usage::
 
-    python benchmarks/stability.py            # the full suite
-    python benchmarks/stability.py --quick    # a smoke run (CI)
-    python benchmarks/stability.py --rules    # also compare adaptation rules
+    python benchmarks/stability.py                  # the full suite
+    python benchmarks/stability.py --quick          # a smoke run (CI)
+    python benchmarks/stability.py --rules          # also compare adaptation rules
+    python benchmarks/stability.py --trace deep_mlp # the stabilizer's state along one run
+    python benchmarks/stability.py --from-json      # re-derive tables and plot, no training
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ DIVERGENCE_FACTOR = 10.0
 SPIKE_FACTOR = 3.0
 SPIKE_WINDOW = 50
 TARGET_RATIO = 1.05
+SEEDS = 5  # seeds of the full suite
 
 
 # ----------------------------------------------------------------------------
@@ -959,7 +964,10 @@ def rank_methods(results: dict[str, Any], kinds: Sequence[str]) -> list[dict[str
         # Diverged runs count first as worse, then the median final loss; ties
         # share their average rank.
         key = {n: (ms[n]["diverged"], ms[n]["final_loss_median"]) for n in present}
-        best = min(ms[n]["final_loss_median"] for n in present)
+        # The ratio's reference: the best median among the runs that never
+        # diverged (a method that diverged on some seeds may still have a low median).
+        clean = [n for n in present if ms[n]["diverged"] == 0] or present
+        best = min(ms[n]["final_loss_median"] for n in clean)
         for n in present:
             below = sum(key[m] < key[n] for m in present)
             tied = sum(key[m] == key[n] for m in present)
@@ -1032,6 +1040,64 @@ def format_ranking(ranking: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+CURVE_POINTS = 300  # points kept per stored loss curve
+
+
+def compact_curves(results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """The median curves as stored in the JSON: every ``curve_stride``-th step, 4 digits.
+
+    The curves are already smoothed over 1% of the steps; the stride is saved
+    in each task's results.
+    """
+    out = {}
+    for name, tr in results.items():
+        if "curve_stride" not in tr:
+            tr["curve_stride"] = max(1, math.ceil(tr["steps"] / CURVE_POINTS))
+        stride = tr["curve_stride"]
+        out[name] = {
+            label: [float(f"{x:.4g}") for x in np.asarray(c, dtype=float)[::stride]]
+            for label, c in tr["curves"].items()
+        }
+    return out
+
+
+def add_rule_aliases(results: dict[str, Any]) -> None:
+    """Rows of the rule tables that are runs of another name (not run twice)."""
+    aliases = dict(DEFAULT_RULE_ALIASES)
+    for label in LR_INDEPENDENT_RULES:
+        aliases[f"rule (data): {label}"] = (f"rule: {label}", "rule (data)")
+    for tr in results.values():
+        for alias, (label, kind) in aliases.items():
+            if label in tr["methods"]:
+                tr["methods"][alias] = dict(tr["methods"][label], kind=kind)
+                tr["curves"][alias] = tr["curves"][label]
+
+
+def derive(results: dict[str, Any], rules: bool) -> dict[str, Any]:
+    """Targets and rankings, computed from the per-method results."""
+    return {
+        "targets": evaluate_targets(results),
+        "rule_ranking": rank_methods(results, ("rule",)) if rules else [],
+        "rule_ranking_data_mode": rank_methods(results, ("rule (data)",)) if rules else [],
+        "overall_ranking": rank_methods(results, ("baseline", "stabilizer")),
+    }
+
+
+def report(results: dict[str, Any], rules: bool) -> None:
+    """Prints the per-task tables, the targets and the rankings."""
+    derived = derive(results, rules)
+    print(format_tables(results))
+    print("\nTargets (default stabilizer vs the best fixed threshold in hindsight):\n")
+    print(format_targets(derived["targets"]))
+    if rules:
+        print("\nAdaptation rules, threshold from the learning rate (mean rank across tasks):\n")
+        print(format_ranking(derived["rule_ranking"]))
+        print("\nAdaptation rules, data mode (mean rank across tasks):\n")
+        print(format_ranking(derived["rule_ranking_data_mode"]))
+    print("\nAll methods:\n")
+    print(format_ranking(derived["overall_ranking"]))
+
+
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
     """Median loss curves per task: no clipping, the best fixed clip, the default stabilizer.
 
@@ -1064,7 +1130,9 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
             finite = curve[np.isfinite(curve)]
             if finite.size:
                 top = max(top, float(finite[0]))
-            ax.plot(np.arange(curve.size), curve, label=name, **style)
+            stride = tr.get("curve_stride", 1) if curve.size < tr["steps"] else 1
+            steps = np.arange(curve.size) * stride
+            ax.plot(steps, curve, label=name, **style)
         ax.set_yscale("log")
         if top > 0:
             ax.set_ylim(top=3 * top)
@@ -1081,13 +1149,6 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def replot(json_path: pathlib.Path, path: pathlib.Path) -> None:
-    """Redraws the plot from a results JSON written by this script."""
-    data = json.loads(json_path.read_text())
-    results = {name: dict(tr, curves=data["curves"][name]) for name, tr in data["results"].items()}
-    plot(results, path)
-
-
 def trace(task_name: str, data_mode: bool = False, seed: int = 0, rows: int = 16) -> list[dict]:
     """The default stabilizer's state along one run of ``task_name`` (the suite's seed ``seed``).
 
@@ -1096,9 +1157,9 @@ def trace(task_name: str, data_mode: bool = False, seed: int = 0, rows: int = 16
     and how many norms the history holds.
     """
     task = TASKS[task_name]()
-    seeds = seed + 1
-    init_keys, data_keys = jnp.split(jax.random.split(jax.random.PRNGKey(0), 2 * seeds), 2)
-    params = task.init(init_keys[seed])
+    # The keys of the full suite's seed ``seed`` (it splits the keys for all its seeds).
+    init_keys, data_keys = jnp.split(jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS), 2)
+    params = jax.tree.map(lambda x: x[seed], jax.jit(jax.vmap(task.init))(init_keys))
     lr = None if data_mode else task.learning_rate
     opt = optax_gradflow.stabilized(task.base(task.learning_rate), lr)
     fields = (
@@ -1159,22 +1220,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--plot", default=str(DEFAULT_PLOT), help="'' for no plot")
     parser.add_argument(
-        "--replot", action="store_true", help="only redraw --plot from the results in --json"
+        "--from-json",
+        action="store_true",
+        help="train nothing: re-derive the tables, rankings and plot from the results in --json",
     )
     parser.add_argument(
         "--trace", default=None, help="only print the default stabilizer's state along one run"
     )
     parser.add_argument("--trace-data-mode", action="store_true", help="--trace in data mode")
+    parser.add_argument("--trace-seed", type=int, default=0, help="--trace this seed (0-4)")
     args = parser.parse_args(argv)
     if args.trace:
-        trace(args.trace, data_mode=args.trace_data_mode)
-        return {}
-    if args.replot:
-        replot(pathlib.Path(args.json), pathlib.Path(args.plot))
-        print(f"wrote {args.plot}")
+        trace(args.trace, data_mode=args.trace_data_mode, seed=args.trace_seed)
         return {}
 
-    seeds = args.seeds or (2 if args.quick else 5)
+    seeds = args.seeds or (2 if args.quick else SEEDS)
     task_names = [t for t in args.tasks.split(",") if t]
     for t in task_names:
         if t not in TASKS:
@@ -1184,33 +1244,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keep = {m.strip() for m in args.methods.split(",")}
         methods = [m for m in methods if m.name in keep or m.name in ("no clipping", "fixed clip")]
 
+    if args.from_json:
+        stored = json.loads(pathlib.Path(args.json).read_text())
+        results = {
+            name: dict(tr, curves=stored["curves"][name]) for name, tr in stored["results"].items()
+        }
+        report(results, args.rules or bool(stored.get("rule_ranking")))
+        derived = derive(results, args.rules or bool(stored.get("rule_ranking")))
+        stored.update(derived)
+        stored["curves"] = compact_curves(results)
+        stored["results"] = {
+            name: {k: v for k, v in tr.items() if k != "curves"} for name, tr in results.items()
+        }
+        pathlib.Path(args.json).write_text(json.dumps(stored, indent=1, allow_nan=True) + "\n")
+        if args.plot:
+            plot(results, pathlib.Path(args.plot))
+        print(
+            f"\nre-derived the tables of {args.json}"
+            + (f", wrote {args.plot}" if args.plot else "")
+        )
+        return stored
+
     start = time.perf_counter()
     results = run_suite(task_names, methods, seeds, args.quick, args.steps)
     wall = time.perf_counter() - start
     if args.rules:
-        for tr in results.values():
-            aliases = dict(DEFAULT_RULE_ALIASES)
-            for label in LR_INDEPENDENT_RULES:
-                aliases[f"rule (data): {label}"] = (f"rule: {label}", "rule (data)")
-            for alias, (label, kind) in aliases.items():
-                if label in tr["methods"]:
-                    tr["methods"][alias] = dict(tr["methods"][label], kind=kind)
-                    tr["curves"][alias] = tr["curves"][label]
-    targets = evaluate_targets(results)
-    ranking = rank_methods(results, ("rule",)) if args.rules else []
-    ranking_data = rank_methods(results, ("rule (data)",)) if args.rules else []
-    overall = rank_methods(results, ("baseline", "stabilizer"))
-
-    print(format_tables(results))
-    print("\nTargets (default stabilizer vs the best fixed threshold in hindsight):\n")
-    print(format_targets(targets))
-    if ranking:
-        print("\nAdaptation rules, threshold from the learning rate (mean rank across tasks):\n")
-        print(format_ranking(ranking))
-        print("\nAdaptation rules, data mode (mean rank across tasks):\n")
-        print(format_ranking(ranking_data))
-    print("\nAll methods:\n")
-    print(format_ranking(overall))
+        add_rule_aliases(results)
+    report(results, args.rules)
+    derived = derive(results, args.rules)
 
     argv_used = sys.argv[1:] if argv is None else argv
     out = {
@@ -1226,17 +1287,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "spike_window": SPIKE_WINDOW,
             "stabilizer_config": optax_gradflow.StabilizerConfig().as_dict(),
         },
+        "curves": compact_curves(results),
         "results": {
             name: {k: v for k, v in tr.items() if k != "curves"} for name, tr in results.items()
         },
-        "curves": {
-            name: {label: [float(x) for x in c] for label, c in tr["curves"].items()}
-            for name, tr in results.items()
-        },
-        "targets": targets,
-        "rule_ranking": ranking,
-        "rule_ranking_data_mode": ranking_data,
-        "overall_ranking": overall,
+        **derived,
         "wall_s": wall,
     }
     path = pathlib.Path(args.json)

@@ -118,8 +118,10 @@ def init_state(
     threshold, warmup_steps: int | jax.Array, config: StabilizerConfig
 ) -> GradientFlowState:
     """A fresh state (SPEC.md, "Initial state")."""
-    zero = jnp.zeros((), jnp.int32)
-    fields: dict[str, jax.Array] = {name: zero for name in GradientFlowState._fields}
+    # One buffer per field: a shared zero could not be donated to a jitted step.
+    fields: dict[str, jax.Array] = {
+        name: jnp.zeros((), jnp.int32) for name in GradientFlowState._fields
+    }
     fields.update(
         clip_threshold=jnp.asarray(threshold, jnp.float32),
         loss_scale=jnp.asarray(config.initial_loss_scale, jnp.float32),

@@ -181,3 +181,11 @@ def test_none_leaves_empty_trees_scalars_and_integers():
     state = empty.init({})
     out, state = jax.jit(empty.update)({}, state)
     assert out == {} and int(state.vanishing_count) == 1
+
+
+def test_a_fresh_state_can_be_donated():
+    opt = og.stabilize(1e-2)
+    params = _params()
+    update = jax.jit(opt.update, donate_argnums=(1,))
+    _, state = update(_grads(1), opt.init(params), params)
+    assert int(og.find_states(state)[0][1].stabilizer_step) == 1
