@@ -12,8 +12,8 @@ import dataclasses
 import math
 from typing import Literal
 
-AdaptationRule = Literal["percentile", "median_mad", "mean_std", "zscore"]
-ADAPTATION_RULES: tuple[str, ...] = ("percentile", "median_mad", "mean_std", "zscore")
+AdaptationRule = Literal["track", "percentile", "median_mad", "mean_std", "zscore"]
+ADAPTATION_RULES: tuple[str, ...] = ("track", "percentile", "median_mad", "mean_std", "zscore")
 ZSCORE_CLIPS: tuple[str, ...] = ("adaptive_scaling", "mean", "percentile")
 
 # Bits of one entry of the per-step event flags (SPEC.md, "Event flags").
@@ -49,17 +49,29 @@ class StabilizerConfig:
 
     # Threshold ("Initial threshold", "Threshold adaptation").
     initial_threshold: float | None = None
-    min_threshold: float = 0.1
+    # A floor that only protects the arithmetic: the default path has no
+    # absolute scale (presets.seed() restores the original 0.1).
+    min_threshold: float = 1e-30
     max_threshold: float = math.inf
     lr_threshold_scale: float = 0.1
     warmup_steps: int = 100
     warmup_multiplier: float = 2.0
     adaptation_interval: int = 100
-    adaptation_rule: AdaptationRule = "median_mad"
+    adaptation_rule: AdaptationRule = "track"
     adaptation_percentile: float = 90.0
     adaptation_k: float = 3.0
     norm_history_size: int = 1000
     threshold_history_size: int = 100
+
+    # The "track" rule ("Tracking rule"): a bounded-rate tracker of the
+    # log-norm's centre and spread.
+    track_rate: float = 0.05
+    track_max_rise: float = 0.02
+    track_max_fall: float = 0.05
+    track_k: float = 1.0
+    track_loss_k: float = 1.0
+    track_loss_rise_rate: float = 0.005
+    track_max_cut: float = 10.0
 
     # The "zscore" rule ("Z-score rule"): ZClip's EMA of the norm.
     zscore_alpha: float = 0.97
@@ -75,7 +87,8 @@ class StabilizerConfig:
     vanishing_norm: float = 1e-7
 
     # Loss scaling ("Loss scale rule").
-    loss_scaling: bool = True
+    # Opt-in: it needs the user's cooperation (gradients of scale_loss(...)).
+    loss_scaling: bool = False
     initial_loss_scale: float = 1.0
     min_loss_scale: float = 0.1
     max_loss_scale: float = 64.0
@@ -91,6 +104,8 @@ class StabilizerConfig:
     emergency_threshold_factor: float = 0.5
     emergency_loss_scale_factor: float = 0.1
     emergency_history_size: int = 32
+    emergency_hold_steps: int = 100
+    emergency_rearm_steps: int = 400
 
     # Diagnostics ("Diagnostics").
     diagnostics_interval: int = 500
@@ -184,6 +199,13 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_float(cfg, "adaptation_k", at_least=0.0)
     _check_int(cfg, "norm_history_size", 1)
     _check_int(cfg, "threshold_history_size", 1)
+    _check_float(cfg, "track_rate", above=0.0, at_most=1.0)
+    _check_float(cfg, "track_max_rise", above=0.0)
+    _check_float(cfg, "track_max_fall", above=0.0)
+    _check_float(cfg, "track_k", at_least=0.0)
+    _check_float(cfg, "track_loss_k", at_least=0.0, allow_inf=True)
+    _check_float(cfg, "track_loss_rise_rate", above=0.0, at_most=1.0)
+    _check_float(cfg, "track_max_cut", at_least=1.0)
     _check_float(cfg, "zscore_alpha", above=0.0, below=1.0)
     _check_float(cfg, "zscore_threshold", above=0.0)
     _check_float(cfg, "zscore_eps", at_least=0.0)
@@ -236,6 +258,8 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_float(cfg, "emergency_threshold_factor", above=0.0, at_most=1.0)
     _check_float(cfg, "emergency_loss_scale_factor", above=0.0, at_most=1.0)
     _check_int(cfg, "emergency_history_size", 1)
+    _check_int(cfg, "emergency_hold_steps", 0)
+    _check_int(cfg, "emergency_rearm_steps", 0)
 
     _check_int(cfg, "diagnostics_interval", 0)
     _check_int(cfg, "diagnostics_window", 2)

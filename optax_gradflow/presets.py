@@ -20,6 +20,8 @@ from optax_gradflow.config import StabilizerConfig
 _NO_FLOOR = 1e-30
 
 # What "only clip" means: no loss scaling, no explosion class, no emergency.
+# The presets name their adaptation rule (a fixed threshold is the "median_mad"
+# rule with adaptation off), so that they do not follow the default's.
 _CLIP_ONLY = dict(
     loss_scaling=False,
     explosion_factor=math.inf,
@@ -47,6 +49,7 @@ def clip_only(max_norm: float) -> StabilizerConfig:
         max_threshold=float(max_norm),
         warmup_steps=0,
         adaptation_interval=0,
+        adaptation_rule="median_mad",
         **_CLIP_ONLY,
     )
 
@@ -108,6 +111,7 @@ def mixed_precision(
         max_threshold=math.inf,
         warmup_steps=0,
         adaptation_interval=0,
+        adaptation_rule="median_mad",
         explosion_factor=math.inf,
         emergency_patience=0,
         loss_scaling=True,
@@ -180,4 +184,34 @@ def zclip(
         zscore_skip_spikes=bool(skip_update_on_spike),
         zscore_reference_variance=bool(reference_variance),
         **_CLIP_ONLY,
+    )
+
+
+def seed() -> StabilizerConfig:
+    """The original PyTorch stabilizer's behaviour, literally.
+
+    Loss scaling on (x0.5 on a non-finite step, x0.8 on an explosion, x1.5 on
+    a vanishing step, within [0.1, 64]; an emergency cuts it by 10x), a
+    threshold floor of 0.1, the learning-rate start ``0.1 * sqrt(1 / lr)``
+    (else a 100-step data warm-up at twice the running median), the
+    ``median_mad`` adaptation every 100 steps from the history of
+    non-exploding norms, and an emergency that halves the threshold after
+    every 5 explosions in a row. For porting code written against it; the
+    default config is safer (SPEC.md, "Tracking rule").
+
+    With loss scaling on, the gradients must be those of
+    :func:`optax_gradflow.scale_loss`: a gradient of the plain loss would be
+    divided by a scale it never got.
+
+    Example:
+      >>> import optax_gradflow
+      >>> from optax_gradflow import presets
+      >>> cfg = presets.seed()
+      >>> cfg.min_threshold, cfg.loss_scaling, cfg.adaptation_rule
+      (0.1, True, 'median_mad')
+    """
+    return StabilizerConfig(
+        min_threshold=0.1,
+        adaptation_rule="median_mad",
+        loss_scaling=True,
     )

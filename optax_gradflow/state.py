@@ -39,6 +39,8 @@ class GradientFlowState(NamedTuple):
       warmup_steps_left: i32[], steps of data warm-up still to run (0 when the
         threshold came from an explicit value, a store or a learning rate).
       consecutive_explosions: i32[], explosions and non-finite steps in a row.
+      emergency_hold_left: i32[], steps during which the "track" rule's
+        centre may not rise (set by an emergency; 0 otherwise).
       explosion_count: i32[], total explosions.
       vanishing_count: i32[], total vanishing steps.
       nonfinite_count: i32[], total non-finite (skipped) steps.
@@ -49,11 +51,22 @@ class GradientFlowState(NamedTuple):
       last_grad_norm: f32[], unscaled global norm of the latest step (may be
         non-finite).
       last_loss: f32[], the latest ``value=`` passed to update (NaN if none).
+      loss_centre: f32[], EMA of the finite ``value=`` losses (NaN before the
+        first); with ``loss_reference`` and ``loss_spread``, the "track"
+        rule's loss gate.
+      loss_reference: f32[], the calm loss level: falls like ``loss_centre``,
+        rises slowly (NaN before the first loss).
+      loss_spread: f32[], EMA of the losses' deviation from ``loss_centre``.
       norm_trend: f32[], slope of log-norm per history entry at the last
         diagnostics run.
       early_warning: bool[], whether the last diagnostics run crossed a limit.
-    ema_mean: f32[], EMA of the norm (the "zscore" rule only; 0 otherwise).
-    ema_var: f32[], EMA of its variance (the "zscore" rule only; 0 otherwise).
+      ema_mean: f32[], the "track" rule: centre of the log-norm; the "zscore"
+        rule: EMA of the norm; 0 otherwise.
+      ema_var: f32[], the "track" rule: spread of the log-norm; the "zscore"
+        rule: EMA of the norm's variance; 0 otherwise.
+      centre_anchor: f32[], the "track" rule: the centre when the loss last
+        did not climb; the floor of the tightening is this minus
+        ``ln(track_max_cut)``.
       norm_history: f32[H], ring of finite, non-exploding unscaled norms.
       norm_history_index: i32[], next write position in ``norm_history``.
       norm_history_count: i32[], valid entries in ``norm_history`` (<= H).
@@ -81,6 +94,7 @@ class GradientFlowState(NamedTuple):
     loss_scale_growth_count: jax.Array
     warmup_steps_left: jax.Array
     consecutive_explosions: jax.Array
+    emergency_hold_left: jax.Array
     explosion_count: jax.Array
     vanishing_count: jax.Array
     nonfinite_count: jax.Array
@@ -90,10 +104,14 @@ class GradientFlowState(NamedTuple):
     stable_streak: jax.Array
     last_grad_norm: jax.Array
     last_loss: jax.Array
+    loss_centre: jax.Array
+    loss_reference: jax.Array
+    loss_spread: jax.Array
     norm_trend: jax.Array
     early_warning: jax.Array
     ema_mean: jax.Array
     ema_var: jax.Array
+    centre_anchor: jax.Array
     norm_history: jax.Array
     norm_history_index: jax.Array
     norm_history_count: jax.Array
@@ -136,9 +154,13 @@ def expected_shapes(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...]
         "loss_scale",
         "last_grad_norm",
         "last_loss",
+        "loss_centre",
+        "loss_reference",
+        "loss_spread",
         "norm_trend",
         "ema_mean",
         "ema_var",
+        "centre_anchor",
     ):
         spec[name] = ((), jnp.float32)
     spec["early_warning"] = ((), jnp.bool_)

@@ -211,3 +211,104 @@ def zscore_boundary(mean: jax.Array, var: jax.Array, config: StabilizerConfig) -
 def history_mean_var(values: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean and population variance of the valid history (the EMA's start)."""
     return _mean_var(values, count)
+
+
+# --- The "track" rule (SPEC.md, "Tracking rule") -----------------------------
+
+# Smallest norm whose logarithm the tracker takes: an all-zero gradient would
+# give log(0) = -inf. Protects the arithmetic only (float32's smallest normal).
+TRACK_LOG_FLOOR = 1.1754944e-38
+
+
+def log_norm(norm: jax.Array) -> jax.Array:
+    """``ln(max(n, TRACK_LOG_FLOOR))`` in float32."""
+    return jnp.log(jnp.maximum(norm, jnp.float32(TRACK_LOG_FLOOR)))
+
+
+def track_threshold(centre: jax.Array, spread: jax.Array, config: StabilizerConfig) -> jax.Array:
+    """``clamp(exp(centre + track_k * spread))``: the threshold of the next step."""
+    return clamp_threshold(jnp.exp(centre + jnp.float32(config.track_k) * spread), config)
+
+
+def track_update(
+    centre: jax.Array, spread: jax.Array, x: jax.Array, hold: jax.Array, config: StabilizerConfig
+) -> tuple[jax.Array, jax.Array]:
+    """One step of the tracker towards the log-norm ``x``.
+
+    The deviation ``d = x - centre`` is clamped to ``[-max_fall / rate,
+    max_rise / rate]`` before it enters either EMA: one norm, however far off,
+    moves the centre by at most ``max_rise`` (up) or ``max_fall`` (down) in
+    log units. That bounds the influence of a spike and the speed at which the
+    threshold can follow an explosion, yet any lasting level is reached in a
+    bounded number of steps. During an emergency hold the centre only falls.
+    """
+    rate = jnp.float32(config.track_rate)
+    lo = jnp.float32(-config.track_max_fall / config.track_rate)
+    hi = jnp.float32(config.track_max_rise / config.track_rate)
+    d = jnp.clip(x - centre, lo, hi)
+    step = jnp.where(hold, jnp.minimum(d, 0.0), d)
+    new_centre = centre + rate * step
+    new_spread = spread + rate * (jnp.abs(d) - spread)
+    return new_centre, new_spread
+
+
+def loss_rising(
+    centre: jax.Array, reference: jax.Array, spread: jax.Array, config: StabilizerConfig
+) -> jax.Array:
+    """The loss gate: the recent loss above ``reference + track_loss_k * spread``.
+
+    False while either level is unknown (no loss given yet).
+    """
+    known = jnp.isfinite(centre) & jnp.isfinite(reference)
+    return known & (centre > reference + jnp.float32(config.track_loss_k) * spread)
+
+
+def loss_update(
+    centre: jax.Array,
+    reference: jax.Array,
+    spread: jax.Array,
+    loss: jax.Array,
+    count: jax.Array,
+    calm: jax.Array,
+    config: StabilizerConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The loss gate's three levels after the loss ``loss`` (SPEC.md, "Tracking rule").
+
+    ``centre``: EMA of the loss at ``track_rate`` (the recent level, smoothed
+    over batches). ``reference``: the calm level; it falls towards a lower
+    loss at ``track_rate`` but rises towards a higher one at only
+    ``track_loss_rise_rate``, so an explosion's climbing loss stays above it
+    while a loss that settles at a new level is caught up with in time.
+    ``spread``: EMA of ``|loss - centre|``, the batch noise, learned only
+    while the gate is open, so that an explosion cannot widen the gate. The
+    first finite loss starts all three; a non-finite or absent loss changes
+    nothing.
+    """
+    rate = jnp.float32(config.track_rate)
+    finite = jnp.isfinite(loss)
+    first = finite & ~jnp.isfinite(centre)
+    open_gate = ~loss_rising(centre, reference, spread, config)
+    new_centre = centre + rate * (loss - centre)
+    gap = new_centre - reference
+    ref_rate = jnp.where(gap > 0, jnp.float32(config.track_loss_rise_rate), rate)
+    # Only calm steps (a finite norm, no explosion) teach the reference and
+    # the spread what a normal loss is.
+    new_reference = jnp.where(calm, reference + ref_rate * gap, reference)
+    # Bounded influence: once the spread has had 1 / track_rate losses to
+    # learn from, one loss can add at most 3 spreads' worth.
+    deviation = jnp.abs(loss - centre)
+    deviation = jnp.where(
+        count >= jnp.int32(round(1.0 / config.track_rate)),
+        jnp.minimum(deviation, 3.0 * spread),
+        deviation,
+    )
+    new_spread = jnp.where(open_gate & calm, spread + rate * (deviation - spread), spread)
+    new_centre = jnp.where(first, loss, new_centre)
+    new_reference = jnp.where(first, loss, new_reference)
+    new_spread = jnp.where(first, 0.0, new_spread)
+    keep = ~finite
+    return (
+        jnp.where(keep, centre, new_centre),
+        jnp.where(keep, reference, new_reference),
+        jnp.where(keep, spread, new_spread),
+    )

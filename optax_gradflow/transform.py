@@ -128,11 +128,20 @@ def init_state(
         warmup_steps_left=jnp.asarray(warmup_steps, jnp.int32),
         last_grad_norm=jnp.asarray(jnp.nan, jnp.float32),
         last_loss=jnp.asarray(jnp.nan, jnp.float32),
+        loss_centre=jnp.asarray(jnp.nan, jnp.float32),
+        loss_reference=jnp.asarray(jnp.nan, jnp.float32),
+        loss_spread=jnp.zeros((), jnp.float32),
         norm_trend=jnp.zeros((), jnp.float32),
         early_warning=jnp.zeros((), jnp.bool_),
         ema_mean=jnp.zeros((), jnp.float32),
         ema_var=jnp.zeros((), jnp.float32),
+        centre_anchor=jnp.zeros((), jnp.float32),
     )
+    if config.adaptation_rule == "track":
+        # The tracker starts from the initial threshold (ignored in data mode,
+        # where the first finite norm starts it).
+        fields["ema_mean"] = threshold_lib.log_norm(fields["clip_threshold"])
+        fields["centre_anchor"] = threshold_lib.log_norm(fields["clip_threshold"])
     for ring, (size_field, dtype) in RINGS.items():
         fields[ring] = jnp.zeros((getattr(config, size_field),), dtype)
     # The loss-scale history starts with the initial scale.
@@ -161,6 +170,9 @@ def _initial_threshold(
     if learning_rate is not None:
         lr = threshold_lib.learning_rate_at_start(learning_rate)
         return threshold_lib.threshold_from_learning_rate(lr, config), 0
+    if config.adaptation_rule == "track":
+        # The tracker waits for the first finite norm (SPEC.md, "Tracking rule").
+        return jnp.float32(config.min_threshold), 1
     return jnp.float32(config.min_threshold), config.warmup_steps
 
 
@@ -334,6 +346,10 @@ def _step(
     norm = raw_norm / scale
     finite = jnp.isfinite(norm)
 
+    loss_value = (
+        jnp.float32(jnp.nan) if value is None else jnp.asarray(value).astype(jnp.float32).reshape(())
+    )
+
     # 3. The threshold this step clips at, and the one explosions are measured
     # against (the same, except under the zscore rule).
     in_warmup = state.warmup_steps_left > 0
@@ -346,6 +362,12 @@ def _step(
         thr = jnp.where(in_warmup, warm_thr, zscore_thr)
         spike = spike & ~in_warmup
         reference = jnp.where(in_warmup, warm_thr, state.clip_threshold)
+    elif config.adaptation_rule == "track":
+        # Waiting for the first finite norm: that norm has nothing to be
+        # compared with and is not clipped; it starts the tracker.
+        first = jnp.where(finite, threshold_lib.clamp_threshold(norm, config), state.clip_threshold)
+        thr = jnp.where(in_warmup, first, state.clip_threshold)
+        reference = thr
     else:
         # lax.cond, not jnp.where: the warm-up median sorts the history, work
         # that only warm-up steps need. The gate is the state's counter, not the
@@ -406,6 +428,7 @@ def _step(
     warmup_left = jnp.maximum(state.warmup_steps_left - 1, 0).astype(jnp.int32)
     ends_warmup = state.warmup_steps_left == 1
     ema_mean, ema_var = state.ema_mean, state.ema_var
+    centre_anchor = state.centre_anchor
     if config.adaptation_rule == "zscore":
         # The EMA needs a norm to start from: the warm-up waits for one.
         warmup_left = jnp.where(ends_warmup & (norm_cnt == 0), 1, warmup_left).astype(jnp.int32)
@@ -422,6 +445,41 @@ def _step(
         new_thr = jnp.where(
             in_warmup & ~adapt, thr, threshold_lib.zscore_boundary(ema_mean, ema_var, config)
         )
+    elif config.adaptation_rule == "track":
+        x = threshold_lib.log_norm(norm)
+        # The centre does not rise during an emergency hold, nor while the
+        # loss climbs above its own recent level: a higher norm level with a
+        # steady loss is followed, an explosion in progress is not.
+        rising = threshold_lib.loss_rising(
+            state.loss_centre, state.loss_reference, state.loss_spread, config
+        )
+        hold = (state.emergency_hold_left > 0) | rising
+        moved_centre, moved_spread = threshold_lib.track_update(ema_mean, ema_var, x, hold, config)
+        # An explosion while the loss climbs is an explosion in progress: the
+        # centre is pulled down at track_max_fall, but never below
+        # track_max_cut times under where it stood when the loss began to
+        # climb (the anchor), so that it cannot ratchet down.
+        floor = state.centre_anchor - jnp.log(jnp.float32(config.track_max_cut))
+        tightened = jnp.maximum(
+            jnp.minimum(moved_centre, ema_mean - jnp.float32(config.track_max_fall)),
+            jnp.minimum(floor, ema_mean),
+        )
+        moved_centre = jnp.where(rising & explosion, tightened, moved_centre)
+        start = in_warmup & finite
+        move = finite & ~in_warmup
+        ema_mean = jnp.where(start, x, jnp.where(move, moved_centre, ema_mean))
+        ema_var = jnp.where(start, 0.0, jnp.where(move, moved_spread, ema_var))
+        centre_anchor = jnp.where(rising & ~start, state.centre_anchor, ema_mean)
+        warmup_left = jnp.where(in_warmup & ~finite, 1, 0).astype(jnp.int32)
+        new_thr = jnp.where(
+            start | move, threshold_lib.track_threshold(ema_mean, ema_var, config), thr
+        )
+        # The threshold moves every step; "adapted" marks the start and then
+        # every adaptation_interval steps, so that the threshold history
+        # records its course.
+        adapt = start
+        if config.adaptation_interval > 0:
+            adapt = adapt | ((step_after % config.adaptation_interval == 0) & ~in_warmup)
     else:
         adapt = ends_warmup
         if config.adaptation_interval > 0:
@@ -439,20 +497,43 @@ def _step(
     consecutive = jnp.where(
         nonfinite | explosion, saturating_increment(state.consecutive_explosions, True), 0
     ).astype(jnp.int32)
-    if config.emergency_patience > 0:
+    hold_left = state.emergency_hold_left
+    if config.emergency_patience > 0 and config.adaptation_rule == "track":
+        # Once per unbroken run of explosions: the run keeps counting, so a
+        # lasting rise costs one emergency, and the action (a hold on the
+        # centre's rise) is set, not compounded.
+        last = state.emergency_steps[
+            (state.emergency_steps_index - 1) % config.emergency_history_size
+        ]
+        armed = (state.emergency_steps_count == 0) | (
+            state.stabilizer_step - last >= config.emergency_rearm_steps
+        )
+        fire = (consecutive == config.emergency_patience) & armed
+        hold_left = jnp.where(
+            fire, jnp.int32(config.emergency_hold_steps), jnp.maximum(hold_left - 1, 0)
+        ).astype(jnp.int32)
+    elif config.emergency_patience > 0:
         fire = consecutive >= config.emergency_patience
     else:
         fire = jnp.zeros((), jnp.bool_)
-    new_thr = jnp.where(
-        fire,
-        jnp.maximum(
-            new_thr * jnp.float32(config.emergency_threshold_factor),
-            jnp.float32(config.min_threshold),
-        ),
-        new_thr,
-    )
+    if config.adaptation_rule == "track":
+        # The emergency also tightens once: the centre drops by
+        # emergency_threshold_factor (at most once per re-arm period, so it
+        # cannot compound into a ratchet; calm steps undo it).
+        cut = jnp.log(jnp.float32(config.emergency_threshold_factor))
+        ema_mean = jnp.where(fire, ema_mean + cut, ema_mean)
+        new_thr = jnp.where(fire, threshold_lib.track_threshold(ema_mean, ema_var, config), new_thr)
+    else:
+        new_thr = jnp.where(
+            fire,
+            jnp.maximum(
+                new_thr * jnp.float32(config.emergency_threshold_factor),
+                jnp.float32(config.min_threshold),
+            ),
+            new_thr,
+        )
+        consecutive = jnp.where(fire, 0, consecutive).astype(jnp.int32)
     new_scale = loss_scaling.emergency_loss_scale(new_scale, fire, config)
-    consecutive = jnp.where(fire, 0, consecutive).astype(jnp.int32)
 
     # 10. Diagnostics every diagnostics_interval steps.
     if config.diagnostics_interval > 0:
@@ -513,6 +594,15 @@ def _step(
     else:
         last_loss = jnp.asarray(value).astype(jnp.float32).reshape(())
 
+    loss_centre, loss_reference, loss_spread = threshold_lib.loss_update(
+        state.loss_centre,
+        state.loss_reference,
+        state.loss_spread,
+        loss_value,
+        state.stabilizer_step,
+        finite & ~explosion,
+        config,
+    )
     new_state = GradientFlowState(
         stabilizer_step=step_after,
         clip_threshold=new_thr.astype(jnp.float32),
@@ -520,6 +610,7 @@ def _step(
         loss_scale_growth_count=growth_count,
         warmup_steps_left=warmup_left,
         consecutive_explosions=consecutive,
+        emergency_hold_left=hold_left,
         explosion_count=saturating_increment(state.explosion_count, explosion),
         vanishing_count=saturating_increment(state.vanishing_count, vanishing),
         nonfinite_count=saturating_increment(state.nonfinite_count, nonfinite),
@@ -531,10 +622,14 @@ def _step(
         ).astype(jnp.int32),
         last_grad_norm=norm.astype(jnp.float32),
         last_loss=last_loss,
+        loss_centre=loss_centre,
+        loss_reference=loss_reference,
+        loss_spread=loss_spread,
         norm_trend=trend,
         early_warning=warning,
         ema_mean=ema_mean.astype(jnp.float32),
         ema_var=ema_var.astype(jnp.float32),
+        centre_anchor=centre_anchor.astype(jnp.float32),
         norm_history=norm_hist,
         norm_history_index=norm_idx,
         norm_history_count=norm_cnt,
