@@ -346,9 +346,10 @@ def _step(
     norm = raw_norm / scale
     finite = jnp.isfinite(norm)
 
-    loss_value = (
-        jnp.float32(jnp.nan) if value is None else jnp.asarray(value).astype(jnp.float32).reshape(())
-    )
+    if value is None:
+        loss_value = jnp.float32(jnp.nan)
+    else:
+        loss_value = jnp.asarray(value).astype(jnp.float32).reshape(())
 
     # 3. The threshold this step clips at, and the one explosions are measured
     # against (the same, except under the zscore rule).
