@@ -67,10 +67,11 @@ class StabilizerConfig:
     # log-norm's centre and spread.
     track_rate: float = 0.05
     track_max_rise: float = 0.02
-    track_max_fall: float = 0.05
+    track_max_fall: float = 0.1
     track_k: float = 1.0
     track_loss_k: float = 1.0
-    track_loss_rise_rate: float = 0.005
+    track_loss_cut_k: float = 1.5
+    track_loss_rise_rate: float = 0.002
     track_max_cut: float = 10.0
 
     # The "zscore" rule ("Z-score rule"): ZClip's EMA of the norm.
@@ -104,7 +105,7 @@ class StabilizerConfig:
     emergency_threshold_factor: float = 0.5
     emergency_loss_scale_factor: float = 0.1
     emergency_history_size: int = 32
-    emergency_hold_steps: int = 100
+    emergency_hold_steps: int = 50
     emergency_rearm_steps: int = 400
 
     # Diagnostics ("Diagnostics").
@@ -204,6 +205,7 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_float(cfg, "track_max_fall", above=0.0)
     _check_float(cfg, "track_k", at_least=0.0)
     _check_float(cfg, "track_loss_k", at_least=0.0, allow_inf=True)
+    _check_float(cfg, "track_loss_cut_k", at_least=0.0, allow_inf=True)
     _check_float(cfg, "track_loss_rise_rate", above=0.0, at_most=1.0)
     _check_float(cfg, "track_max_cut", at_least=1.0)
     _check_float(cfg, "zscore_alpha", above=0.0, below=1.0)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.config import INT32_MAX, StabilizerConfig
 
 # Scale factor that makes the median absolute deviation a consistent estimator
 # of the standard deviation for normal data: 1 / Phi^{-1}(3/4).
@@ -252,6 +252,11 @@ def track_update(
     return new_centre, new_spread
 
 
+def learning_steps(config: StabilizerConfig) -> int:
+    """``round(1 / track_rate)`` (Python's rounding), at most 2**31 - 1."""
+    return min(round(1.0 / config.track_rate), INT32_MAX)
+
+
 def loss_rising(
     centre: jax.Array, reference: jax.Array, spread: jax.Array, config: StabilizerConfig
 ) -> jax.Array:
@@ -261,6 +266,18 @@ def loss_rising(
     """
     known = jnp.isfinite(centre) & jnp.isfinite(reference)
     return known & (centre > reference + jnp.float32(config.track_loss_k) * spread)
+
+
+def loss_climbing(
+    centre: jax.Array, reference: jax.Array, spread: jax.Array, config: StabilizerConfig
+) -> jax.Array:
+    """The loss clearly climbing: above ``reference + track_loss_cut_k * spread``.
+
+    The explosion cut needs this wider margin than the hold: batch noise
+    never reaches it, a diverging loss does at once.
+    """
+    known = jnp.isfinite(centre) & jnp.isfinite(reference)
+    return known & (centre > reference + jnp.float32(config.track_loss_cut_k) * spread)
 
 
 def loss_update(
@@ -282,27 +299,42 @@ def loss_update(
     ``spread``: EMA of ``|loss - centre|``, the batch noise, learned only
     while the gate is open, so that an explosion cannot widen the gate. The
     first finite loss starts all three; a non-finite or absent loss changes
-    nothing.
+    nothing. During the first ``round(1 / track_rate)`` steps (``count``,
+    the step on entry) every loss teaches the reference and the spread,
+    whatever the norm did: a gate that had learned nothing could otherwise
+    close on batch noise and lock a bad start in.
     """
     rate = jnp.float32(config.track_rate)
     finite = jnp.isfinite(loss)
     first = finite & ~jnp.isfinite(centre)
+    early = count < jnp.int32(learning_steps(config))
     open_gate = ~loss_rising(centre, reference, spread, config)
-    new_centre = centre + rate * (loss - centre)
+    # At first running means (rate 1 / (count + 1)), so that the levels are
+    # not left at the first, noisy loss when the gate starts to judge.
+    early_rate = jnp.maximum(rate, 1.0 / (count.astype(jnp.float32) + 1.0))
+    # Bounded influence after the first steps: one loss moves the centre by
+    # at most 10 spreads' worth (times the rate), so a single outlier batch (a loss 1e7 times
+    # the usual) cannot hold the gate shut for hundreds of steps, while a
+    # loss that keeps climbing still closes it within a few steps.
+    # The bounds are at least 0.001 |centre|, so that a loss that was
+    # constant at first (spread 0) can still move the levels.
+    floor = 1e-3 * jnp.abs(centre)
+    bound = jnp.maximum(3.0 * spread, floor)
+    centre_bound = jnp.maximum(10.0 * spread, floor)
+    step = jnp.where(early, loss - centre, jnp.clip(loss - centre, -centre_bound, centre_bound))
+    new_centre = centre + early_rate * step
     gap = new_centre - reference
     ref_rate = jnp.where(gap > 0, jnp.float32(config.track_loss_rise_rate), rate)
-    # Only calm steps (a finite norm, no explosion) teach the reference and
-    # the spread what a normal loss is.
-    new_reference = jnp.where(calm, reference + ref_rate * gap, reference)
-    # Bounded influence: once the spread has had 1 / track_rate losses to
-    # learn from, one loss can add at most 3 spreads' worth.
+    ref_rate = jnp.where(early, early_rate, ref_rate)
+    # After the first steps, only calm steps (a finite norm, no explosion)
+    # teach the reference and the spread what a normal loss is.
+    new_reference = jnp.where(calm | early, reference + ref_rate * gap, reference)
+    # Bounded influence: after the first steps one loss can add at most 3
+    # spreads' worth.
     deviation = jnp.abs(loss - centre)
-    deviation = jnp.where(
-        count >= jnp.int32(round(1.0 / config.track_rate)),
-        jnp.minimum(deviation, 3.0 * spread),
-        deviation,
-    )
-    new_spread = jnp.where(open_gate & calm, spread + rate * (deviation - spread), spread)
+    deviation = jnp.where(early, deviation, jnp.minimum(deviation, bound))
+    learn = (open_gate & calm) | early
+    new_spread = jnp.where(learn, spread + early_rate * (deviation - spread), spread)
     new_centre = jnp.where(first, loss, new_centre)
     new_reference = jnp.where(first, loss, new_reference)
     new_spread = jnp.where(first, 0.0, new_spread)

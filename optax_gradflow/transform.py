@@ -222,16 +222,22 @@ def stabilize(
     g \cdot t / \|g\|_2 & n > t \\ g / s & \text{otherwise} \end{cases}
 
   ``n > explosion_factor * t`` is an explosion, ``n < vanishing_norm`` a
-  vanishing step; both adjust ``s``. After ``emergency_patience``
-  consecutive explosions the threshold is halved and ``s`` cut by 10x.
-  ``t`` adapts every ``adaptation_interval`` steps from the history of
-  finite, non-exploding norms. The full state machine is SPEC.md.
+  vanishing step. With the default ``"track"`` rule, ``t = exp(c + k d)``
+  follows a robust centre ``c`` and spread ``d`` of ``log n`` at a bounded
+  rate (at most +2% / -10% a step), so no start and no level shift can
+  lock it in; with the loss passed as ``value=``, a norm explosion while the
+  loss climbs is clipped tighter instead of followed. After
+  ``emergency_patience`` consecutive explosions the threshold is halved once
+  and held from rising (at most once per ``emergency_rearm_steps``). Loss
+  scaling (``s``) is opt-in: ``s = 1`` unless ``config.loss_scaling``. The
+  full state machine is SPEC.md.
 
   The initial threshold is, first match wins: ``initial_threshold``; the
   record ``store.lookup(params, label=label)`` finds at ``init`` (one host
-  read of the store file, at init only); ``lr_threshold_scale *
-  sqrt(1 / learning_rate)`` when ``learning_rate`` (a float or a schedule,
-  read at step 0) is given; otherwise a data warm-up of ``warmup_steps``.
+  read of the store file, at init only; under ``jax.jit(init)`` at trace
+  time); ``lr_threshold_scale * sqrt(1 / learning_rate)`` when
+  ``learning_rate`` (a float or a schedule, read at step 0) is given;
+  otherwise the first finite norm. It only starts the tracker.
 
   No step transfers anything to the host (with ``log_events``, only steps
   with an event do). A non-finite step outputs zeros:
@@ -265,13 +271,16 @@ def stabilize(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_gradflow
-    >>> opt = optax.chain(optax_gradflow.stabilize(1e-2), optax.adam(1e-2))
+    >>> tx = optax_gradflow.stabilize(1e-2)  # starts at t = 0.1 * sqrt(1 / 1e-2) = 1
     >>> params = {"w": jnp.ones(3)}
-    >>> state = opt.init(params)
-    >>> grads = {"w": jnp.full(3, 10.0)}
-    >>> updates, state = opt.update(grads, state, params, value=jnp.float32(1.0))
-    >>> float(optax.tree.get(state, "clip_threshold"))
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.full(3, 10.0)}  # norm 17.3: clipped to 1
+    >>> updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+    >>> round(float(optax.tree.norm(updates)), 4)
     1.0
+    >>> # The centre rose by its bounded step 0.015, the spread to 0.015:
+    >>> round(float(state.clip_threshold), 4)  # exp(0.015 + 1.0 * 0.015)
+    1.0305
 
   References:
     Pascanu et al., `On the difficulty of training recurrent neural networks
@@ -284,32 +293,37 @@ def stabilize(
     <https://arxiv.org/abs/1710.03740>`_, 2018.
   """
     config = _check_factory_args(learning_rate, config, initial_threshold)
-    seen: dict[str, Any] = {}
     emitter = events.InGraphEmitter(config, name=label) if log_events else None
 
+    # The closures capture hyperparameters only: one instance serves any
+    # number of parameter trees and init calls (optax.partition may route two
+    # sub-trees to it; a notebook may re-run init on another model).
     def init_fn(params):
-        seen["structure"] = _structure_signature(params)
         thr, warmup = _initial_threshold(
             params, learning_rate, initial_threshold, store, label, config
         )
         return init_state(thr, warmup, config)
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
-        del params, extra_args
+        del extra_args
         check_state(state, config)
-        if "structure" in seen and not _same_structure(
-            _structure_signature(updates), seen["structure"], sharded=axis_name is not None
+        # What can be checked comes from this call's arguments: the gradients
+        # must match the parameters passed along with them.
+        if params is not None and not _same_structure(
+            _structure_signature(updates),
+            _structure_signature(params),
+            sharded=axis_name is not None,
         ):
             raise ValueError(
-                "The gradients' tree structure does not match the parameters this "
-                "stabilizer was initialised with: leaf shapes "
-                f"{list(_structure_signature(updates))}, expected {list(seen['structure'])}."
+                "The gradients' tree structure does not match the parameters passed to "
+                f"update: leaf shapes {list(_structure_signature(updates))}, expected "
+                f"{list(_structure_signature(params))}."
             )
         new_updates, new_state, threshold = _step(
             updates, state, config, value=value, axis_name=axis_name
         )
         if emitter is not None:
-            events.emit_in_graph(state, new_state, emitter, threshold)
+            events.emit_in_graph(state, new_state, emitter, threshold, axis_name)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -465,13 +479,17 @@ def _step(
             jnp.minimum(moved_centre, ema_mean - jnp.float32(config.track_max_fall)),
             jnp.minimum(floor, ema_mean),
         )
-        moved_centre = jnp.where(rising & explosion, tightened, moved_centre)
-        start = in_warmup & finite
+        climbing = threshold_lib.loss_climbing(
+            state.loss_centre, state.loss_reference, state.loss_spread, config
+        )
+        moved_centre = jnp.where(climbing & explosion, tightened, moved_centre)
+        # A zero norm (an all-zero gradient) has no level to start from.
+        start = in_warmup & finite & (norm > 0)
         move = finite & ~in_warmup
         ema_mean = jnp.where(start, x, jnp.where(move, moved_centre, ema_mean))
         ema_var = jnp.where(start, 0.0, jnp.where(move, moved_spread, ema_var))
         centre_anchor = jnp.where(rising & ~start, state.centre_anchor, ema_mean)
-        warmup_left = jnp.where(in_warmup & ~finite, 1, 0).astype(jnp.int32)
+        warmup_left = jnp.where(in_warmup & ~start, 1, 0).astype(jnp.int32)
         new_thr = jnp.where(
             start | move, threshold_lib.track_threshold(ema_mean, ema_var, config), thr
         )
@@ -499,6 +517,8 @@ def _step(
         nonfinite | explosion, saturating_increment(state.consecutive_explosions, True), 0
     ).astype(jnp.int32)
     hold_left = state.emergency_hold_left
+    if config.adaptation_rule == "track":
+        hold_left = jnp.maximum(hold_left - 1, 0).astype(jnp.int32)
     if config.emergency_patience > 0 and config.adaptation_rule == "track":
         # Once per unbroken run of explosions: the run keeps counting, so a
         # lasting rise costs one emergency, and the action (a hold on the
@@ -510,9 +530,7 @@ def _step(
             state.stabilizer_step - last >= config.emergency_rearm_steps
         )
         fire = (consecutive == config.emergency_patience) & armed
-        hold_left = jnp.where(
-            fire, jnp.int32(config.emergency_hold_steps), jnp.maximum(hold_left - 1, 0)
-        ).astype(jnp.int32)
+        hold_left = jnp.where(fire, jnp.int32(config.emergency_hold_steps), hold_left)
     elif config.emergency_patience > 0:
         fire = consecutive >= config.emergency_patience
     else:
