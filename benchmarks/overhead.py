@@ -29,15 +29,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
-import importlib.metadata
 import inspect
 import json
-import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,12 +41,14 @@ from typing import Any
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 import optax_gradflow  # noqa: E402
 
@@ -63,84 +60,6 @@ THRESHOLD = 1.0
 GRAD_NORM = 10.0 * THRESHOLD
 LEARNING_RATE = 1e-3
 AGC_CLIPPING = 0.01
-
-
-# ----------------------------------------------------------------------------
-# Machine and versions.
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    """The commit of the working tree measured, with "+dirty" if it has local changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "optax_gradflow"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, memory, and the versions that matter here."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    mem_total = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    mem_total = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {
-        "cpu_model": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "memory_bytes": mem_total,
-        "platform": platform.platform(),
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "jaxlib": _version("jaxlib"),
-            "optax": optax.__version__,
-            "optax_gradflow": optax_gradflow.__version__,
-            "numpy": np.__version__,
-            "torch": _version("torch"),
-            "zclip": _version("zclip"),
-            "autoclip": _version("autoclip"),
-        },
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
 
 
 def _mem_available() -> int | None:
@@ -233,7 +152,8 @@ def scale_by_norm_floor(max_norm: float) -> optax.GradientTransformation:
 
 
 def jax_variants() -> list[JaxVariant]:
-    warmup_config = optax_gradflow.StabilizerConfig(warmup_steps=1_000_000)
+    # The seed design's data warm-up sorts the norm history every step.
+    warmup_config = dataclasses.replace(optax_gradflow.presets.seed(), warmup_steps=1_000_000)
     adam = lambda: optax.adam(LEARNING_RATE)
     return [
         JaxVariant("no clipping", "alone", lambda: _transform_step(optax.identity())),
@@ -255,7 +175,7 @@ def jax_variants() -> list[JaxVariant]:
             "stabilize (data warm-up)",
             "alone",
             lambda: _transform_step(optax_gradflow.stabilize(config=warmup_config)),
-            "data mode, every step a warm-up step (sorts the norm history)",
+            "presets.seed() in data mode, every step a warm-up step (sorts the norm history)",
         ),
         JaxVariant(
             "floor",
@@ -296,6 +216,14 @@ def jax_variants() -> list[JaxVariant]:
                 )
             ),
             "track_update_ratio=False",
+        ),
+        JaxVariant(
+            "apply_if_finite(clip + adam)",
+            "chained",
+            lambda: _transform_step(
+                optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), adam()), 10**9)
+            ),
+            "optax's answer to NaN steps: the wrapper form's peer",
         ),
         JaxVariant(
             "floor + adam",

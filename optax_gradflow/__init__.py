@@ -13,12 +13,15 @@ from optax_gradflow.events import EventLogger
 from optax_gradflow.loss_scaling import find_states
 from optax_gradflow.loss_scaling import loss_scale
 from optax_gradflow.loss_scaling import scale_loss
+from optax_gradflow.monitor import Monitor
 from optax_gradflow.plotting import plot
 from optax_gradflow.report import EventCounts
 from optax_gradflow.report import NormStatistics
 from optax_gradflow.report import StabilityReport
+from optax_gradflow.report import build_report
 from optax_gradflow.report import metrics
 from optax_gradflow.report import stability_report
+from optax_gradflow.report import stability_reports
 from optax_gradflow.rl import periodic_target_update
 from optax_gradflow.state import GradientFlowState
 from optax_gradflow.store import ThresholdStore
@@ -35,6 +38,7 @@ __all__ = (
     "EventCounts",
     "EventLogger",
     "GradientFlowState",
+    "Monitor",
     "NormStatistics",
     "StabilityReport",
     "StabilizedState",
@@ -42,6 +46,7 @@ __all__ = (
     "ThresholdStore",
     "ThresholdStoreError",
     "ThresholdStoreWarning",
+    "build_report",
     "find_states",
     "fingerprint",
     "loss_scale",
@@ -52,6 +57,7 @@ __all__ = (
     "rl",
     "scale_loss",
     "stability_report",
+    "stability_reports",
     "stabilize",
     "stabilized",
 )

@@ -289,10 +289,14 @@ def emit_in_graph(
     new_state: GradientFlowState,
     emitter: InGraphEmitter,
     threshold: jax.Array,
+    axis_name: str | None = None,
 ) -> None:
     """Calls ``emitter`` on the host when the step from ``old_state`` had an event.
 
     ``threshold`` is the one the step clipped at (see ``transform.step``).
+    With ``axis_name`` every device along the axis holds the same state and
+    takes the same decision, so only the device at index 0 of the axis calls
+    back: each event is logged once, not once per device.
 
     Traced code: the callback sits in the true branch of a ``jax.lax.cond`` on
     "any logged flag this step", so a step without events does no host
@@ -321,7 +325,10 @@ def emit_in_graph(
             variance=new_state.variance_history[(new_state.variance_history_index - 1) % var_size],
         )
 
-    jax.lax.cond((flags & jnp.int32(LOGGED_FLAGS)) != 0, send, lambda: None)
+    event = (flags & jnp.int32(LOGGED_FLAGS)) != 0
+    if axis_name is not None:
+        event = event & (jax.lax.axis_index(axis_name) == 0)
+    jax.lax.cond(event, send, lambda: None)
 
 
 # --- Host-side logging ----------------------------------------------------------

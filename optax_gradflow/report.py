@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -292,7 +294,20 @@ def _ratios(wrapper: Any) -> np.ndarray | None:
     return host_chronological(history, index, count)
 
 
-def _build(path: str, s: GradientFlowState, ratio_ring: Any) -> StabilityReport:
+def build_report(
+    state: Mapping[str, Any], path: str = "", update_ratios: Any = None
+) -> StabilityReport:
+    """The report of one stabilizer state given as plain host arrays (SPEC.md, "Stability report").
+
+    Framework-free: ``state`` maps every ``GradientFlowState`` field name to
+    a numpy array (or anything ``numpy.asarray`` takes), so the JAX state
+    (``state._asdict()`` after ``jax.device_get``) and the PyTorch adapter's
+    state dict (tensors moved to the CPU) give the same report.
+    ``update_ratios`` is the wrapper's ``(history, index, count)`` ring, or
+    None outside :func:`optax_gradflow.stabilized`.
+    """
+    s = types.SimpleNamespace(**{name: np.asarray(value) for name, value in state.items()})
+    ratio_ring = update_ratios
     flags = host_chronological(s.event_flags, s.event_flags_index, s.event_flags_count)
     steps = int(flags.size)
     window = window_counts(flags)
@@ -405,26 +420,45 @@ def _located(opt_state: Any) -> list[tuple[str, GradientFlowState, tuple | None]
     return [(path, state, ring_of.get(path)) for path, state in found]
 
 
-def stability_report(opt_state: Any) -> StabilityReport | dict[str, StabilityReport]:
-    """Reports on the stabilizer(s) inside ``opt_state`` (SPEC.md, "Stability report").
+def stability_reports(opt_state: Any) -> dict[str, StabilityReport]:
+    """The report of every stabilizer inside ``opt_state``, keyed by its path.
+
+    Always a dict (one entry per stabilizer, e.g. one per network under
+    ``optax.partition``), keyed by the key path :func:`optax_gradflow.find_states`
+    gives ("" for a state that is itself a :class:`GradientFlowState`). Costs
+    one device-to-host transfer, as :func:`stability_report`.
+
+    Raises:
+      ValueError: no stabilizer state in ``opt_state``.
+    """
+    located = _located(opt_state)
+    host = jax.device_get([(state, ring) for _, state, ring in located])
+    return {
+        path: build_report(state._asdict(), path, ring)
+        for (path, _, _), (state, ring) in zip(located, host, strict=True)
+    }
+
+
+def stability_report(opt_state: Any) -> StabilityReport:
+    """Reports on the one stabilizer inside ``opt_state`` (SPEC.md, "Stability report").
 
     Costs exactly one device-to-host transfer: a single ``jax.device_get`` of
-    the stabilizer states (and of the wrapper's update-ratio ring), not of the
+    the stabilizer state (and of the wrapper's update-ratio ring), not of the
     inner optimizer's state. Do not call it inside ``jit``; see :func:`metrics`.
 
     Args:
       opt_state: any optimizer state holding :func:`optax_gradflow.stabilize`
-        or :func:`optax_gradflow.stabilized` state (chains, ``optax.partition``,
-        ``MultiSteps``, ``inject_hyperparams``), or a
-        :class:`GradientFlowState` itself.
+        or :func:`optax_gradflow.stabilized` state (chains, ``MultiSteps``,
+        ``inject_hyperparams``), or a :class:`GradientFlowState` itself.
 
     Returns:
-      A :class:`StabilityReport`; with several stabilizers (e.g. one per
-      network under ``optax.partition``), a dict from each one's key path (as
-      :func:`optax_gradflow.find_states` gives it) to its report.
+      A :class:`StabilityReport`, always. With several stabilizers (e.g. one
+      per network under ``optax.partition``) use :func:`stability_reports`,
+      which returns a dict keyed by path.
 
     Raises:
-      ValueError: no stabilizer state in ``opt_state``.
+      ValueError: no stabilizer state in ``opt_state``, or several of them
+        (the message names their paths).
 
     Example:
       >>> import jax.numpy as jnp, optax, optax_gradflow
@@ -438,14 +472,14 @@ def stability_report(opt_state: Any) -> StabilityReport | dict[str, StabilityRep
       ('healthy', 1.0)
     """
     located = _located(opt_state)
-    host = jax.device_get([(state, ring) for _, state, ring in located])
-    reports = {
-        path: _build(path, state, ring)
-        for (path, _, _), (state, ring) in zip(located, host, strict=True)
-    }
-    if len(reports) == 1:
-        return next(iter(reports.values()))
-    return reports
+    if len(located) > 1:
+        paths = ", ".join(repr(path) for path, _, _ in located)
+        raise ValueError(
+            f"The optimizer state holds {len(located)} stabilizers ({paths}); "
+            "stability_report returns one report: use stability_reports(opt_state) for a "
+            "dict keyed by path, or pass the sub-state of one stabilizer."
+        )
+    return stability_reports(opt_state)[located[0][0]]
 
 
 # --- In-graph metrics -----------------------------------------------------------

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import filelock
 import jax
 import numpy as np
 
@@ -31,12 +32,6 @@ from optax_gradflow.events import host_chronological
 from optax_gradflow.loss_scaling import find_state
 from optax_gradflow.report import norm_statistics, score_of_flags
 from optax_gradflow.state import GradientFlowState
-
-try:  # POSIX
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-    import msvcrt
 
 logger = logging.getLogger("optax_gradflow")
 
@@ -349,16 +344,10 @@ class ThresholdStore:
     def _locked(self) -> Iterator[None]:
         # A side lock file, not the store itself: os.replace swaps the store's
         # inode, so a lock held on it would not exclude the next writer.
+        # filelock locks on every platform (fcntl on POSIX, msvcrt on Windows).
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            else:  # pragma: no cover - Windows
-                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+        with filelock.FileLock(self.lock_path):
             yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
 
     def _replace(self, document: dict[str, Any]) -> None:
         text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"

@@ -278,9 +278,10 @@ def stabilize(
     >>> updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
     >>> round(float(optax.tree.norm(updates)), 4)
     1.0
-    >>> # The centre rose by its bounded step 0.015, the spread to 0.015:
-    >>> round(float(state.clip_threshold), 4)  # exp(0.015 + 1.0 * 0.015)
-    1.0305
+    >>> # The centre rose by its bounded step 0.02 (ln 17.3 - 0 is clamped to
+    >>> # 0.02 / 0.05 = 0.4, times the rate 0.05), the spread to 0.05 * 0.4:
+    >>> round(float(state.clip_threshold), 4)  # exp(0.02 + 1.0 * 0.02)
+    1.0408
 
   References:
     Pascanu et al., `On the difficulty of training recurrent neural networks

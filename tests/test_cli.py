@@ -1,12 +1,16 @@
 """The ``optax-gradflow`` command line: the demo end to end, and its argument errors."""
 
+import io
+import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import optax_gradflow
 from optax_gradflow import cli
+from optax_gradflow.monitor import Monitor
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 25
@@ -43,23 +47,116 @@ def test_demo_writes_a_png_and_a_table(demo_run):
     status, out, _, png = demo_run
     assert status == 0
     assert png.read_bytes()[:8] == PNG_MAGIC
-    table = out[out.index("run ") : out.index("Stability report")]
+    table = out[out.index("run ") : out.index("Best final eval loss")]
     rows = [line.split()[0] for line in table.splitlines()[2:] if line.strip()]
-    assert rows == ["adam", "adam+clip", "adam+gradflow"]
-    for column in ("final loss", "peak loss", "clipped", "explosions", "non-finite", "diverged?"):
+    # The optax user's answer to NaN batches is one of the three runs.
+    assert rows == ["adam", "apply_if_finite", "adam+gradflow"]
+    for column in (
+        "final loss",
+        "last 10%",
+        "peak loss",
+        "clipped",
+        "explosions",
+        "non-finite",
+        "skipped",
+        "diverged?",
+    ):
         assert column in table
+    assert "adam+gradflow vs apply_if_finite (lower is better): final loss" in out
     assert "Stability report of the stabilized run" in out
     assert "stability score" in out
     assert f"Plot written to {png}" in out
 
 
-def test_demo_shows_progress_on_stderr(demo_run):
+def test_demo_shows_timing_on_stderr_and_no_bar_off_a_terminal(demo_run):
     _, _, err, _ = demo_run
-    # Not a terminal: one finished bar per run, no carriage returns.
-    for name in ("adam", "adam+clip", "adam+gradflow"):
+    # Not a terminal: tqdm draws no bar; one line per run says how long it took.
+    for name in ("adam", "apply_if_finite", "adam+gradflow"):
         assert f"\n{name} " in "\n" + err
-    assert f"100% {STEPS}/{STEPS} steps" in err
+    assert err.count(f" {STEPS} steps in ") == 3
     assert "\r" not in err
+
+
+def test_help_prints_no_doubled_percent(capsys):
+    # argparse %-formats help strings, not descriptions: "%%" there is printed as is.
+    for argv in (["--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        text = capsys.readouterr().out
+        assert "%%" not in text
+    assert "2% of the batches" in " ".join(text.split())
+
+
+def test_the_comparison_is_computed_from_the_numbers():
+    def run(name, losses):
+        return cli.RunResult(name, np.asarray(losses), np.ones(len(losses)), 1.0, None, 0.0)
+
+    ours_better = [
+        run("adam", [0.5, np.nan]),
+        run("apply_if_finite", [0.5, 0.4]),
+        run("adam+gradflow", [0.5, 0.2]),
+    ]
+    lines = cli.findings(ours_better)
+    assert lines[0].startswith("Best final eval loss: adam+gradflow (0.2)")
+    assert "adam nan (diverged: yes: NaN from step 1)" in lines[0]
+    assert "final loss 0.2 vs 0.4 (lower)" in lines[1]
+    assert lines[2].startswith("So, against apply_if_finite, the stabilizer wins on final loss")
+    theirs_better = [
+        ours_better[0],
+        run("apply_if_finite", [0.5, 0.2]),
+        ours_better[1]._replace(name="adam+gradflow"),
+    ]
+    lines = cli.findings(theirs_better)
+    assert lines[0].startswith("Best final eval loss: apply_if_finite (0.2)")
+    assert "final loss 0.4 vs 0.2 (higher)" in lines[1]
+    assert "the stabilizer loses on final loss, mean loss over the last 10%" in lines[2]
+    tied = [run("apply_if_finite", [0.5, 0.2]), run("adam+gradflow", [0.5, 0.201])]
+    assert cli.findings(tied)[-1] == (
+        "So the stabilizer and apply_if_finite are within 5% of each other on every measure."
+    )
+
+
+def test_the_runs_are_the_ones_named():
+    params = {"w": np.ones(3, np.float32)}
+    aif = cli._optimizer(cli.AIF)
+    state = aif.init(params)
+    assert type(state).__name__ == "ApplyIfFiniteState"
+    # A NaN gradient is dropped, with no give-up in sight.
+    updates, state = aif.update({"w": np.full(3, np.nan, np.float32)}, state, params)
+    assert np.all(np.asarray(updates["w"]) == 0) and int(state.total_notfinite) == 1
+    assert cli.MAX_CONSECUTIVE_ERRORS >= 10**6
+    flow = cli._optimizer(cli.GRADFLOW).init(params)
+    assert len(optax_gradflow.find_states(flow)) == 1
+
+
+def test_the_stabilizer_run_feeds_a_monitor_and_its_loss(demo_run):
+    monitor = Monitor(every=1)
+    result = cli.train(cli.GRADFLOW, steps=2 * cli.CHUNK + 3, seed=0, monitor=monitor)
+    (path,) = monitor.paths
+    records = monitor.records[path]
+    # One read per chunk of steps; the padding of the last chunk is not a step.
+    assert [(r.start, r.stop) for r in records] == [(0, 10), (10, 20), (20, 23)]
+    # value=loss reaches the stabilizer; the loss is not scaled (no scale_loss).
+    assert all(math.isfinite(r.loss) for r in records)
+    assert all(r.loss_scale == 1.0 for r in records)
+    assert len(result.eval_loss) == 23
+
+
+def test_progress_bar_is_tqdm_on_a_terminal_and_optional(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = cli._progress_bar(stream, "adam", 20, enabled=True)
+    assert type(bar).__module__.startswith("tqdm")
+    bar.update(20)
+    bar.refresh()
+    bar.close()
+    assert "20/20" in stream.getvalue()
+    assert cli._progress_bar(stream, "adam", 20, enabled=False) is None
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm not installed: no bar
+    assert cli._progress_bar(stream, "adam", 20, enabled=True) is None
 
 
 def test_quiet_demo_prints_no_progress(tmp_path, capsys):
@@ -67,7 +164,7 @@ def test_quiet_demo_prints_no_progress(tmp_path, capsys):
     assert cli.main(["demo", "--steps", "5", "--output", str(png), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
-    assert "adam+gradflow" in captured.out
+    assert "adam+gradflow" in captured.out and "apply_if_finite" in captured.out
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 

@@ -1,5 +1,6 @@
 """Event logging, in-graph and host-side, asserted with caplog."""
 
+import dataclasses
 import logging
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from _helpers import run_steps, vec
 
 import optax_gradflow as og
-from optax_gradflow import events
+from optax_gradflow import events, presets
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.events import BurstFolder, EventLogger
 
@@ -17,7 +18,10 @@ LOGGER = "optax_gradflow"
 
 # Explicit threshold 1, explosion above 3, no loss scaling (the gradients fed
 # are the true ones), no adaptation, no diagnostics, no emergency: each test
-# switches on what it looks at.
+# switches on what it looks at. The base is presets.seed() (the median_mad
+# rule): with adaptation_interval 0 its threshold is fixed, and its emergency
+# halves the threshold. The default "track" rule moves the threshold every
+# step; test_track_rule_emergency_logged_once_per_run covers it.
 QUIET = {
     "loss_scaling": False,
     "adaptation_interval": 0,
@@ -27,7 +31,7 @@ QUIET = {
 
 
 def config(**changes):
-    return StabilizerConfig(**{**QUIET, **changes})
+    return dataclasses.replace(presets.seed(), **{**QUIET, **changes})
 
 
 def records(caplog, kind=None):
@@ -130,6 +134,42 @@ def test_emergency_logged_at_critical_with_full_context(caplog):
     assert "after 3 consecutive" in msg
     assert "norm 100," in msg
     assert "threshold 1 -> 0.5" in msg
+    assert "loss scale 0.64 -> 0.1" in msg
+    assert "1 emergencies, 3 explosions, 0 non-finite" in msg
+
+
+def test_track_rule_emergency_logged_once_per_run(caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    # The default "track" rule, loss scaling on, patience 3, t0 = 1 (c = d = 0),
+    # with its rates pinned for the hand computation: r = 0.05, max rise 0.02,
+    # max fall 0.05, so the deviation is clamped to [-0.05 / r, 0.02 / r] =
+    # [-1, 0.4].
+    # Unscaled norm 100 each step (raw 100 * s), ln 100 = 4.605 -> e = 0.4:
+    #   step 0: t = 1;                  c = 0.02, d = 0.05 * 0.4 = 0.02
+    #   step 1: t = exp(0.04) = 1.041;  c = 0.04, d = 0.02 + 0.05 * 0.38 = 0.039
+    #   step 2: t = exp(0.079) = 1.082; c = 0.06, d = 0.039 + 0.05 * 0.361
+    #           = 0.05705, then the emergency: c + ln 0.5, t = 0.5 * exp(0.11705)
+    #           = 0.5621; scale 0.64 * 0.8 = 0.512 -> max(0.0512, 0.1) = 0.1.
+    # Steps 3-5 (unscaled norm 100 at s = 0.1) keep exploding: the same run,
+    # so no second emergency (SPEC.md, "Tracking rule", Emergency).
+    cfg = StabilizerConfig(
+        track_rate=0.05,
+        track_max_rise=0.02,
+        track_max_fall=0.05,
+        emergency_threshold_factor=0.5,
+        loss_scaling=True,
+        emergency_patience=3,
+        adaptation_interval=0,
+        diagnostics_interval=0,
+    )
+    opt = og.stabilize(config=cfg, initial_threshold=1.0, log_events=True)
+    run(opt, [100.0, 80.0, 64.0, 10.0, 10.0, 10.0])
+    assert [r.gradflow_step for r in records(caplog, "explosion")] == [0, 1, 2, 3, 4]
+    (rec,) = records(caplog, "emergency")
+    assert rec.levelno == logging.CRITICAL
+    msg = rec.getMessage()
+    assert "step 2" in msg and "after 3 consecutive" in msg and "norm 100," in msg
+    assert "threshold 1.082 -> 0.5621" in msg
     assert "loss scale 0.64 -> 0.1" in msg
     assert "1 emergencies, 3 explosions, 0 non-finite" in msg
 
@@ -371,3 +411,18 @@ def test_event_logger_prefixes_paths_of_several_stabilizers(caplog):
     (rec,) = records(caplog)  # only "a" explodes: 10 > 3 x 1, not > 3 x 100
     path_a = og.find_states(states[-1])[0][0]
     assert rec.getMessage().startswith(f"[{path_a}] gradient explosion at step 0")
+
+
+@pytest.mark.distributed
+def test_in_graph_events_are_logged_once_under_axis_name():
+    """Under pmap with axis_name every device takes the same decision; one line per event."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
+    import launch
+
+    (out,) = launch.run_together([["log_once.py"]], env=launch.environment(), timeout=240)
+    assert out["devices"] == 4
+    assert out["explosions"] == 1
+    assert out["explosion_lines"] == 1

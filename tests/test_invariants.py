@@ -1,5 +1,7 @@
 """Invariants every configuration passes: jit, no recompilation, dtypes, wrappers, no host sync."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 import optax_gradflow as og
+from optax_gradflow import presets
 
 SHORT = og.StabilizerConfig(
     adaptation_interval=3,
@@ -23,16 +26,42 @@ SHORT = og.StabilizerConfig(
     emergency_patience=2,
 )
 
+# The default "track" rule with short periods: the emergency (patience 2)
+# fires, re-arms, and its hold runs out within the nine steps of a test.
+SHORT_TRACK = og.StabilizerConfig(
+    adaptation_interval=3,
+    diagnostics_interval=4,
+    diagnostics_window=4,
+    norm_history_size=8,
+    event_history_size=8,
+    threshold_history_size=4,
+    loss_scale_history_size=4,
+    variance_history_size=4,
+    emergency_history_size=2,
+    emergency_patience=2,
+    emergency_hold_steps=2,
+    emergency_rearm_steps=3,
+)
+
 CONFIGS = {
-    "learning_rate": lambda: og.stabilize(1e-3),
-    "data_warmup": lambda: og.stabilize(),
-    "explicit_no_loss_scaling": lambda: og.stabilize(
-        initial_threshold=1.0, config=og.StabilizerConfig(loss_scaling=False)
+    # The default config (the "track" rule, no loss scaling).
+    "default_learning_rate": lambda: og.stabilize(1e-3),
+    "default_data_mode": lambda: og.stabilize(),
+    "default_explicit": lambda: og.stabilize(initial_threshold=1.0),
+    "track_short_loss_scaling": lambda: og.stabilize(
+        1e-2, config=dataclasses.replace(SHORT_TRACK, loss_scaling=True)
     ),
+    # The original design, literally.
+    "seed_learning_rate": lambda: og.stabilize(1e-3, config=presets.seed()),
+    "seed_data_warmup": lambda: og.stabilize(config=presets.seed()),
+    "seed_wrapper_adam": lambda: og.stabilized(optax.adam(1e-3), 1e-3, config=presets.seed()),
+    # Other rules.
     "short_intervals": lambda: og.stabilize(config=SHORT),
     "mean_std_growth": lambda: og.stabilize(
         1e-2,
-        config=og.StabilizerConfig(adaptation_rule="mean_std", growth_interval=2),
+        config=og.StabilizerConfig(
+            adaptation_rule="mean_std", loss_scaling=True, growth_interval=2
+        ),
     ),
     "wrapper_adam": lambda: og.stabilized(optax.adam(1e-3), 1e-3),
     "chain_adam": lambda: optax.chain(og.stabilize(1e-3), optax.adam(1e-3)),
@@ -95,6 +124,22 @@ def test_second_call_does_not_recompile(opt):
     for k in range(5):
         _, state = update(_grads(k), state, params)
     assert update._cache_size() == 1
+
+
+def test_value_every_step_keeps_one_compilation_and_finite_state(opt):
+    # The loss (value=) feeds the "track" rule's loss gate: a climbing, then a
+    # non-finite loss must neither recompile nor put NaN into the thresholds.
+    params = _params()
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    losses = [1.0, 2.0, 4.0, 8.0, float("nan"), 16.0, 1.0, 1.0, 1.0]
+    for k, loss in enumerate(losses):
+        _, state = update(_grads(k), state, params, value=jnp.float32(loss))
+    assert update._cache_size() == 1
+    flow = og.find_states(state)[0][1]
+    assert int(flow.stabilizer_step) == len(losses)
+    assert np.isfinite(float(flow.clip_threshold)) and float(flow.clip_threshold) > 0
+    assert np.all(np.isfinite(np.asarray(flow.threshold_history)))
 
 
 def test_extra_args_are_accepted(opt):

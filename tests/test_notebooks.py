@@ -37,7 +37,10 @@ def test_notebook_runs_in_fast_mode(path, tmp_path):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{path.name} needs {module}")
     notebook = nbformat.read(path, as_version=4)
-    env = dict(os.environ, GRADFLOW_FAST="1")
+    # The notebooks import the examples (examples/auction.py) from the repository root.
+    root = str(NOTEBOOKS[0].parents[1])
+    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, GRADFLOW_FAST="1", PYTHONPATH=pythonpath)
     client = nbclient.NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT,

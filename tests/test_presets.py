@@ -343,3 +343,96 @@ def test_zclip_adaptive_scaling_by_hand():
     z = 10.0 / (1.0 + 1e-6)
     assert float(out["w"][0]) == pytest.approx(2.0 + 6.25 / z, rel=1e-6)
     assert int(state.clip_count) == 1
+
+
+# --- seed == the original design ---------------------------------------------
+
+# The defaults of the original design, copied from its SPEC.md table
+# ("Hyperparameters", before the "track" rule): seed() must equal them field
+# by field. The fields the original did not have (track_*, the emergency's
+# hold and re-arm) only act under the "track" rule.
+ORIGINAL_DEFAULTS = {
+    "initial_threshold": None,
+    "min_threshold": 0.1,
+    "max_threshold": math.inf,
+    "lr_threshold_scale": 0.1,
+    "warmup_steps": 100,
+    "warmup_multiplier": 2.0,
+    "adaptation_interval": 100,
+    "adaptation_rule": "median_mad",
+    "adaptation_percentile": 90.0,
+    "adaptation_k": 3.0,
+    "norm_history_size": 1000,
+    "zscore_alpha": 0.97,
+    "zscore_threshold": 2.5,
+    "zscore_eps": 1e-6,
+    "zscore_clip": "adaptive_scaling",
+    "zscore_clip_factor": 1.0,
+    "zscore_skip_spikes": False,
+    "zscore_reference_variance": True,
+    "threshold_history_size": 100,
+    "explosion_factor": 3.0,
+    "vanishing_norm": 1e-7,
+    "loss_scaling": True,
+    "initial_loss_scale": 1.0,
+    "min_loss_scale": 0.1,
+    "max_loss_scale": 64.0,
+    "nonfinite_backoff": 0.5,
+    "explosion_backoff": 0.8,
+    "vanishing_growth": 1.5,
+    "growth_interval": 0,
+    "growth_factor": 2.0,
+    "loss_scale_history_size": 100,
+    "emergency_patience": 5,
+    "emergency_threshold_factor": 0.5,
+    "emergency_loss_scale_factor": 0.1,
+    "emergency_history_size": 32,
+    "diagnostics_interval": 500,
+    "diagnostics_window": 100,
+    "trend_limit": 0.01,
+    "variance_limit": 1.0,
+    "variance_history_size": 200,
+    "event_history_size": 100,
+}
+
+
+def test_seed_is_the_original_design_field_by_field():
+    cfg = presets.seed()
+    got = {name: getattr(cfg, name) for name in ORIGINAL_DEFAULTS}
+    assert got == ORIGINAL_DEFAULTS
+    new_fields = {f.name for f in dataclasses.fields(cfg)} - set(ORIGINAL_DEFAULTS)
+    assert all(name.startswith("track_") or name.startswith("emergency_") for name in new_fields), (
+        new_fields
+    )
+
+
+def test_seed_differs_from_the_default_where_the_redesign_did():
+    default, seed = og.StabilizerConfig(), presets.seed()
+    changed = {
+        f.name
+        for f in dataclasses.fields(default)
+        if getattr(default, f.name) != getattr(seed, f.name)
+    }
+    assert changed == {"min_threshold", "adaptation_rule", "loss_scaling"}
+    assert (default.min_threshold, default.adaptation_rule, default.loss_scaling) == (
+        1e-30,
+        "track",
+        False,
+    )
+
+
+def test_seed_data_mode_warms_up_at_twice_the_median():
+    # Warm-up of 100 steps: step 0 (norm 1) is not clipped; step 1's threshold
+    # is 2 * median{1} = 2, so norm 2.5 is clipped to 2 (not an explosion:
+    # 2.5 < 3 * 2); step 2's is 2 * median{1, 2.5} = 3.5.
+    tx = og.stabilize(config=presets.seed())
+    params = {"w": jnp.zeros(1)}
+    state = tx.init(params)
+    assert int(state.warmup_steps_left) == 100
+    update = jax.jit(tx.update)
+    outs = []
+    for g in (1.0, 2.5, 2.5):
+        out, state = update({"w": jnp.array([g])}, state, params)
+        outs.append(float(out["w"][0]))
+    assert outs == pytest.approx([1.0, 2.0, 2.5], rel=1e-6)
+    assert int(state.warmup_steps_left) == 97 and float(state.loss_scale) == 1.0

@@ -1,16 +1,20 @@
 """Property tests on random gradient sequences with NaN, Inf, huge and tiny injections."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import optax_gradflow as og
+from optax_gradflow import presets
 from optax_gradflow.state import FLAG_CLIPPED, FLAG_EXPLOSION, FLAG_NONFINITE, FLAG_VANISHING
 
-CFG = og.StabilizerConfig(
+SHORT = dict(
     adaptation_interval=7,
     diagnostics_interval=11,
     diagnostics_window=5,
@@ -18,6 +22,13 @@ CFG = og.StabilizerConfig(
     event_history_size=64,
     emergency_patience=3,
 )
+# The default ("track" rule, no loss scaling; short emergency periods so that
+# re-arming happens within a run) and the original design (presets.seed():
+# median_mad, loss scaling on).
+CONFIGS = {
+    "default": og.StabilizerConfig(**SHORT, emergency_hold_steps=4, emergency_rearm_steps=10),
+    "seed": dataclasses.replace(presets.seed(), **SHORT),
+}
 N_STEPS = 40
 SIZE = 6
 
@@ -42,27 +53,33 @@ def _make_grad(kind, magnitude, base):
     return {"w": g}
 
 
-_opt = og.stabilized(optax.sgd(0.1), 1e-2, config=CFG)
-_update = jax.jit(_opt.update)
+_OPTS = {name: og.stabilized(optax.sgd(0.1), 1e-2, config=cfg) for name, cfg in CONFIGS.items()}
+_UPDATES = {name: jax.jit(opt.update) for name, opt in _OPTS.items()}
+
+# The loss passed as value= (the "track" rule's loss gate): sometimes
+# climbing, sometimes missing (NaN), sometimes huge.
+losses = st.one_of(st.floats(1e-3, 1e3), st.just(float("nan")), st.just(1e30))
 
 sequences = st.lists(
-    st.tuples(st.sampled_from(INJECTIONS), st.floats(1e-3, 1e3), st.integers(0, 2**16)),
+    st.tuples(st.sampled_from(INJECTIONS), st.floats(1e-3, 1e3), st.integers(0, 2**16), losses),
     min_size=N_STEPS,
     max_size=N_STEPS,
 )
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sequences)
-def test_random_sequences_keep_invariants(seq):
+@given(seq=sequences)
+def test_random_sequences_keep_invariants(name, seq):
+    cfg, opt, update = CONFIGS[name], _OPTS[name], _UPDATES[name]
     params = {"w": jnp.linspace(-1.0, 1.0, SIZE)}
-    state = _opt.init(params)
+    state = opt.init(params)
     expected_nonfinite = 0
-    for kind, magnitude, seed in seq:
+    for kind, magnitude, seed, loss in seq:
         base = jax.random.normal(jax.random.PRNGKey(seed), (SIZE,))
         grads = _make_grad(kind, magnitude, base)
         before = state.flow
-        updates, state = _update(grads, state, params)
+        updates, state = update(grads, state, params, value=jnp.float32(loss))
         params = optax.apply_updates(params, updates)
         flow = state.flow
         # No NaN or Inf ever reaches the parameters.
@@ -74,8 +91,8 @@ def test_random_sequences_keep_invariants(seq):
         out_norm = float(jnp.linalg.norm(updates["w"])) / 0.1
         assert out_norm <= float(before.clip_threshold) * (1 + 1e-5)
         # The scale stays within its bounds.
-        assert CFG.min_loss_scale <= float(flow.loss_scale) <= CFG.max_loss_scale
-        assert float(flow.clip_threshold) >= CFG.min_threshold
+        assert cfg.min_loss_scale <= float(flow.loss_scale) <= cfg.max_loss_scale
+        assert cfg.min_threshold <= float(flow.clip_threshold) < float("inf")
     flow = state.flow
     flags = np.asarray(flow.event_flags)[: int(flow.event_flags_count)]
     # Counters add up: the totals equal the per-step flags (the window holds
@@ -87,6 +104,11 @@ def test_random_sequences_keep_invariants(seq):
     assert int(flow.vanishing_count) == np.sum(flags & FLAG_VANISHING > 0)
     assert int(flow.clip_count) == np.sum(flags & FLAG_CLIPPED > 0)
     assert int(flow.clip_count) >= int(flow.explosion_count)
+    if cfg.adaptation_rule == "track":
+        # An emergency fires at most once per emergency_rearm_steps.
+        steps = np.sort(np.asarray(flow.emergency_steps)[: int(flow.emergency_steps_count)])
+        assert int(flow.emergency_count) == len(steps)
+        assert np.all(np.diff(steps) >= cfg.emergency_rearm_steps)
     assert int(flow.norm_history_count) == min(
-        CFG.norm_history_size, N_STEPS - expected_nonfinite - int(flow.explosion_count)
+        cfg.norm_history_size, N_STEPS - expected_nonfinite - int(flow.explosion_count)
     )

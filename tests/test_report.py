@@ -13,9 +13,10 @@ import pytest
 from _helpers import run_steps, vec
 
 import optax_gradflow as og
+from optax_gradflow import presets
 from optax_gradflow import report as report_lib
 from optax_gradflow.config import StabilizerConfig
-from optax_gradflow.report import StabilityReport, metrics, stability_report
+from optax_gradflow.report import StabilityReport, metrics, stability_report, stability_reports
 from optax_gradflow.transform import init_state
 
 RTOL = 1e-6
@@ -320,7 +321,7 @@ def test_several_stabilizers_give_a_dict_keyed_by_path():
     opt, params = partitioned()
     grads = {"x": jnp.full(2, 0.1), "y": jnp.full(3, 0.1)}
     _, states = run_steps(opt, [grads], params=params)
-    reports = stability_report(states[-1])
+    reports = stability_reports(states[-1])
     paths = [path for path, _ in og.find_states(states[-1])]
     assert isinstance(reports, dict) and list(reports) == paths
     by_threshold = {rep.clip_threshold: rep for rep in reports.values()}
@@ -343,8 +344,22 @@ def test_report_reads_the_device_once(monkeypatch):
         return real(x)
 
     monkeypatch.setattr(jax, "device_get", counting)
-    stability_report(state)
+    stability_reports(state)
     assert len(calls) == 1
+
+
+def test_one_report_or_a_dict_never_depending_on_the_count():
+    """stability_report always returns one report; stability_reports always a dict."""
+    opt, params = partitioned()
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"2 stabilizers.*stability_reports"):
+        stability_report(state)
+    single = og.stabilize(1e-2)
+    one = single.init({"w": jnp.ones(2)})
+    assert isinstance(stability_report(one), StabilityReport)
+    reports = stability_reports(one)
+    assert isinstance(reports, dict) and list(reports) == [""]
+    assert reports[""].as_dict() == stability_report(one).as_dict()  # NaN fields: compare as dicts
 
 
 def test_no_stabilizer_is_an_error():
@@ -387,8 +402,14 @@ def test_as_dict_keeps_finite_values():
 
 
 def test_metrics_inside_jit_without_host_transfer():
-    cfg = StabilizerConfig(
-        loss_scaling=False, event_history_size=10, emergency_patience=0, adaptation_interval=0
+    # presets.seed() (the median_mad rule) with adaptation_interval 0: the
+    # threshold stays at its explicit 1 (the default "track" rule would move it).
+    cfg = dataclasses.replace(
+        presets.seed(),
+        loss_scaling=False,
+        event_history_size=10,
+        emergency_patience=0,
+        adaptation_interval=0,
     )
     opt = optax.chain(og.stabilize(config=cfg, initial_threshold=1.0), optax.sgd(0.1))
     _, states = scripted_run(opt, {2, 5, 8})

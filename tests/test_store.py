@@ -166,6 +166,35 @@ def test_stabilize_starts_from_the_stored_threshold(path):
     assert float(other.clip_threshold) == pytest.approx(1.0, rel=RTOL)  # nothing stored
 
 
+def test_the_stored_threshold_is_read_visibly_at_trace_time_under_jit(path, caplog):
+    """Under jax.jit(opt.init) the lookup runs while tracing, once per compilation.
+
+    SPEC.md, "Threshold store" / "Reuse": the read is logged (INFO) so that it
+    can be seen, and a jitted init that is not traced again keeps the value it
+    traced with: call init outside jit (or re-jit) after the store changes.
+    """
+    store = ThresholdStore(path)
+    store.save(stable_state(threshold=2.5), PARAMS, label="m")
+    calls = []
+    real = store.lookup
+
+    def counting(params, label=None):
+        calls.append(label)
+        return real(params, label=label)
+
+    store.lookup = counting
+    init = jax.jit(og.stabilize(1e-2, store=store, label="m").init)
+    with caplog.at_level(logging.INFO, logger="optax_gradflow"):
+        first = init(PARAMS)
+    assert float(first.clip_threshold) == 2.5
+    assert calls == ["m"]  # read once, while tracing
+    assert any("using stored clip threshold 2.5" in r.getMessage() for r in caplog.records)
+    store.save(stable_state(threshold=3.5), PARAMS, label="m")
+    assert float(init(PARAMS).clip_threshold) == 2.5  # the compiled init keeps its value
+    assert calls == ["m"]  # no second read
+    assert float(og.stabilize(1e-2, store=store, label="m").init(PARAMS).clip_threshold) == 3.5
+
+
 def test_save_refuses_during_warm_up(path):
     opt = og.stabilize()  # data mode: warm-up of 100 steps
     with pytest.raises(ValueError, match="warm-up"):

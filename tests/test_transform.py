@@ -11,6 +11,7 @@ import pytest
 from _helpers import run_steps, vec
 
 import optax_gradflow as og
+from optax_gradflow import presets
 from optax_gradflow.config import INT32_MAX
 from optax_gradflow.state import (
     FLAG_ADAPTED,
@@ -22,6 +23,13 @@ from optax_gradflow.state import (
 )
 
 RTOL = 1e-6
+
+# The original design (SPEC.md, "Presets": seed): the median_mad rule,
+# min_threshold 0.1, loss scaling on. The hand-derived numbers of the original
+# behaviour (the emergency's halving, the x0.8 / x0.5 / x1.5 scale rule, the
+# warm-up at twice the median) are checked against it; the default's "track"
+# rule has its own hand-derived tests in test_track_rule.py.
+SEED = presets.seed()
 
 
 def flow(state):
@@ -46,9 +54,15 @@ def test_schedule_is_read_at_step_zero():
 
 
 def test_large_learning_rate_is_floored_at_min_threshold():
-    # 0.1 * sqrt(1 / 10) = 0.0316 < 0.1.
-    state = og.stabilize(10.0).init({"w": jnp.zeros(3)})
+    # presets.seed(): 0.1 * sqrt(1 / 10) = 0.0316 < min_threshold 0.1.
+    state = og.stabilize(10.0, config=SEED).init({"w": jnp.zeros(3)})
     assert float(state.clip_threshold) == pytest.approx(0.1, rel=RTOL)
+
+
+def test_large_learning_rate_is_not_floored_by_default():
+    # The default floor 1e-30 only protects the arithmetic: 0.1 * sqrt(1 / 10).
+    state = og.stabilize(10.0).init({"w": jnp.zeros(3)})
+    assert float(state.clip_threshold) == pytest.approx(0.1 * math.sqrt(0.1), rel=RTOL)
 
 
 def test_explicit_threshold_wins_over_learning_rate():
@@ -79,9 +93,19 @@ def test_store_wins_over_learning_rate_and_loses_to_explicit():
 
 
 def test_data_mode_starts_in_warmup():
-    state = og.stabilize().init({"w": jnp.zeros(3)})
+    # presets.seed(): a warm-up of warmup_steps = 100; the placeholder is
+    # min_threshold = 0.1.
+    state = og.stabilize(config=SEED).init({"w": jnp.zeros(3)})
     assert int(state.warmup_steps_left) == 100
     assert float(state.clip_threshold) == pytest.approx(0.1, rel=RTOL)
+
+
+def test_data_mode_of_the_track_rule_waits_for_one_finite_norm():
+    # Default ("track"): warmup_steps_left = 1 whatever warmup_steps says; the
+    # placeholder is min_threshold = 1e-30 (float32 rounds it).
+    state = og.stabilize().init({"w": jnp.zeros(3)})
+    assert int(state.warmup_steps_left) == 1
+    assert float(state.clip_threshold) == pytest.approx(1e-30, rel=RTOL)
 
 
 # --- Classification and output ("Per-step order" 3-4) ----------------------
@@ -103,8 +127,10 @@ def test_norm_exactly_at_threshold_is_not_clipped():
 
 
 def test_explosion_is_clipped_counted_and_backs_off_the_scale():
-    # |[30, 40]| = 50 > 3 * 2: explosion; output 2 * [0.6, 0.8]; scale 1 * 0.8.
-    (out,), (state,) = run_steps(og.stabilize(initial_threshold=2.0), [vec(30.0, 40.0)])
+    # |[30, 40]| = 50 > 3 * 2: explosion; output 2 * [0.6, 0.8]; scale 1 * 0.8
+    # (presets.seed(): loss scaling on).
+    opt = og.stabilize(config=SEED, initial_threshold=2.0)
+    (out,), (state,) = run_steps(opt, [vec(30.0, 40.0)])
     np.testing.assert_allclose(out["w"], [1.2, 1.6], rtol=RTOL)
     assert int(state.explosion_count) == 1 and int(state.clip_count) == 1
     assert int(state.consecutive_explosions) == 1
@@ -115,7 +141,7 @@ def test_explosion_is_clipped_counted_and_backs_off_the_scale():
 
 
 def test_loss_scale_divides_out_of_gradients_and_norm():
-    opt = og.stabilize(initial_threshold=10.0)
+    opt = og.stabilize(config=SEED, initial_threshold=10.0)
     state = opt.init({"w": jnp.zeros(2)})._replace(loss_scale=jnp.float32(4.0))
     # Scaled grads [12, 16]: raw norm 20, unscaled norm 5 < 10: output g / 4.
     out, state = jax.jit(opt.update)(vec(12.0, 16.0), state)
@@ -129,17 +155,21 @@ def test_loss_scale_divides_out_of_gradients_and_norm():
     np.testing.assert_allclose(out["w"], [1.5, 2.0], rtol=RTOL)
 
 
-def test_all_zero_gradients_are_vanishing_and_stay_zero():
-    (out,), (state,) = run_steps(og.stabilize(initial_threshold=1.0), [vec(0.0, 0.0)])
+@pytest.mark.parametrize("cfg, scale", [(None, 1.0), (SEED, 1.5)], ids=["default", "seed"])
+def test_all_zero_gradients_are_vanishing_and_stay_zero(cfg, scale):
+    # Vanishing grows the scale x1.5 with loss scaling on (seed); the default
+    # leaves it at 1.
+    opt = og.stabilize(config=cfg, initial_threshold=1.0)
+    (out,), (state,) = run_steps(opt, [vec(0.0, 0.0)])
     np.testing.assert_array_equal(out["w"], [0.0, 0.0])
     assert int(state.vanishing_count) == 1
     assert int(state.event_flags[0]) == FLAG_VANISHING
-    assert float(state.loss_scale) == 1.5
+    assert float(state.loss_scale) == scale
 
 
 def test_nonfinite_step_outputs_zeros_and_halves_the_scale():
     grads = [vec(1.0, jnp.nan), vec(jnp.inf, 1.0)]
-    outs, states = run_steps(og.stabilize(initial_threshold=1.0), grads)
+    outs, states = run_steps(og.stabilize(config=SEED, initial_threshold=1.0), grads)
     for out in outs:
         np.testing.assert_array_equal(out["w"], [0.0, 0.0])
     assert [float(s.loss_scale) for s in states] == [0.5, 0.25]
@@ -161,7 +191,7 @@ def test_float32_overflow_of_squares_counts_as_nonfinite():
 
 def test_vanishing_run_grows_scale_to_exactly_64_and_no_further():
     grads = [vec(1e-9, 0.0)] * 14
-    _, states = run_steps(og.stabilize(initial_threshold=1.0), grads)
+    _, states = run_steps(og.stabilize(config=SEED, initial_threshold=1.0), grads)
     scales = [float(s.loss_scale) for s in states]
     # 1.5 ** k for k = 1..10 (exact in float32: 3**k / 2**k), then 1.5 ** 11 =
     # 86.49 is clamped to 64.
@@ -172,6 +202,7 @@ def test_vanishing_run_grows_scale_to_exactly_64_and_no_further():
 
 def test_growth_interval_doubles_after_n_finite_steps_and_resets_on_overflow():
     cfg = og.StabilizerConfig(
+        loss_scaling=True,
         explosion_backoff=1.0,
         vanishing_growth=1.0,
         growth_interval=3,
@@ -188,6 +219,7 @@ def test_growth_interval_doubles_after_n_finite_steps_and_resets_on_overflow():
 
 def test_scale_never_grows_to_inf():
     cfg = og.StabilizerConfig(
+        loss_scaling=True,
         explosion_backoff=1.0,
         vanishing_growth=1.0,
         growth_interval=1,
@@ -209,11 +241,12 @@ def test_loss_scaling_off_keeps_scale_one():
 
 
 def test_scale_loss_and_loss_scale_find_the_state_in_a_chain():
-    opt = optax.chain(optax.add_decayed_weights(1e-4), og.stabilize(1e-2), optax.adam(1e-3))
+    stab = og.stabilize(1e-2, config=SEED)
+    opt = optax.chain(optax.add_decayed_weights(1e-4), stab, optax.adam(1e-3))
     state = opt.init({"w": jnp.zeros(2)})
     assert float(og.loss_scale(state)) == 1.0
     _, state = opt.update(vec(100.0, 0.0), state, {"w": jnp.zeros(2)})
-    # Norm 100 > 3 * 1: explosion, scale 0.8.
+    # Norm 100 > 3 * 1: explosion, scale 0.8 (loss scaling on).
     assert float(og.scale_loss(jnp.float32(2.0), state)) == pytest.approx(1.6, rel=RTOL)
     assert og.scale_loss(jnp.bfloat16(2.0), state).dtype == jnp.bfloat16
 
@@ -232,8 +265,9 @@ def test_loss_scale_refuses_to_guess_between_several_stabilizers():
 
 
 def test_five_consecutive_explosions_fire_one_emergency():
+    # SPEC.md, "Emergency intervention": the worked example with presets.seed().
     grads = [vec(100.0)] * 6
-    _, states = run_steps(og.stabilize(1e-2), grads)
+    _, states = run_steps(og.stabilize(1e-2, config=SEED), grads)
     # t = 1; each norm-100 step explodes; scale 0.8 ** k until the fifth step
     # fires: t = 0.5, s = max(0.8 ** 5 * 0.1, 0.1) = 0.1.
     for k, s in enumerate(states[:4], start=1):
@@ -254,7 +288,7 @@ def test_five_consecutive_explosions_fire_one_emergency():
 
 
 def test_emergency_scale_factor_exact_above_the_floor():
-    cfg = og.StabilizerConfig(min_loss_scale=1e-3)
+    cfg = dataclasses.replace(SEED, min_loss_scale=1e-3)
     _, states = run_steps(og.stabilize(1e-2, config=cfg), [vec(100.0)] * 5)
     # 0.8 ** 5 * 0.1 = 0.032768.
     assert float(states[-1].loss_scale) == pytest.approx(0.032768, rel=RTOL)
@@ -274,7 +308,9 @@ def test_a_clean_step_resets_the_consecutive_count():
 
 
 def test_emergency_threshold_is_floored_at_min_threshold():
-    _, states = run_steps(og.stabilize(initial_threshold=0.15), [vec(100.0)] * 5)
+    # presets.seed(): max(0.15 * 0.5, 0.1) = 0.1.
+    opt = og.stabilize(config=SEED, initial_threshold=0.15)
+    _, states = run_steps(opt, [vec(100.0)] * 5)
     assert float(states[-1].clip_threshold) == pytest.approx(0.1, rel=RTOL)
 
 
@@ -309,7 +345,7 @@ def test_data_warmup_thresholds_follow_the_running_median():
 
 
 def test_warmup_never_leaves_a_step_after_the_first_unclipped():
-    cfg = og.StabilizerConfig(warmup_steps=10)
+    cfg = dataclasses.replace(SEED, warmup_steps=10)
     grads = [vec(1.0)] + [vec(2.5)] * 5
     outs, _ = run_steps(og.stabilize(config=cfg), grads)
     # Step 1: t = 2 * median{1} = 2, so 2.5 is clipped to 2 (no explosion:
@@ -376,7 +412,7 @@ def test_explosions_cannot_drag_the_threshold_up():
     # Half the steps explode at norm 1000 against t = 1.
     grads = [vec(1000.0 if k % 2 else 0.5) for k in range(10)]
     _, states = run_steps(og.stabilize(config=cfg, initial_threshold=1.0), grads)
-    # Only the five 0.5 norms are in the history: mean 0.5, std 0, floored at 0.1.
+    # Only the five 0.5 norms are in the history: mean 0.5, std 0.
     assert int(states[-1].norm_history_count) == 5
     assert float(states[-1].clip_threshold) == pytest.approx(0.5, rel=RTOL)
 
@@ -442,7 +478,7 @@ def test_counters_saturate():
 
 def test_counters_add_up_over_a_mixed_run():
     grads = [vec(0.5), vec(2.0), vec(100.0), vec(jnp.nan), vec(1e-9), vec(0.5)]
-    _, states = run_steps(og.stabilize(1e-2), grads)
+    _, states = run_steps(og.stabilize(1e-2, config=SEED), grads)
     s = states[-1]
     assert int(s.stabilizer_step) == 6
     assert int(s.clip_count) == 2  # 2.0 and 100.0
@@ -529,7 +565,7 @@ def test_wrapper_passes_value_to_the_inner_optimizer():
     [
         ("min_threshold", 0.0),
         ("min_threshold", float("nan")),
-        ("max_threshold", 0.01),
+        ("max_threshold", 1e-31),
         ("explosion_factor", 1.0),
         ("nonfinite_backoff", 1.0),
         ("explosion_backoff", 1.5),
@@ -573,10 +609,17 @@ def test_bad_schedule_value_at_zero():
         og.stabilize(optax.constant_schedule(-1.0))
 
 
-@pytest.mark.parametrize("thr", [0.0, -1.0, float("nan"), 0.05])
+@pytest.mark.parametrize("thr", [0.0, -1.0, float("nan"), 1e-31])
 def test_bad_initial_threshold(thr):
+    # 1e-31 is under the default min_threshold 1e-30.
     with pytest.raises(ValueError, match="initial_threshold"):
         og.stabilize(initial_threshold=thr)
+
+
+def test_initial_threshold_under_the_seed_floor():
+    # presets.seed(): min_threshold 0.1, so 0.05 is out of [min, max].
+    with pytest.raises(ValueError, match="initial_threshold"):
+        og.stabilize(initial_threshold=0.05, config=SEED)
 
 
 def test_bad_config_type():
@@ -594,7 +637,10 @@ def test_state_of_another_configuration_is_refused():
 
 
 def test_gradient_structure_must_match_params():
+    # SPEC.md, "Errors": the gradients are checked against the params passed
+    # to the same update call.
     opt = og.stabilize(1e-2)
-    state = opt.init({"w": jnp.zeros(2)})
+    params = {"w": jnp.zeros(2)}
+    state = opt.init(params)
     with pytest.raises(ValueError, match="tree structure"):
-        opt.update({"w": jnp.zeros(2), "b": jnp.zeros(1)}, state)
+        opt.update({"w": jnp.zeros(2), "b": jnp.zeros(1)}, state, params)

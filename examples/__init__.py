@@ -1,0 +1,1 @@
+"""Code the notebooks and benchmarks use that is not part of the library."""
