@@ -49,6 +49,7 @@ import numpy as np
 
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.loss_scaling import find_states
+from optax_gradflow.report import host_chronological
 from optax_gradflow.state import (
     FLAG_ADAPTED,
     FLAG_EMERGENCY,
@@ -92,14 +93,6 @@ _COUNTED = {
 def _fmt(value: float) -> str:
     """``%.4g``, or "?" for a value the host-side logger cannot know."""
     return "?" if value != value else f"{value:.4g}"
-
-
-def host_chronological(values: Any, index: Any, count: Any) -> np.ndarray:
-    """The valid entries of a host-side ring, oldest first (SPEC.md, "Ring buffers")."""
-    values = np.asarray(values)
-    count = int(count)
-    positions = (int(index) - count + np.arange(count)) % values.shape[0]
-    return values[positions]
 
 
 # --- Burst folding ------------------------------------------------------------

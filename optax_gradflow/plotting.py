@@ -94,8 +94,9 @@ def plot(source: Any, ax: Any = None):
     interval; the loss scale; the loss (``value=`` given to update). No device
     read: the monitor holds host values.
 
-    Given an optimizer state holding one stabilizer, or a
-    :class:`StabilityReport`, the recent window only (the last
+    Given an optimizer state holding one stabilizer, a PyTorch
+    ``GradientFlowStabilizer`` (its report) or a :class:`StabilityReport`,
+    the recent window only (the last
     ``event_history_size`` steps the state keeps): the norm history against
     the step, the clip threshold as a step line, clipped steps (orange dots),
     vanishing steps (blue triangles), and vertical lines at explosions (red),
@@ -104,8 +105,8 @@ def plot(source: Any, ax: Any = None):
     device read when given an optimizer state (see :func:`stability_reports`).
 
     Args:
-      source: a ``Monitor``, an optimizer state holding one stabilizer, or a
-        ``StabilityReport``.
+      source: a ``Monitor``, an optimizer state holding one stabilizer, a
+        PyTorch ``GradientFlowStabilizer``, or a ``StabilityReport``.
       ax: None (a new figure). For a monitor: a ``Figure`` or ``SubFigure`` to
         draw in, four Axes (norms, events, loss scale, loss) with one
         stabilizer, or one such sequence per stabilizer. For a state or
@@ -124,6 +125,8 @@ def plot(source: Any, ax: Any = None):
         return _plot_monitor(source, ax)
     plt = _pyplot()
     report = source
+    if not isinstance(report, StabilityReport) and hasattr(report, "get_stability_report"):
+        report = report.get_stability_report()  # a PyTorch GradientFlowStabilizer
     if not isinstance(report, StabilityReport):
         reports = stability_reports(report)
         if len(reports) > 1:

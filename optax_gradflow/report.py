@@ -11,15 +11,14 @@ import dataclasses
 import math
 import types
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from optax_gradflow.events import host_chronological
-from optax_gradflow.loss_scaling import find_states
-from optax_gradflow.state import (
+# This module imports no framework at module level: the PyTorch adapter builds
+# its report with build_report too. JAX is imported by the functions that read
+# an optax state (stability_reports, metrics).
+from optax_gradflow.config import (
     FLAG_ADAPTED,
     FLAG_CLIPPED,
     FLAG_EMERGENCY,
@@ -27,9 +26,21 @@ from optax_gradflow.state import (
     FLAG_NONFINITE,
     FLAG_VANISHING,
     FLAG_WARNING,
-    GradientFlowState,
 )
-from optax_gradflow.transform import StabilizedState
+
+if TYPE_CHECKING:
+    import jax
+
+    from optax_gradflow.state import GradientFlowState
+
+
+def host_chronological(values: Any, index: Any, count: Any) -> np.ndarray:
+    """The valid entries of a host-side ring, oldest first (SPEC.md, "Ring buffers")."""
+    values = np.asarray(values)
+    count = int(count)
+    positions = (int(index) - count + np.arange(count)) % values.shape[0]
+    return values[positions]
+
 
 # Status thresholds (SPEC.md, "Stability report").
 STABLE_SCORE = 0.8
@@ -393,11 +404,18 @@ def build_report(
 
 
 def _is_wrapper(x: Any) -> bool:
+    from optax_gradflow.transform import StabilizedState
+
     return isinstance(x, StabilizedState)
 
 
 def _located(opt_state: Any) -> list[tuple[str, GradientFlowState, tuple | None]]:
     """(key path, flow state, the wrapper's ratio ring or None) for each stabilizer."""
+    import jax
+    import jax.numpy as jnp
+
+    from optax_gradflow.loss_scaling import find_states
+
     found = find_states(opt_state)
     if not found:
         raise ValueError(
@@ -431,6 +449,8 @@ def stability_reports(opt_state: Any) -> dict[str, StabilityReport]:
     Raises:
       ValueError: no stabilizer state in ``opt_state``.
     """
+    import jax
+
     located = _located(opt_state)
     host = jax.device_get([(state, ring) for _, state, ring in located])
     return {
@@ -486,6 +506,8 @@ def stability_report(opt_state: Any) -> StabilityReport:
 
 
 def _metrics_of(s: GradientFlowState, ring: tuple | None) -> dict[str, jax.Array]:
+    import jax.numpy as jnp
+
     size = s.event_flags.shape[0]
     valid = jnp.arange(size, dtype=jnp.int32) < s.event_flags_count
     steps = s.event_flags_count.astype(jnp.float32)

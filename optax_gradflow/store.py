@@ -28,9 +28,8 @@ import filelock
 import jax
 import numpy as np
 
-from optax_gradflow.events import host_chronological
 from optax_gradflow.loss_scaling import find_state
-from optax_gradflow.report import norm_statistics, score_of_flags
+from optax_gradflow.report import host_chronological, norm_statistics, score_of_flags
 from optax_gradflow.state import GradientFlowState
 
 logger = logging.getLogger("optax_gradflow")

@@ -312,6 +312,7 @@ def loss_update(
     # At first running means (rate 1 / (count + 1)), so that the levels are
     # not left at the first, noisy loss when the gate starts to judge.
     early_rate = jnp.maximum(rate, 1.0 / (count.astype(jnp.float32) + 1.0))
+    level_rate = jnp.where(early, early_rate, rate)
     # Bounded influence after the first steps: one loss moves the centre by
     # at most 10 spreads' worth (times the rate), so a single outlier batch (a loss 1e7 times
     # the usual) cannot hold the gate shut for hundreds of steps, while a
@@ -322,7 +323,7 @@ def loss_update(
     bound = jnp.maximum(3.0 * spread, floor)
     centre_bound = jnp.maximum(10.0 * spread, floor)
     step = jnp.where(early, loss - centre, jnp.clip(loss - centre, -centre_bound, centre_bound))
-    new_centre = centre + early_rate * step
+    new_centre = centre + level_rate * step
     gap = new_centre - reference
     ref_rate = jnp.where(gap > 0, jnp.float32(config.track_loss_rise_rate), rate)
     ref_rate = jnp.where(early, early_rate, ref_rate)
@@ -334,7 +335,7 @@ def loss_update(
     deviation = jnp.abs(loss - centre)
     deviation = jnp.where(early, deviation, jnp.minimum(deviation, bound))
     learn = (open_gate & calm) | early
-    new_spread = jnp.where(learn, spread + early_rate * (deviation - spread), spread)
+    new_spread = jnp.where(learn, spread + level_rate * (deviation - spread), spread)
     new_centre = jnp.where(first, loss, new_centre)
     new_reference = jnp.where(first, loss, new_reference)
     new_spread = jnp.where(first, 0.0, new_spread)

@@ -13,7 +13,14 @@ both because SPEC.md fixes no summation order and the reference sums exactly
 ``norm_trend`` and ``variance_history`` (rtol 1e-5 and atol 1e-7: the trend
 is a difference of nearly equal sums of logarithms, and float32 ``log``
 itself is accurate only to an ulp or two), and the ``mean_std`` threshold
-(rtol 2e-6, and every float downstream of it).
+(rtol 2e-6, and every float downstream of it). Runs of the ``track`` rule
+compare floats at rtol 4e-6, the log-domain centre, spread and anchor also at
+atol 2e-6, and ``loss_spread`` (every rule) at atol 1e-6; see the constants
+below for why.
+
+The scenarios written for the original design run under ``presets.seed()``
+(their ``config`` holds its overrides); the ``track_*`` scenarios run under
+the default config.
 """
 
 from __future__ import annotations
@@ -31,6 +38,21 @@ RTOL = 1e-6
 DIAG_RTOL, DIAG_ATOL = 1e-5, 1e-7
 MEAN_STD_RTOL = 2e-6
 DIAG_FIELDS = frozenset({"norm_trend", "variance_history"})
+# The track rule: its threshold is exp(centre + k * spread), so one ulp of a
+# centre of magnitude 2..4 (4.8e-7) is 4.8e-7 relative in the threshold, and
+# float32 exp / log of numpy, XLA and PyTorch differ by an ulp or two: floats
+# of track runs get rtol 4e-6 (about 8 ulps of the centre). The log-domain
+# fields also get an absolute tolerance, because the centre crosses 0 when the
+# norms cross 1, where a relative tolerance means nothing.
+TRACK_RTOL = 4e-6
+LOG_FIELDS = frozenset({"ema_mean", "ema_var", "centre_anchor"})
+LOG_ATOL = 2e-6
+# The loss gate's spread is an EMA of |loss - loss_centre|, a difference of
+# nearly equal numbers: XLA's CPU backend contracts the centre's
+# c + r * (v - c) into a fused multiply-add (one rounding, not two), an ulp of
+# the loss centre, which is a large relative difference in the spread.
+SPREAD_FIELDS = frozenset({"loss_spread"})
+SPREAD_ATOL = 1e-6
 
 FILES = sorted(golden_io.GOLDEN_DIR.glob("*.json"))
 SCENARIOS = {path.stem: golden_io.load(path) for path in FILES}
@@ -43,7 +65,6 @@ RUNS = [
 # Known disagreements between an implementation and SPEC.md, as
 # (implementation, scenario, run index) -> reason. Strict: once fixed, the
 # entry must go.
-# Cases where an implementation is known not to follow SPEC.md: none.
 KNOWN_DISAGREEMENTS: dict[tuple[str, str, int], str] = {}
 
 
@@ -116,6 +137,10 @@ def _check_field(name: str, actual, expected, *, rtol: float, where: str) -> Non
     if name in golden_io.FLOAT_FIELDS:
         if name in DIAG_FIELDS:
             rtol, atol = max(rtol, DIAG_RTOL), DIAG_ATOL
+        elif name in LOG_FIELDS:
+            atol = LOG_ATOL
+        elif name in SPREAD_FIELDS:
+            atol = SPREAD_ATOL
         else:
             atol = 0.0
         np.testing.assert_allclose(
@@ -134,7 +159,8 @@ def _check_field(name: str, actual, expected, *, rtol: float, where: str) -> Non
 
 def _check_run(impl: str, name: str, index: int) -> None:
     run = SCENARIOS[name]["runs"][index]
-    rtol = MEAN_STD_RTOL if run["config"].get("adaptation_rule") == "mean_std" else RTOL
+    rule = run["config"].get("adaptation_rule", reference.DEFAULTS["adaptation_rule"])
+    rtol = {"mean_std": MEAN_STD_RTOL, "track": TRACK_RTOL}.get(rule, RTOL)
     label = f"{impl} {name}[{index}] ({run['label']})"
     trace = TRACES[impl](run)
     initial = next(trace)
@@ -192,8 +218,31 @@ def test_every_listed_scenario_has_a_file():
         "diagnostics",
         "growth_and_no_scaling",
         "saturation",
+        "track_spike",
+        "track_bad_start",
+        "track_level_shift",
+        "track_explosion",
+        "track_loss_outlier",
+        "track_zero_start",
+        "track_waiting",
+        "track_edges",
     }
     assert expected <= set(SCENARIOS)
+
+
+def test_seed_scenarios_run_under_presets_seed():
+    # reference.SEED is SPEC.md's "Presets" row of seed(), copied by hand.
+    from optax_gradflow import presets
+
+    assert StabilizerConfig(**reference.SEED) == presets.seed()
+    for name, data in SCENARIOS.items():
+        for run in data["runs"]:
+            config = _config(run)
+            if name.startswith("track_"):
+                assert config.adaptation_rule == "track", (name, run["label"])
+                continue
+            seed = dataclasses.replace(presets.seed(), **run["config"])
+            assert config == seed, (name, run["label"])
 
 
 @pytest.mark.parametrize("name", sorted(generate.SCENARIOS))
@@ -350,3 +399,311 @@ def test_hand_diagnostics_at_step_500():
     assert var_steps[49]["flags"] & 64 and var_steps[99]["flags"] & 64
     final = _run("diagnostics", "variance warning")["final_state"]
     assert final["variance_history"][0] == pytest.approx(32.49, rel=1e-5)
+
+
+# --- The track rule, by hand from SPEC.md ("Tracking rule", "Loss gate") ----------
+# The track scenarios run under the default config: the rates below are its
+# values (SPEC.md, "Hyperparameters"), and the expectations are the formulas.
+
+LN5 = math.log(5.0)
+R = reference.DEFAULTS["track_rate"]  # r
+RISE = reference.DEFAULTS["track_max_rise"]  # e <= RISE / r
+FALL = reference.DEFAULTS["track_max_fall"]  # e >= -FALL / r
+LN_CUT = math.log(reference.DEFAULTS["track_max_cut"])
+HOLD = reference.DEFAULTS["emergency_hold_steps"]  # steps of an emergency's hold
+LOSS_K = reference.DEFAULTS["track_loss_k"]  # the gate closes (rising)
+CUT_K = reference.DEFAULTS["track_loss_cut_k"]  # an explosion cuts the centre (climbing)
+RISE_RATE = reference.DEFAULTS["track_loss_rise_rate"]  # the loss reference's rise
+N_LEARN = round(1 / R)  # the loss gate's first steps: running means
+
+
+def _noise(k: int) -> float:
+    # generate.NOISE: the norms of the track scenarios are 5 * _noise(k).
+    return math.exp(0.3 * math.sin(2.4 * k + 0.5 * math.sin(0.37 * k * k)))
+
+
+def _above(record: dict, k: float) -> bool:
+    """``loss_centre > loss_reference + k * loss_spread`` of a record, in float32.
+
+    ``rising`` with ``k = track_loss_k``, ``climbing`` with ``track_loss_cut_k``
+    ("Loss gate"): the gate of the next step, read from the state after this one.
+    """
+    centre, reference, spread = (
+        record[f] for f in ("loss_centre", "loss_reference", "loss_spread")
+    )
+    if not (math.isfinite(centre) and math.isfinite(reference)):
+        return False
+    return bool(F(centre) > F(F(reference) + F(F(k) * F(spread))))
+
+
+def _track(c: float, d: float, n: float) -> tuple[float, float]:
+    """One free step of the tracker in float64: (c', d')."""
+    e = min(max(math.log(n) - c, -FALL / R), RISE / R)
+    return c + R * e, d + R * (abs(e) - d)
+
+
+def test_hand_track_data_start_and_spike():
+    steps = _run("track_spike", "data mode, x100 spike at step 60")["steps"]
+    # Step 0: the first finite norm (5) is not clipped; c = ln 5, d = 0, t' = 5.
+    first = steps[0]
+    assert first["flags"] == 32 and first["warmup_steps_left"] == 0
+    assert first["ema_mean"] == pytest.approx(LN5, rel=1e-6) and first["ema_var"] == 0.0
+    assert first["clip_threshold"] == pytest.approx(5.0, rel=1e-6)
+    # Steps 1-3: e = clip(ln n - c, -FALL / r, RISE / r); c' = c + r e;
+    # d' = d + r (|e| - d); t' = exp(c' + d') (track_k = 1).
+    c, d = LN5, 0.0
+    for k in (1, 2, 3):
+        c, d = _track(c, d, 5.0 * _noise(k))
+        assert steps[k]["ema_mean"] == pytest.approx(c, rel=1e-6), k
+        assert steps[k]["ema_var"] == pytest.approx(d, rel=1e-5), k
+        assert steps[k]["clip_threshold"] == pytest.approx(math.exp(c + d), rel=1e-5), k
+    # The adapted flag marks the start and then step' = 100, 200, ...
+    assert [k for k, s in enumerate(steps) if s["flags"] & 32] == [0, 99]
+    # The x100 spike: clipped, an explosion, out of the history; e is clipped
+    # at RISE / r, so the centre rises by exactly RISE and the spread by
+    # r (RISE / r - d) <= RISE: the threshold moves by under exp(2 RISE).
+    before, spike = steps[59], steps[60]
+    assert spike["flags"] == 3 and spike["norm_history_count"] == before["norm_history_count"]
+    assert spike["ema_mean"] - before["ema_mean"] == pytest.approx(RISE, rel=1e-4)
+    assert spike["ema_var"] - before["ema_var"] == pytest.approx(
+        R * (RISE / R - before["ema_var"]), rel=1e-4
+    )
+    assert 1.0 < spike["clip_threshold"] / before["clip_threshold"] < math.exp(2 * RISE)
+
+
+def test_hand_track_start_below_and_above():
+    steps = _run("track_bad_start", "initial threshold 0.05, norms ~5")["steps"]
+    # Every early step explodes (n ~ 5 > 3 * 0.05): e = RISE / r, the centre
+    # rises by RISE per step; the fifth (step 4) fires the one emergency.
+    c0 = math.log(0.05)
+    assert [s["flags"] for s in steps[:5]] == [3, 3, 3, 3, 1 + 2 + 16]
+    assert steps[3]["ema_mean"] == pytest.approx(c0 + 4 * RISE, rel=1e-6)
+    # The anchor is the centre before the cut; the cut is ln(1/2).
+    assert steps[4]["centre_anchor"] == pytest.approx(c0 + 5 * RISE, rel=1e-6)
+    assert steps[4]["ema_mean"] == pytest.approx(c0 + 5 * RISE + math.log(0.5), rel=1e-6)
+    assert steps[4]["emergency_hold_left"] == HOLD
+    # The hold: step k enters with HOLD - (k - 5) > 0 left for k = 5 .. 4 + HOLD,
+    # so the centre cannot rise there (every e > 0: min(e, 0) = 0).
+    end = 4 + HOLD
+    assert {s["ema_mean"] for s in steps[4 : end + 1]} == {steps[4]["ema_mean"]}
+    assert steps[end]["emergency_hold_left"] == 0
+    assert steps[end + 1]["ema_mean"] == pytest.approx(steps[end]["ema_mean"] + RISE, rel=1e-5)
+    # One unbroken run of explosions: one emergency in all.
+    assert steps[-1]["emergency_count"] == 1
+    # Back within [0.3, 3] x the norm level (5) by step 400, and to stay.
+    assert all(1.5 <= s["clip_threshold"] <= 15.0 for s in steps[400:])
+    above = _run("track_bad_start", "initial threshold 500, norms ~5")["steps"]
+    # ln(n / 500) ~ -4.6 < -FALL / r: the centre falls by FALL per step.
+    assert above[9]["ema_mean"] == pytest.approx(math.log(500.0) - 10 * FALL, rel=1e-6)
+    assert all(s["flags"] == 0 for s in above[: int(1.5 / FALL)])
+    assert all(1.5 <= s["clip_threshold"] <= 15.0 for s in above[120:])
+
+
+def test_hand_track_level_shift_costs_one_emergency():
+    run = _run("track_level_shift", "x10 at step 50, x100 burst at 340, x10 again at 520")
+    steps = run["steps"]
+    assert [k for k, s in enumerate(steps) if s["flags"] & 16] == [54, 524]
+    assert run["final_state"]["emergency_steps"][:2] == [54, 524]
+    # The steady loss (1.0 every step) keeps the gate open: centre = reference.
+    assert all(s["loss_centre"] == s["loss_reference"] == 1.0 for s in steps)
+    assert all(s["loss_spread"] == 0.0 for s in steps)
+    # The hold after the first emergency: HOLD, HOLD - 1, ..., 0 at step 54 + HOLD.
+    end = 54 + HOLD
+    holds = [steps[k]["emergency_hold_left"] for k in (54, 55, end - 1, end)]
+    assert holds == [HOLD, HOLD - 1, 1, 0]
+    assert {s["ema_mean"] for s in steps[54 : end + 1]} == {steps[54]["ema_mean"]}
+    # Never below 0.3 x the old level (5) while the new one is absorbed...
+    assert min(s["clip_threshold"] for s in steps[:520]) >= 1.5
+    # ... and absorbed within 400 steps of the rise: within [0.3, 3] x 50.
+    assert all(15.0 <= s["clip_threshold"] <= 150.0 for s in steps[450:520])
+    # The burst at 340-345 reaches the patience at step 344, 290 steps after
+    # the emergency: not re-armed (400), no emergency.
+    assert steps[344]["consecutive_explosions"] == 5 and not steps[344]["flags"] & 16
+    # The second x10 rise fires at 524: 470 steps after the first (re-armed).
+    assert steps[524]["consecutive_explosions"] == 5 and steps[524]["emergency_hold_left"] == HOLD
+
+
+def test_hand_track_explosion_is_cut_within_the_bound():
+    for label in ("loss climbs with the norm", "with loss scaling"):
+        steps = _run("track_explosion", label)["steps"]
+        # The gate is open on the calm steps: the anchor follows the centre.
+        assert all(s["centre_anchor"] == s["ema_mean"] for s in steps[:150])
+        assert not any(_above(s, LOSS_K) for s in steps[:150])
+        # The loss climbs from step 150; its centre moves by at most r * 10
+        # spreads a step (bounded influence), yet the gate closes (rising)
+        # within a few steps, before the first explosion, and the loss is
+        # climbing (CUT_K > LOSS_K spreads) no earlier.
+        closes = next(k for k in range(150, 190) if _above(steps[k], LOSS_K))
+        climbs = next(k for k in range(150, 190) if _above(steps[k], CUT_K))
+        first = next(k for k in range(150, 190) if steps[k]["flags"] & 2)
+        assert 150 <= closes < first and closes <= climbs < first
+        # While it is closed the anchor stays where the centre last was calm,
+        # and the centre does not rise (hold: c + r * min(e, 0)) ...
+        reopens = next(k for k in range(closes, len(steps)) if not _above(steps[k], LOSS_K))
+        frozen = steps[closes]["centre_anchor"]
+        assert all(steps[k]["centre_anchor"] == frozen for k in range(closes, reopens + 1))
+        assert all(
+            steps[k]["ema_mean"] <= steps[k - 1]["ema_mean"] for k in range(closes + 1, reopens + 1)
+        )
+        # ... and once it climbs the centre is cut, never below anchor -
+        # ln(track_max_cut) (an emergency's ln 2 aside, applied after the bound).
+        low = min(s["ema_mean"] for s in steps[150:260])
+        assert low == pytest.approx(frozen - LN_CUT, abs=1e-5)
+        assert sum(1 for s in steps if s["flags"] & 16) == 1
+        # An explosion with the loss climbing on entry, above the bound, pulls
+        # the centre down by exactly FALL.
+        k = next(
+            k
+            for k in range(climbs + 1, 190)
+            if steps[k]["flags"] & 2
+            and not steps[k]["flags"] & 16
+            and _above(steps[k - 1], CUT_K)
+            and steps[k - 1]["ema_mean"] - FALL > frozen - LN_CUT
+        )
+        assert steps[k]["ema_mean"] == pytest.approx(steps[k - 1]["ema_mean"] - FALL, abs=1e-5)
+        # Explosions are not calm (and step k >= N): the loss reference and
+        # spread stay put.
+        assert k >= N_LEARN
+        assert steps[k]["loss_reference"] == steps[k - 1]["loss_reference"]
+        assert steps[k]["loss_spread"] == steps[k - 1]["loss_spread"]
+    steps = _run("track_explosion", "loss climbs with the norm")["steps"]
+    # The loss falls back after step 189: the gate reopens and the tracker
+    # climbs back to within [0.3, 3] x the norm level (5).
+    assert 1.5 <= steps[-1]["clip_threshold"] <= 15.0
+    scaled = _run("track_explosion", "with loss scaling")["steps"]
+    fire = next(k for k, s in enumerate(scaled) if s["flags"] & 16)
+    # An emergency under loss scaling: s' = max(s * 0.8 * 0.1, 0.1) here.
+    assert scaled[fire]["loss_scale"] == float(F(0.1))
+
+
+def test_hand_track_waiting_for_the_first_norm():
+    steps = _run("track_waiting", "NaN, inf, overflow, then finite")["steps"]
+    assert [s["flags"] for s in steps[:3]] == [8, 8, 8]
+    assert [s["warmup_steps_left"] for s in steps[:4]] == [1, 1, 1, 0]
+    assert all(s["clip_threshold"] == float(F(1e-30)) for s in steps[:3])
+    # Step 3 starts the tracker at n = 5, unclipped.
+    assert steps[3]["flags"] == 32 and steps[3]["clip_threshold"] == pytest.approx(5.0, rel=1e-6)
+    # The loss gate: NaN ignored, 2.0 starts it (step 1), inf ignored, then
+    # 1.5 at step 3 < N: running means at a = max(r, 1 / (3 + 1)) = 0.25:
+    # centre = 2 + 0.25 (1.5 - 2) = 1.875; reference = 2 + 0.25 (1.875 - 2)
+    # = 1.96875; spread = 0 + 0.25 (|1.5 - 2| - 0) = 0.125 (all exact).
+    assert math.isnan(steps[0]["loss_centre"])
+    assert steps[1]["loss_centre"] == steps[1]["loss_reference"] == 2.0
+    assert steps[2]["loss_centre"] == 2.0 and steps[2]["loss_spread"] == 0.0
+    assert steps[3]["loss_centre"] == 1.875
+    assert steps[3]["loss_reference"] == 1.96875
+    assert steps[3]["loss_spread"] == 0.125
+    # Step 4, loss 1.4, a = 1 / 5: centre = 1.875 + 0.2 (1.4 - 1.875) = 1.78;
+    # reference = 1.96875 + 0.2 (1.78 - 1.96875) = 1.931; spread = 0.125 +
+    # 0.2 (|1.4 - 1.875| - 0.125) = 0.195.
+    assert steps[4]["loss_centre"] == pytest.approx(1.78, rel=1e-6)
+    assert steps[4]["loss_reference"] == pytest.approx(1.931, rel=1e-6)
+    assert steps[4]["loss_spread"] == pytest.approx(0.195, rel=1e-6)
+    # A NaN loss (step 5) changes nothing.
+    assert all(steps[5][f] == steps[4][f] for f in ("loss_centre", "loss_reference", "loss_spread"))
+    burst = _run("track_waiting", "six NaN steps: an emergency while waiting")["steps"]
+    assert burst[4]["flags"] == 8 + 16 and burst[4]["emergency_hold_left"] == HOLD
+    assert burst[6]["flags"] == 32 and burst[6]["ema_mean"] == pytest.approx(LN5, rel=1e-6)
+    assert burst[6]["emergency_hold_left"] == HOLD - 2
+
+
+def test_hand_track_edges():
+    # SPEC.md: the hold runs down whatever emergency_patience is.
+    steps = _run("track_edges", "patience 0, hold left 3")["steps"]
+    assert [s["emergency_hold_left"] for s in steps[:4]] == [2, 1, 0, 0]
+    never = _run("track_edges", "track_loss_k = track_loss_cut_k = inf, climbing loss")["steps"]
+    # The gate never closes and the loss never climbs: explosions never pull
+    # the centre down (only the emergency does, once).
+    for k in range(31, len(never)):
+        drop = never[k]["ema_mean"] < never[k - 1]["ema_mean"]
+        assert not drop or never[k]["flags"] & 16, k
+    assert sum(1 for s in never if s["flags"] & 16) == 1
+    cut = _run("track_edges", "track_loss_k = inf, cut at 1.5, climbing loss")["steps"]
+    # Never rising: the anchor always follows the centre (no hold from the
+    # gate), but a climbing loss cuts the centre on explosions by FALL, the
+    # bound anchor - ln 10 being then c - ln 10, below c - FALL.
+    assert all(s["centre_anchor"] == s["ema_mean"] for s in cut if not s["flags"] & 16)
+    cuts = [
+        k
+        for k in range(1, len(cut))
+        if cut[k]["flags"] & 2 and not cut[k]["flags"] & 16 and _above(cut[k - 1], CUT_K)
+    ]
+    assert cuts
+    for k in cuts:
+        assert cut[k]["ema_mean"] == pytest.approx(cut[k - 1]["ema_mean"] - FALL, abs=2e-6), k
+    flat = _run("track_edges", "interval 0, max_threshold 4, track_k 0")["steps"]
+    assert [k for k, s in enumerate(flat) if s["flags"] & 32] == [0]
+    # track_k = 0: t = clamp(exp(c)); the first norm is 2.5 (0.5 * 5), and
+    # max_threshold caps the threshold at 4.
+    assert all(s["clip_threshold"] <= 4.0 for s in flat)
+    assert flat[0]["clip_threshold"] == pytest.approx(2.5, rel=1e-6)
+    c = math.log(2.5)
+    for k in (1, 2, 3):
+        c, _ = _track(c, 0.0, 5.0 * (0.5 + 0.5 * (k % 3)))
+        assert flat[k]["clip_threshold"] == pytest.approx(min(math.exp(c), 4.0), rel=1e-5), k
+
+
+def test_hand_track_zero_start():
+    run = _run("track_zero_start", "two all-zero gradients, then norms ~5")
+    steps = run["steps"]
+    placeholder = run["initial_state"]["ema_mean"]  # lnf(min_threshold)
+    # A zero norm while waiting: t = clamp(0) = min_threshold (1e-30); n = 0 is
+    # not above it (not clipped) and is vanishing; the output is exactly 0; it
+    # keeps waiting, the centre at its placeholder.
+    for s in steps[:2]:
+        assert s["flags"] == 4 and s["warmup_steps_left"] == 1
+        assert s["clip_threshold"] == float(F(1e-30)) and s["ema_mean"] == placeholder
+        assert all(v == 0.0 for leaf in s["out"] for v in leaf)
+    # The first positive norm (step 2) starts the tracker, unclipped.
+    n2 = 5.0 * _noise(2)
+    assert steps[2]["flags"] == 32 and steps[2]["warmup_steps_left"] == 0
+    assert steps[2]["ema_mean"] == pytest.approx(math.log(n2), rel=1e-6)
+    assert steps[2]["clip_threshold"] == pytest.approx(n2, rel=1e-6)
+    out = [v for leaf in steps[2]["out"] for v in leaf]
+    assert out == pytest.approx([0.6 * n2, 0.8 * n2], rel=1e-6)
+    mixed = _run("track_zero_start", "NaN, zero, NaN, zero, then finite")["steps"]
+    assert [s["flags"] for s in mixed[:5]] == [8, 4, 8, 4, 32]
+    assert [s["warmup_steps_left"] for s in mixed[:5]] == [1, 1, 1, 1, 0]
+    assert all(s["clip_threshold"] == float(F(1e-30)) for s in mixed[:4])
+    # After a learning-rate start (t0 = 1, c = 0): three norms of 5 explode
+    # (5 > 3 t), e = RISE / r each: c = 3 RISE. Then zero norms: lnf(0) - c is
+    # far under -FALL / r, so the centre falls by FALL a step and |e| = FALL / r.
+    after = _run("track_zero_start", "zero norms after a learning-rate start")["steps"]
+    assert [s["flags"] for s in after[:6]] == [3, 3, 3, 4, 4, 4]
+    for j, k in enumerate((3, 4, 5), start=1):
+        assert after[k]["ema_mean"] == pytest.approx(3 * RISE - j * FALL, abs=2e-6), k
+        d = after[k - 1]["ema_var"] + R * (FALL / R - after[k - 1]["ema_var"])
+        assert after[k]["ema_var"] == pytest.approx(d, rel=1e-5), k
+
+
+def test_hand_track_loss_outlier():
+    steps = _run("track_loss_outlier", "outlier at step 100, x2 norm at step 110")["steps"]
+    before, hit = steps[99], steps[100]
+    # Step 100 >= N: bounded influence. Bc = max(10 spread, 0.001 |centre|) =
+    # 10 spread here; v - centre ~1e7 is clipped to Bc: centre' = centre + r Bc
+    # (half a spread). Calm (the norm is ~5), gap = centre' - reference > 0: the
+    # reference rises at track_loss_rise_rate; the spread moves towards
+    # min(|v - c|, B) = B = max(3 spread, 0.001 |centre|) = 3 spread.
+    c, ref, spread = (before[f] for f in ("loss_centre", "loss_reference", "loss_spread"))
+    floor = 1e-3 * abs(c)
+    centre_bound, bound = max(10 * spread, floor), max(3 * spread, floor)
+    assert (centre_bound, bound) == (10 * spread, 3 * spread)
+    assert hit["loss_centre"] == pytest.approx(c + R * centre_bound, rel=1e-6)
+    assert hit["loss_reference"] == pytest.approx(
+        ref + RISE_RATE * (c + R * centre_bound - ref), rel=1e-6
+    )
+    assert hit["loss_spread"] == pytest.approx(spread + R * (bound - spread), rel=1e-5)
+    # So the gate never closes (half a spread is under one), and the
+    # lasting x2 rise of the norm at step 110 is followed: the centre rises
+    # by about ln 2.
+    assert not any(_above(s, LOSS_K) for s in steps)
+    assert steps[-1]["ema_mean"] - steps[99]["ema_mean"] == pytest.approx(math.log(2.0), abs=0.15)
+    early = _run("track_loss_outlier", "outlier at step 5, x2 norm at step 110")["steps"]
+    # Within the first N steps the outlier enters the running mean unbounded:
+    # a = 1 / 6, centre' = centre + (1e7 - centre) / 6.
+    c = early[4]["loss_centre"]
+    assert early[5]["loss_centre"] == pytest.approx(c + (1e7 - c) / 6, rel=1e-6)
+    # The gate stays open (the centre falls under its reference), and the
+    # rise of the norm is followed as well.
+    assert not any(_above(s, LOSS_K) for s in early)
+    assert early[-1]["ema_mean"] - early[99]["ema_mean"] == pytest.approx(math.log(2.0), abs=0.15)

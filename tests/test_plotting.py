@@ -224,3 +224,18 @@ def test_plot_monitor_without_records_says_so():
     monitor.update(optax.chain(og.stabilize(1e-2)).init(vec(1.0)))  # step 0: no interval
     with pytest.raises(ValueError, match="no records yet"):
         plot(monitor)
+
+
+def test_plot_draws_a_pytorch_stabilizer():
+    torch = pytest.importorskip("torch")
+    from optax_gradflow.torch import GradientFlowStabilizer
+
+    stab = GradientFlowStabilizer(1e-2)
+    p = torch.nn.Parameter(torch.zeros(2))
+    for g in ([0.3, 0.4], [30.0, 40.0], [0.12, 0.16]):
+        p.grad = torch.tensor(g)
+        stab.clip_gradients([p])
+    fig = plot(stab)
+    assert "recent window" in fig.axes[0].get_title() or any(
+        "recent window" in ax.get_xlabel() for ax in fig.axes
+    )

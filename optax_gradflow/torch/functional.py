@@ -7,7 +7,9 @@ no ``bool(tensor)``, no Python branch on a tensor. Branches that JAX takes with
 ``lax.cond`` (the warm-up median, the adaptation rule, the diagnostics) are
 computed every step here and selected with ``torch.where``; they cost a sort
 of the norm history, far less than the gradient pass itself, and keep the
-step a single graph for ``torch.compile``.
+step a single graph for ``torch.compile``. The default ``track`` rule (SPEC.md,
+"Tracking rule") needs no sort: it moves a centre and a spread of the log-norm
+every step, gated by the loss ("Loss gate", which every rule updates).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from optax_gradflow.torch.state import (
     State,
     _check_config,
     check_state,
+    log_floored,
 )
 
 # 1 / Phi^{-1}(3/4): the median absolute deviation of normal data times this
@@ -230,6 +233,150 @@ def _diagnose(
     return trend, variance, warning
 
 
+# --- The "track" rule and the loss gate (SPEC.md, "Tracking rule") ----------
+
+
+def _track_threshold(
+    centre: torch.Tensor, spread: torch.Tensor, config: StabilizerConfig
+) -> torch.Tensor:
+    """``threshold(c, d) = clamp(exp(c + track_k * d))``."""
+    return _clamp_threshold(torch.exp(centre + spread * config.track_k), config)
+
+
+def _f32_constant(value: float, device: torch.device) -> torch.Tensor:
+    return torch.full((), value, dtype=_F32, device=device)
+
+
+def _track_adapt(
+    norm: torch.Tensor,
+    explosion: torch.Tensor,
+    rising: torch.Tensor,
+    climbing: torch.Tensor,
+    state: State,
+    config: StabilizerConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centre c', spread d') of a finite step after the start ("Adaptation" of the rule).
+
+    ``rising`` (the gate closed, ``track_loss_k``) holds the centre's rise;
+    ``climbing`` (``track_loss_cut_k``) with an explosion cuts it. The callers
+    select it away on the other steps.
+    """
+    centre, spread = state["ema_mean"], state["ema_var"]
+    rate = config.track_rate
+    hold = (state["emergency_hold_left"] > 0) | rising
+    device = centre.device
+    # The bounds are computed in float64 and rounded to float32 once.
+    lo = _f32_constant(-config.track_max_fall / rate, device)
+    hi = _f32_constant(config.track_max_rise / rate, device)
+    e = torch.clamp(log_floored(norm) - centre, min=lo, max=hi)
+    moved = centre + torch.where(hold, torch.clamp(e, max=0.0), e) * rate
+    new_spread = spread + (torch.abs(e) - spread) * rate
+    # An explosion in progress (the loss climbing, this step an explosion): the
+    # centre falls at the full rate, but not below track_max_cut times under
+    # its anchor, nor does this raise it.
+    floor = state["centre_anchor"] - torch.log(_f32_constant(config.track_max_cut, device))
+    tightened = torch.maximum(
+        torch.minimum(moved, centre - _f32_constant(config.track_max_fall, device)),
+        torch.minimum(floor, centre),
+    )
+    moved = torch.where(climbing & explosion, tightened, moved)
+    return moved, new_spread
+
+
+def _loss_above(
+    centre: torch.Tensor, reference: torch.Tensor, spread: torch.Tensor, k: float
+) -> torch.Tensor:
+    """``centre > reference + k * spread``; false while either level is unknown (NaN)."""
+    known = torch.isfinite(centre) & torch.isfinite(reference)
+    return known & (centre > reference + spread * k)
+
+
+def _loss_rising(
+    centre: torch.Tensor, reference: torch.Tensor, spread: torch.Tensor, config: StabilizerConfig
+) -> torch.Tensor:
+    """The gate is closed: the loss centre above ``reference + track_loss_k * spread``.
+
+    False while either level is unknown (NaN before the first loss).
+    """
+    return _loss_above(centre, reference, spread, config.track_loss_k)
+
+
+def _loss_climbing(
+    centre: torch.Tensor, reference: torch.Tensor, spread: torch.Tensor, config: StabilizerConfig
+) -> torch.Tensor:
+    """``climbing``: ``rising`` with ``track_loss_cut_k`` in place of ``track_loss_k``."""
+    return _loss_above(centre, reference, spread, config.track_loss_cut_k)
+
+
+def _learning_steps(config: StabilizerConfig) -> int:
+    """``N = min(round(1 / track_rate), 2**31 - 1)`` (Python's round, half to even)."""
+    return min(round(1.0 / config.track_rate), INT32_MAX)
+
+
+def _loss_gate(
+    loss: torch.Tensor, calm: torch.Tensor, state: State, config: StabilizerConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_centre', loss_reference', loss_spread') after the loss ``loss`` (SPEC.md, "Loss gate").
+
+    ``loss`` is NaN when no ``value=`` was given; ``calm`` is ``finite and not
+    explosion`` of this step's norm. Every rule runs it.
+    """
+    centre, reference, spread = (
+        state["loss_centre"],
+        state["loss_reference"],
+        state["loss_spread"],
+    )
+    device = loss.device
+    rate = _f32_constant(config.track_rate, device)
+    given = torch.isfinite(loss)
+    first = ~torch.isfinite(centre)
+    open_gate = ~_loss_rising(centre, reference, spread, config)
+    # The first N steps: running means (rate a = max(r, 1 / (step + 1)), in
+    # float32), and every finite loss teaches the reference and the spread.
+    count = state["stabilizer_step"]
+    early = count < _learning_steps(config)
+    a = torch.maximum(rate, 1.0 / (count.to(_F32) + 1.0))
+    # After them, bounded influence: B = max(3 * spread, 0.001 * |centre|) for
+    # the spread, Bc = max(10 * spread, 0.001 * |centre|) for the centre (one
+    # outlier moves it by at most r * Bc, half a spread).
+    floor = torch.abs(centre) * 1e-3
+    bound = torch.maximum(spread * 3.0, floor)
+    centre_bound = torch.maximum(spread * 10.0, floor)
+    diff = loss - centre
+    new_centre = torch.where(
+        early,
+        centre + a * diff,
+        centre + rate * torch.clamp(diff, min=-centre_bound, max=centre_bound),
+    )
+    gap = new_centre - reference
+    # The reference falls with the loss at the centre's rate, rises slowly;
+    # after the first steps only calm steps move it.
+    gap_rate = torch.where(
+        early,
+        a,
+        torch.where(gap <= 0, rate, _f32_constant(config.track_loss_rise_rate, device)),
+    )
+    new_reference = torch.where(calm | early, reference + gap_rate * gap, reference)
+    deviation = torch.abs(diff)
+    deviation = torch.where(early, deviation, torch.minimum(deviation, bound))
+    # The spread learns only while the gate is open (and always at first).
+    new_spread = torch.where(
+        (open_gate & calm) | early,
+        spread + torch.where(early, a, rate) * (deviation - spread),
+        spread,
+    )
+    # The first finite loss starts all three levels.
+    new_centre = torch.where(first, loss, new_centre)
+    new_reference = torch.where(first, loss, new_reference)
+    new_spread = torch.where(first, torch.zeros_like(spread), new_spread)
+    # A missing or non-finite loss changes nothing.
+    return (
+        torch.where(given, new_centre, centre),
+        torch.where(given, new_reference, reference),
+        torch.where(given, new_spread, spread),
+    )
+
+
 def _sum_of_squares(leaves: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per-leaf sums of float32 squares, then their sum (SPEC.md, "Per-step order" 1).
 
@@ -311,7 +458,9 @@ def update(
       state: a dict from :func:`init_state` (or :func:`from_jax_state`), on the
         gradients' device. It is not modified.
       params: unused; accepted for symmetry with optax.
-      value: the loss, recorded as ``last_loss``.
+      value: the loss, recorded as ``last_loss`` and fed to the loss gate
+        (SPEC.md, "Loss gate"); a missing or non-finite loss leaves the gate as
+        it is.
       config: the :class:`~optax_gradflow.StabilizerConfig` the state was built
         with; the defaults if None.
       process_group: the ``torch.distributed`` group over which plain-tensor
@@ -353,16 +502,23 @@ def update(
     hist = state["norm_history"]
     hist_count = state["norm_history_count"]
     threshold = state["clip_threshold"]
-    # Driven by the state, not by config.warmup_steps: a state resumed under a
-    # config without warm-up finishes the warm-up it started.
-    from_history = _percentile(hist, hist_count, 50.0) * config.warmup_multiplier
-    warm = torch.where(
-        hist_count > 0,
-        _clamp_threshold(from_history, config),
-        torch.where(finite, _clamp_threshold(norm, config), threshold),
-    )
     in_warmup = state["warmup_steps_left"] > 0
-    threshold = torch.where(in_warmup, warm, threshold)
+    if config.adaptation_rule == "track":
+        # Waiting for the first finite, positive norm (SPEC.md, "Tracking rule",
+        # "Start"): it has nothing to be compared with and is not clipped (a
+        # zero norm: t = clamp(0), and it keeps waiting); a non-finite step
+        # while waiting uses the placeholder (and is skipped anyway).
+        threshold = torch.where(in_warmup & finite, _clamp_threshold(norm, config), threshold)
+    else:
+        # Driven by the state, not by config.warmup_steps: a state resumed under
+        # a config without warm-up finishes the warm-up it started.
+        from_history = _percentile(hist, hist_count, 50.0) * config.warmup_multiplier
+        warm = torch.where(
+            hist_count > 0,
+            _clamp_threshold(from_history, config),
+            torch.where(finite, _clamp_threshold(norm, config), threshold),
+        )
+        threshold = torch.where(in_warmup, warm, threshold)
     # Explosions are measured against this step's threshold, except under the
     # zscore rule: against the spike boundary held in the state.
     reference = threshold
@@ -427,7 +583,33 @@ def update(
     left = state["warmup_steps_left"]
     left_after = torch.clamp(left - 1, min=0)
     ema_mean, ema_var = state["ema_mean"], state["ema_var"]
-    if config.adaptation_rule == "zscore":
+    centre_anchor = state["centre_anchor"]
+    if config.adaptation_rule == "track":
+        # SPEC.md, "Tracking rule": the centre and spread of the log-norm move
+        # on every finite step; the gate is the state's on entry.
+        gate = (state["loss_centre"], state["loss_reference"], state["loss_spread"])
+        rising = _loss_rising(*gate, config)
+        climbing = _loss_climbing(*gate, config)
+        moved_centre, moved_spread = _track_adapt(norm, explosion, rising, climbing, state, config)
+        # Only a finite, positive norm starts the tracker: a zero norm (an
+        # all-zero gradient) has no level to start from and keeps waiting.
+        start = in_warmup & finite & (norm > 0)
+        move = finite & ~in_warmup
+        ema_mean = torch.where(start, log_floored(norm), torch.where(move, moved_centre, ema_mean))
+        ema_var = torch.where(
+            start, torch.zeros_like(ema_var), torch.where(move, moved_spread, ema_var)
+        )
+        centre_anchor = torch.where(rising & ~start, centre_anchor, ema_mean)
+        left_after = torch.where(in_warmup & ~start, 1, 0)
+        new_threshold = torch.where(
+            start | move, _track_threshold(ema_mean, ema_var, config), threshold
+        )
+        # The threshold moves every step; the adapted flag (and the threshold
+        # history) mark the start and every adaptation_interval steps after it.
+        adapt = start
+        if config.adaptation_interval > 0:
+            adapt = adapt | ((step_after % config.adaptation_interval == 0) & ~in_warmup)
+    elif config.adaptation_rule == "zscore":
         ends = left == 1
         # The EMA needs a norm to start from: the warm-up waits for one.
         left_after = torch.where(ends & (norm_cnt == 0), 1, left_after)
@@ -456,22 +638,51 @@ def update(
     # 8. Emergency intervention, after the adaptation so that it cannot be undone.
     unstable = nonfinite | explosion
     consecutive = torch.where(unstable, _sat_inc(state["consecutive_explosions"]), 0)
-    if config.emergency_patience > 0:
-        fire = consecutive >= config.emergency_patience
+    hold_left = state["emergency_hold_left"]
+    no_fire = torch.zeros((), dtype=torch.bool, device=device)
+    if config.adaptation_rule == "track":
+        # SPEC.md, "Tracking rule", "Emergency": once per unbroken run (the run
+        # is not reset), and at most once per emergency_rearm_steps. The hold
+        # counts down whatever emergency_patience (also 0).
+        if config.emergency_patience > 0:
+            size = config.emergency_history_size
+            newest = ((state["emergency_steps_index"] - 1) % size).to(torch.int64)
+            last = _gather(state["emergency_steps"], newest)
+            armed = (state["emergency_steps_count"] == 0) | (
+                state["stabilizer_step"] - last >= config.emergency_rearm_steps
+            )
+            fire = (consecutive == config.emergency_patience) & armed
+        else:
+            fire = no_fire
+        hold_left = torch.where(
+            fire, config.emergency_hold_steps, torch.clamp(hold_left - 1, min=0)
+        )
+        # The centre drops by the emergency factor, after the adaptation and
+        # after the anchor.
+        cut = torch.log(_f32_constant(config.emergency_threshold_factor, device))
+        ema_mean = torch.where(fire, ema_mean + cut, ema_mean)
+        new_threshold = torch.where(
+            fire, _track_threshold(ema_mean, ema_var, config), new_threshold
+        )
     else:
-        fire = torch.zeros((), dtype=torch.bool, device=device)
-    new_threshold = torch.where(
-        fire,
-        torch.clamp(new_threshold * config.emergency_threshold_factor, min=config.min_threshold),
-        new_threshold,
-    )
+        if config.emergency_patience > 0:
+            fire = consecutive >= config.emergency_patience
+        else:
+            fire = no_fire
+        new_threshold = torch.where(
+            fire,
+            torch.clamp(
+                new_threshold * config.emergency_threshold_factor, min=config.min_threshold
+            ),
+            new_threshold,
+        )
+        consecutive = torch.where(fire, 0, consecutive)
     if config.loss_scaling:
         new_scale = torch.where(
             fire,
             torch.clamp(new_scale * config.emergency_loss_scale_factor, min=config.min_loss_scale),
             new_scale,
         )
-    consecutive = torch.where(fire, 0, consecutive)
 
     # 9. Diagnostics.
     trend, warning = state["norm_trend"], state["early_warning"]
@@ -523,10 +734,13 @@ def update(
     )
     if value is None:
         last_loss = state["last_loss"]
+        loss = torch.full((), math.nan, dtype=_F32, device=device)
     elif isinstance(value, torch.Tensor):
-        last_loss = value.detach().to(device=device, dtype=_F32).reshape(())
+        last_loss = loss = value.detach().to(device=device, dtype=_F32).reshape(())
     else:
-        last_loss = torch.full((), value, dtype=_F32, device=device)
+        last_loss = loss = torch.full((), value, dtype=_F32, device=device)
+    # The loss gate moves under every rule (SPEC.md, "Per-step order" 10).
+    loss_centre, loss_reference, loss_spread = _loss_gate(loss, finite & ~explosion, state, config)
 
     new_state: State = {
         "stabilizer_step": step_after,
@@ -535,6 +749,7 @@ def update(
         "loss_scale_growth_count": growth_count.to(_I32),
         "warmup_steps_left": left_after.to(_I32),
         "consecutive_explosions": consecutive.to(_I32),
+        "emergency_hold_left": hold_left.to(_I32),
         "explosion_count": _sat_inc(state["explosion_count"], explosion),
         "vanishing_count": _sat_inc(state["vanishing_count"], vanishing),
         "nonfinite_count": _sat_inc(state["nonfinite_count"], nonfinite),
@@ -544,10 +759,14 @@ def update(
         "stable_streak": torch.where(unstable, 0, _sat_inc(state["stable_streak"])).to(_I32),
         "last_grad_norm": norm.to(_F32),
         "last_loss": last_loss,
+        "loss_centre": loss_centre.to(_F32),
+        "loss_reference": loss_reference.to(_F32),
+        "loss_spread": loss_spread.to(_F32),
         "norm_trend": trend.to(_F32),
         "early_warning": warning.to(torch.bool),
         "ema_mean": ema_mean.to(_F32),
         "ema_var": ema_var.to(_F32),
+        "centre_anchor": centre_anchor.to(_F32),
         "norm_history": norm_hist,
         "norm_history_index": norm_idx,
         "norm_history_count": norm_cnt,

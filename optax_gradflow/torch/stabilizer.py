@@ -19,15 +19,13 @@ from typing import Any, Literal
 import torch
 
 from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.report import StabilityReport, build_report
 from optax_gradflow.torch import distributed
-from optax_gradflow.torch.functional import _is_float, update
+from optax_gradflow.torch.functional import _gather, _is_float, _loss_gate, update
 from optax_gradflow.torch.state import (
     FIELDS,
-    FLAG_CLIPPED,
-    FLAG_EMERGENCY,
     FLAG_EXPLOSION,
     FLAG_NONFINITE,
-    FLAG_VANISHING,
     State,
     _check_config,
     expected_specs,
@@ -39,18 +37,6 @@ _TAG = "_optax_gradflow_tag"
 
 SkipMode = Literal["auto", "found_inf", "restore", "sync"]
 _SKIP_MODES = ("auto", "found_inf", "restore", "sync")
-
-_COUNTERS = (
-    "explosion_count",
-    "vanishing_count",
-    "nonfinite_count",
-    "clip_count",
-    "emergency_count",
-    "warning_count",
-    "stable_streak",
-    "consecutive_explosions",
-    "warmup_steps_left",
-)
 
 
 class GradientFlowStabilizer:
@@ -108,8 +94,9 @@ class GradientFlowStabilizer:
       >>> stab.get_scaled_loss(loss).backward()
       >>> norm = stab.clip_gradients(model.parameters(), loss=loss)
       >>> stab.step(opt)
-      >>> stab.get_stability_report()["steps"]
-      1
+      >>> report = stab.get_stability_report()
+      >>> report.step, report.status
+      (1, 'healthy')
     """
 
     def __init__(
@@ -137,6 +124,11 @@ class GradientFlowStabilizer:
         self._epoch = 0
         self._processed_step: int | None = None
         self._pending_loss: torch.Tensor | None = None
+        # The loss gate's inputs of the step processed last (its levels on
+        # entry and whether the step was calm), so that a loss given after the
+        # step ran (clip_gradients(loss=...) after unscale_gradients) is the
+        # step's value for the gate too, as if it had been given to update.
+        self._gate_entry: tuple[State, torch.Tensor] | None = None
 
     # --- State access --------------------------------------------------------
 
@@ -192,8 +184,10 @@ class GradientFlowStabilizer:
             than the previous call's starts a new stabilizer step even when the
             gradients look unchanged; otherwise a new step starts when the
             gradients are new or changed in place (a new ``backward``).
-          loss: the loss, recorded as ``last_loss``; defaults to the loss given
-            to :meth:`get_scaled_loss`.
+          loss: the loss, recorded as ``last_loss`` and fed to the loss gate
+            (also when this step's gradients were already stabilized: it is
+            then this step's ``value``); defaults to the loss given to
+            :meth:`get_scaled_loss`.
 
         Returns:
           The unscaled global norm ``n`` of this step as a float32 scalar tensor
@@ -232,13 +226,21 @@ class GradientFlowStabilizer:
         grads = [p.grad for p in params]
         if self._is_processed(grads, step):
             if loss is not None:
-                self._state["last_loss"] = _as_f32(loss, self._state["last_loss"].device)
+                value = _as_f32(loss, self._state["last_loss"].device)
+                self._state["last_loss"] = value
+                if self._gate_entry is not None:
+                    entry, calm = self._gate_entry
+                    centre, reference, spread = _loss_gate(value, calm, entry, self.config)
+                    self._state["loss_centre"] = centre
+                    self._state["loss_reference"] = reference
+                    self._state["loss_spread"] = spread
             return
         for g in grads:
             if g is not None:
                 self._move_to(g.device)
                 break
         value = loss if loss is not None else self._pending_loss
+        entry = {name: self._state[name] for name in _GATE_FIELDS}
         new_grads, self._state = update(
             grads,
             self._state,
@@ -246,6 +248,7 @@ class GradientFlowStabilizer:
             config=self.config,
             process_group=self.process_group,
         )
+        self._gate_entry = (entry, _calm(self._state))
         pairs = [
             (g, n) for g, n in zip(grads, new_grads, strict=True) if g is not None and _is_float(g)
         ]
@@ -316,41 +319,18 @@ class GradientFlowStabilizer:
 
     # --- Reporting and checkpoints -------------------------------------------
 
-    def get_stability_report(self) -> dict[str, Any]:
-        """A plain dict summarising the run; reads the state on the host.
+    def get_stability_report(self) -> StabilityReport:
+        """This stabilizer's :class:`optax_gradflow.StabilityReport` (SPEC.md, "Stability report").
 
-        ``score`` is the share of the steps in the event window (the last
-        ``event_history_size`` steps) with neither an explosion nor a
-        non-finite norm; 1.0 before the first step.
+        The same type, fields, status rules and ``summary()`` as JAX's
+        :func:`optax_gradflow.stability_report`, built by the same host-side
+        function (:func:`optax_gradflow.report.build_report`) from the state
+        dict: a run moved between frameworks gets the same report. Reads the
+        state on the host (one copy of the scalars and rings to the CPU); the
+        update ratio, which only the optax wrapper form records, is absent.
         """
-        host = {name: value.detach().cpu() for name, value in self._state.items()}
-        count = int(host["event_flags_count"])
-        flags = [int(f) for f in host["event_flags"][:count]]
-
-        def window(bit: int) -> int:
-            return sum(1 for f in flags if f & bit)
-
-        unstable = sum(1 for f in flags if f & (FLAG_EXPLOSION | FLAG_NONFINITE))
-        report: dict[str, Any] = {
-            "steps": int(host["stabilizer_step"]),
-            "clip_threshold": float(host["clip_threshold"]),
-            "loss_scale": float(host["loss_scale"]),
-            "last_grad_norm": float(host["last_grad_norm"]),
-            "last_loss": float(host["last_loss"]),
-            "norm_trend": float(host["norm_trend"]),
-            "early_warning": bool(host["early_warning"]),
-        }
-        report.update({name: int(host[name]) for name in _COUNTERS})
-        report.update(
-            window_steps=count,
-            window_clipped=window(FLAG_CLIPPED),
-            window_explosions=window(FLAG_EXPLOSION),
-            window_vanishing=window(FLAG_VANISHING),
-            window_nonfinite=window(FLAG_NONFINITE),
-            window_emergencies=window(FLAG_EMERGENCY),
-            score=1.0 - unstable / count if count else 1.0,
-        )
-        return report
+        host = {name: value.detach().cpu().numpy() for name, value in self._state.items()}
+        return build_report(host, path="torch")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The state, cloned: keys are the ``GradientFlowState`` field names."""
@@ -392,6 +372,18 @@ class GradientFlowStabilizer:
         self._epoch += 1
         self._processed_step = None
         self._pending_loss = None
+        self._gate_entry = None
+
+
+# What the loss gate reads from the state on entry (SPEC.md, "Loss gate").
+_GATE_FIELDS = ("loss_centre", "loss_reference", "loss_spread", "stabilizer_step")
+
+
+def _calm(state: State) -> torch.Tensor:
+    """Whether the step just pushed onto ``event_flags`` was calm: finite, no explosion."""
+    ring = state["event_flags"]
+    newest = ((state["event_flags_index"] - 1) % ring.shape[0]).to(torch.int64)
+    return (_gather(ring, newest) & (FLAG_EXPLOSION | FLAG_NONFINITE)) == 0
 
 
 def _as_f32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:

@@ -33,6 +33,7 @@ FIELDS: tuple[str, ...] = (
     "loss_scale_growth_count",
     "warmup_steps_left",
     "consecutive_explosions",
+    "emergency_hold_left",
     "explosion_count",
     "vanishing_count",
     "nonfinite_count",
@@ -42,10 +43,14 @@ FIELDS: tuple[str, ...] = (
     "stable_streak",
     "last_grad_norm",
     "last_loss",
+    "loss_centre",
+    "loss_reference",
+    "loss_spread",
     "norm_trend",
     "early_warning",
     "ema_mean",
     "ema_var",
+    "centre_anchor",
     "norm_history",
     "norm_history_index",
     "norm_history_count",
@@ -71,9 +76,13 @@ FLOAT_SCALARS: tuple[str, ...] = (
     "loss_scale",
     "last_grad_norm",
     "last_loss",
+    "loss_centre",
+    "loss_reference",
+    "loss_spread",
     "norm_trend",
     "ema_mean",
     "ema_var",
+    "centre_anchor",
 )
 
 # Ring name -> (config field holding its size, dtype).
@@ -155,6 +164,16 @@ def _clamp_threshold(value: torch.Tensor, config: StabilizerConfig) -> torch.Ten
     return torch.clamp(value, min=config.min_threshold, max=config.max_threshold)
 
 
+# float32's smallest normal, 2^-126: the floor under the logarithm of the
+# "track" rule, which only keeps ln(0) finite (SPEC.md, "Tracking rule").
+LOG_FLOOR = 2.0**-126
+
+
+def log_floored(x: torch.Tensor) -> torch.Tensor:
+    """``lnf(x) = ln(max(x, 2^-126))`` in float32 (SPEC.md, "Tracking rule")."""
+    return torch.log(torch.clamp(x, min=LOG_FLOOR))
+
+
 def threshold_at_init(
     learning_rate: float | Callable[[int], Any] | None,
     config: StabilizerConfig,
@@ -193,6 +212,10 @@ def threshold_at_init(
         # clamp(c * sqrt(1 / lr)), every operation in float32.
         raw = _f32(config.lr_threshold_scale) * torch.sqrt(_f32(1.0) / _f32(lr))
         return _clamp_threshold(raw, config), 0
+    if config.adaptation_rule == "track":
+        # The tracker waits for the first finite, positive norm, whatever warmup_steps
+        # says (SPEC.md, "Initial threshold" 4 and "Tracking rule").
+        return _f32(config.min_threshold), 1
     return _f32(config.min_threshold), config.warmup_steps
 
 
@@ -239,6 +262,15 @@ def init_state(
     state["warmup_steps_left"] = torch.tensor(warmup, dtype=torch.int32)
     state["last_grad_norm"] = _f32(math.nan)
     state["last_loss"] = _f32(math.nan)
+    # The loss gate knows no loss yet (SPEC.md, "Loss gate").
+    state["loss_centre"] = _f32(math.nan)
+    state["loss_reference"] = _f32(math.nan)
+    if config.adaptation_rule == "track":
+        # The tracker starts from the initial threshold: c = anchor = lnf(t0)
+        # (in data mode a placeholder, replaced by the first finite, positive norm).
+        start = log_floored(threshold)
+        state["ema_mean"] = start.clone()
+        state["centre_anchor"] = start.clone()
     # The loss-scale history starts with the initial scale.
     state["loss_scale_history"][0] = config.initial_loss_scale
     state["loss_scale_history_index"] = torch.tensor(

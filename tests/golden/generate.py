@@ -26,11 +26,25 @@ BASE3 = [[1.0, 2.0], [2.0]]
 F32x2 = ["float32", "float32"]
 
 
-def run(label, *, inputs, config=None, init=None, values=None, state_overrides=None, note=""):
+def run(
+    label,
+    *,
+    inputs,
+    config=None,
+    init=None,
+    values=None,
+    state_overrides=None,
+    note="",
+    seed=True,
+):
+    """One run. ``seed=True``: the config is ``presets.seed()`` (the original design,
+    ``reference.SEED`` over the defaults) plus ``config``; ``seed=False``: the
+    defaults (the ``track`` rule) plus ``config``. The file records the overrides
+    in full, so ``StabilizerConfig(**run["config"])`` rebuilds the config."""
     spec = {"label": label}
     if note:
         spec["note"] = note
-    spec["config"] = config or {}
+    spec["config"] = {**reference.SEED, **(config or {})} if seed else dict(config or {})
     spec["init"] = init or {}
     if state_overrides:
         spec["state_overrides"] = state_overrides
@@ -47,11 +61,27 @@ def formula(multiplier, steps, base=BASE3, dtypes=F32x2):
     return {"dtypes": dtypes, "base": base, "multiplier": multiplier, "steps": steps}
 
 
+# The track rule's default rates (SPEC.md, "Hyperparameters"), for the descriptions.
+RISE = reference.DEFAULTS["track_max_rise"]
+FALL = reference.DEFAULTS["track_max_fall"]
+HOLD = reference.DEFAULTS["emergency_hold_steps"]
+# The loss gate's learning steps N = round(1 / track_rate) ("Loss gate").
+LEARN = reference.learning_steps(reference.DEFAULTS)
+# A two-leaf gradient of global norm 5: [3] and [4] (the track scenarios).
+BASE5 = [[3.0], [4.0]]
+# Deterministic lognormal-like noise around 1 (log-sigma about 0.3): golden
+# inputs are formulas in k, so the noise is a chaotic sine, not a random draw.
+NOISE = "math.exp(0.3 * math.sin(2.4 * k + 0.5 * math.sin(0.37 * k * k)))"
+
+
 def scale3(*norms):
     """Explicit steps of BASE3 scaled to the given raw global norms."""
     return [[[n / 3.0, 2.0 * n / 3.0], [2.0 * n / 3.0]] for n in norms]
 
 
+# The scenarios up to "saturation" were written for the original design; they
+# run under presets.seed() (run(..., seed=True), the default here) so that they
+# keep testing it. The "track_*" scenarios run under the default config.
 SCENARIOS = {
     "calm": {
         "description": "Ordinary steps below the threshold: unscaled by x * (1 / s), nothing "
@@ -350,6 +380,223 @@ SCENARIOS = {
                 },
                 inputs=explicit(scale3(2.0, 2.0, 0.5, 0.5)),
             )
+        ],
+    },
+    # --- The default "track" rule (seed=False: the default config) -------------
+    "track_spike": {
+        "description": "Data mode under the track rule: the first finite norm (5) is not "
+        "clipped and starts the tracker (c = ln 5, d = 0, adapted flag); calm lognormal-like "
+        "noise (sigma 0.3) around 5 is followed; a single x100 spike at step 60 is clipped "
+        "and counted as an explosion, and moves the centre by at most track_max_rise "
+        f"= {RISE} (the threshold by under exp(2 * {RISE})). The adapted flag marks every "
+        "100th step.",
+        "spec_sections": ["Initial threshold", "Tracking rule", "Per-step order"],
+        "runs": [
+            run(
+                "data mode, x100 spike at step 60",
+                seed=False,
+                inputs=formula(f"{NOISE} * (100.0 if k == 60 else 1.0)", 120, base=BASE5),
+            ),
+        ],
+    },
+    "track_bad_start": {
+        "description": "An explicit start 100x below the norms (0.05 against ~5): every step "
+        f"explodes, the fifth fires the one emergency (centre - ln 2, a hold of {HOLD} steps in "
+        f"which the centre cannot rise), then the centre rises by track_max_rise = {RISE} per "
+        "step until the threshold is back around the norms; the unbroken run of explosions "
+        "fires no second emergency. A start 100x above falls by track_max_fall = "
+        f"{FALL} per step (e is clipped at -track_max_fall / track_rate).",
+        "spec_sections": ["Initial threshold", "Tracking rule"],
+        "runs": [
+            run(
+                "initial threshold 0.05, norms ~5",
+                seed=False,
+                init={"initial_threshold": 0.05},
+                inputs=formula(NOISE, 500, base=BASE5),
+            ),
+            run(
+                "initial threshold 500, norms ~5",
+                seed=False,
+                init={"initial_threshold": 500.0},
+                inputs=formula(NOISE, 150, base=BASE5),
+            ),
+        ],
+    },
+    "track_level_shift": {
+        "description": "A lasting x10 rise of the norm at step 50 with a steady loss "
+        "(value = 1 every step, so the loss gate stays open): one emergency at step 54 "
+        f"(centre - ln 2, hold of {HOLD} steps), no other during the unbroken run of explosions, "
+        f"then the centre follows the new level at {RISE} per step. A burst of six x100 "
+        "explosions at steps 340-345 reaches the patience at step 344, 290 steps after the "
+        "emergency: not re-armed (emergency_rearm_steps = 400), no emergency. A second x10 "
+        "rise at step 520 (470 steps after the first emergency) fires the second one at "
+        "step 524.",
+        "spec_sections": ["Tracking rule", "Emergency intervention", "Loss gate"],
+        "runs": [
+            run(
+                "x10 at step 50, x100 burst at 340, x10 again at 520",
+                seed=False,
+                inputs=formula(
+                    f"{NOISE} * (1.0 if k < 50 else 10.0 if k < 520 else 100.0)"
+                    " * (100.0 if 340 <= k < 346 else 1.0)",
+                    650,
+                    base=BASE5,
+                ),
+                values={"expr": "1.0"},
+            ),
+        ],
+    },
+    "track_explosion": {
+        "description": "An explosion in progress: after 150 calm steps (norms ~5, loss "
+        "1 +- 0.02, so the loss reference and spread are learned), the norm grows x e^0.15 "
+        "per step for 40 steps while the loss climbs by 0.05 per step. The loss centre moves "
+        "by at most r * 10 spreads a step (bounded influence), yet the gate closes (loss "
+        "centre above reference + track_loss_k spreads) within a few steps, before the first "
+        "explosion: the centre stops rising and the anchor stays at the last calm centre. "
+        "A step later the loss is climbing (above reference + track_loss_cut_k spreads): on "
+        f"explosions the centre falls by track_max_fall = {FALL} per step, never below "
+        "anchor - ln(track_max_cut), and one emergency fires. After the explosion the loss "
+        "falls back, the gate reopens and the tracker climbs back. The second run has loss "
+        "scaling on (the emergency also cuts the scale).",
+        "spec_sections": ["Tracking rule", "Loss gate", "Emergency intervention"],
+        "runs": [
+            run(
+                label,
+                seed=False,
+                config=config,
+                inputs=formula(
+                    f"{NOISE} * (math.exp(0.15 * (k - 149)) if 150 <= k < 190 else 1.0)",
+                    steps,
+                    base=BASE5,
+                ),
+                values={
+                    "expr": "1.0 + 0.02 * math.sin(1.7 * k)"
+                    " + (0.05 * (k - 149) if 150 <= k < 190 else 0.0)"
+                },
+            )
+            for label, config, steps in (
+                ("loss climbs with the norm", {}, 450),
+                ("with loss scaling", {"loss_scaling": True}, 260),
+            )
+        ],
+    },
+    "track_loss_outlier": {
+        "description": "A single huge outlier loss (1e7 x the usual 1 +- 1%) during calm "
+        "norms (~5). At step 100, after the first N = round(1 / track_rate) = "
+        f"{LEARN} steps, the loss centre moves by at most r * 10 spreads (half a spread: "
+        "bounded influence) and the spread by r * 2 spreads: the gate does not close, and the "
+        "lasting x2 rise of the norm at step 110 is followed at once. At step 5, within the "
+        "first N steps, the outlier enters the running means unbounded (loss centre ~1e7 / 6); "
+        "the gate stays open (the centre falls under the reference) while the levels decay by "
+        "r a step.",
+        "spec_sections": ["Loss gate", "Tracking rule"],
+        "runs": [
+            run(
+                f"outlier at step {at}, x2 norm at step 110",
+                seed=False,
+                inputs=formula(f"{NOISE} * (2.0 if k >= 110 else 1.0)", 250, base=BASE5),
+                values={"expr": f"1e7 if k == {at} else 1.0 + 0.01 * math.sin(1.3 * k)"},
+            )
+            for at in (100, 5)
+        ],
+    },
+    "track_zero_start": {
+        "description": "Data mode with all-zero gradients first: a zero norm has no level to "
+        "start from, so the step has t = clamp(0) = min_threshold, is vanishing (not clipped, "
+        "the output exactly 0) and keeps waiting (warmup_steps_left = 1, the centre at its "
+        "placeholder); the first finite, positive norm starts the tracker. The second run "
+        "mixes NaN and zero steps while waiting; the third shows a zero norm after the start "
+        f"(learning-rate start): e is clipped at -track_max_fall / r, the centre falls by {FALL}.",
+        "spec_sections": ["Initial threshold", "Tracking rule", "Boundary cases"],
+        "runs": [
+            run(
+                "two all-zero gradients, then norms ~5",
+                seed=False,
+                inputs=formula(f"0.0 if k < 2 else {NOISE}", 30, base=BASE5),
+                values={"expr": "2.0 - 0.01 * k"},
+            ),
+            run(
+                "NaN, zero, NaN, zero, then finite",
+                seed=False,
+                inputs=formula("[nan, 0.0, nan, 0.0][k] if k < 4 else 1.0 + 0.1 * (k % 3)", 12),
+            ),
+            run(
+                "zero norms after a learning-rate start",
+                seed=False,
+                init={"learning_rate": 0.01},
+                inputs=formula("0.0 if 3 <= k < 6 else 1.0", 12, base=BASE5),
+            ),
+        ],
+    },
+    "track_waiting": {
+        "description": "Data mode: non-finite steps while waiting for the first finite, "
+        "positive norm (NaN, +inf, squares overflowing float32) are skipped with the "
+        "placeholder threshold and keep waiting (warmup_steps_left = 1); the first finite "
+        "norm (5, positive) starts the tracker. Non-finite and missing losses leave the loss "
+        "gate alone; the first finite loss starts it, and during the first N = "
+        f"round(1 / track_rate) = {LEARN} steps the gate's levels are running means. Six NaN "
+        "steps in a row fire an emergency while waiting (its hold then outlasts the start).",
+        "spec_sections": ["Initial threshold", "Tracking rule", "Loss gate"],
+        "runs": [
+            run(
+                "NaN, inf, overflow, then finite",
+                seed=False,
+                inputs=formula(
+                    "[nan, inf, 1e30, 1.0, 1.2, 0.9, 3.5, 1.1][k] if k < 8"
+                    " else 1.0 + 0.1 * (k % 3)",
+                    16,
+                    base=BASE5,
+                ),
+                values=[NAN, 2.0, INF, 1.5, 1.4, NAN, 1.3, 1.2] + [1.1] * 8,
+            ),
+            run(
+                "six NaN steps: an emergency while waiting",
+                seed=False,
+                inputs=formula("nan if k < 6 else 1.0 + 0.1 * (k % 3)", 20, base=BASE5),
+            ),
+        ],
+    },
+    "track_edges": {
+        "description": "Edge cases of the track rule: with emergency_patience = 0 a hold left "
+        "in the state still runs down (SPEC.md: 'Otherwise (and whatever emergency_patience) "
+        "emergency_hold_left = max(emergency_hold_left - 1, 0)'); track_loss_k = "
+        "track_loss_cut_k = inf never closes the gate nor cuts the centre (inf * 0 is NaN: "
+        "not above); track_loss_k = inf with the default track_loss_cut_k: a climbing loss "
+        "cuts the centre on explosions without ever holding it (the anchor follows the "
+        "centre); adaptation_interval = 0 flags only the start; max_threshold and track_k = 0 "
+        "clamp the moving threshold.",
+        "spec_sections": ["Tracking rule", "Loss gate", "Boundary cases"],
+        "runs": [
+            run(
+                "patience 0, hold left 3",
+                seed=False,
+                config={"emergency_patience": 0},
+                init={"learning_rate": 0.01},
+                state_overrides={"emergency_hold_left": 3},
+                inputs=formula("1.0 + 0.1 * (k % 3)", 6, base=BASE5),
+            ),
+        ]
+        + [
+            run(
+                label,
+                seed=False,
+                config={"track_loss_k": INF, "emergency_patience": 3, **config},
+                init={"learning_rate": 4e-4},
+                inputs=formula("1.0 if k < 30 else 30.0", 45, base=BASE5),
+                values={"expr": "1.0 + 0.01 * (k % 2) + (0.2 * (k - 29) if k >= 30 else 0.0)"},
+            )
+            for label, config in (
+                ("track_loss_k = track_loss_cut_k = inf, climbing loss", {"track_loss_cut_k": INF}),
+                ("track_loss_k = inf, cut at 1.5, climbing loss", {}),
+            )
+        ]
+        + [
+            run(
+                "interval 0, max_threshold 4, track_k 0",
+                seed=False,
+                config={"adaptation_interval": 0, "max_threshold": 4.0, "track_k": 0.0},
+                inputs=formula("0.5 + 0.5 * (k % 3)", 10, base=BASE5),
+            ),
         ],
     },
 }

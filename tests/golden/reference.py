@@ -5,7 +5,17 @@ after the other, in the order of "Per-step order". Float32 values are
 ``numpy.float32`` scalars, and every operation on them is wrapped in ``f32``
 so that it rounds the way SPEC.md's float32 arithmetic does. Constants that are
 products of config values (``q / 100``, ``adaptation_k * 1.4826``) are computed
-in float64 and rounded once, as numbers written in a config would be.
+in float64 and rounded once, as numbers written in a config would be; so are
+the clip bounds of the ``track`` rule (``track_max_fall / track_rate``, as
+SPEC.md says), while its logarithms of config values (``ln(track_max_cut)``,
+``ln(emergency_threshold_factor)``) are float32 ``log`` of the float32 value.
+
+The ``track`` rule and the loss gate ("Tracking rule", "Loss gate") follow the
+same style: ``lnf``, ``exp`` and ``log`` are numpy's float32 functions, which
+may differ from another library's float32 ``exp`` / ``log`` by an ulp or two;
+the golden tests give the log-domain fields (``ema_mean``, ``centre_anchor``,
+``ema_var`` under ``track``) a small absolute tolerance for that. The
+``zscore`` rule is not transcribed (its parity is tested JAX against PyTorch).
 
 Two places are computed in float64 and rounded at the end instead of summed in
 float32, because SPEC.md does not fix a summation order there and the exact
@@ -26,20 +36,28 @@ INT32_MAX = 2**31 - 1
 
 # SPEC.md, "Hyperparameters", the default column, copied by hand.
 DEFAULTS: dict[str, object] = {
-    "min_threshold": 0.1,
+    "min_threshold": 1e-30,
     "max_threshold": math.inf,
     "lr_threshold_scale": 0.1,
     "warmup_steps": 100,
     "warmup_multiplier": 2.0,
     "adaptation_interval": 100,
-    "adaptation_rule": "median_mad",
+    "adaptation_rule": "track",
+    "track_rate": 0.05,
+    "track_max_rise": 0.02,
+    "track_max_fall": 0.1,
+    "track_k": 1.0,
+    "track_loss_k": 1.0,
+    "track_loss_cut_k": 1.5,
+    "track_loss_rise_rate": 0.002,
+    "track_max_cut": 10.0,
     "adaptation_percentile": 90.0,
     "adaptation_k": 3.0,
     "norm_history_size": 1000,
     "threshold_history_size": 100,
     "explosion_factor": 3.0,
     "vanishing_norm": 1e-7,
-    "loss_scaling": True,
+    "loss_scaling": False,
     "initial_loss_scale": 1.0,
     "min_loss_scale": 0.1,
     "max_loss_scale": 64.0,
@@ -53,12 +71,22 @@ DEFAULTS: dict[str, object] = {
     "emergency_threshold_factor": 0.5,
     "emergency_loss_scale_factor": 0.1,
     "emergency_history_size": 32,
+    "emergency_hold_steps": 50,
+    "emergency_rearm_steps": 400,
     "diagnostics_interval": 500,
     "diagnostics_window": 100,
     "trend_limit": 0.01,
     "variance_limit": 1.0,
     "variance_history_size": 200,
     "event_history_size": 100,
+}
+
+# SPEC.md, "Presets", the row of seed(): the original design literally, as
+# overrides of the defaults ("median_mad" rule, min_threshold 0.1, loss scaling on).
+SEED: dict[str, object] = {
+    "min_threshold": 0.1,
+    "adaptation_rule": "median_mad",
+    "loss_scaling": True,
 }
 
 # Ring name -> config field of its size (SPEC.md, "State").
@@ -82,6 +110,13 @@ def config(**overrides) -> dict[str, object]:
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise KeyError(f"unknown config fields {sorted(unknown)}")
+    if overrides.get("adaptation_rule", DEFAULTS["adaptation_rule"]) not in (
+        "track",
+        "percentile",
+        "median_mad",
+        "mean_std",
+    ):
+        raise ValueError("the reference does not implement the zscore rule")
     return {**DEFAULTS, **overrides}
 
 
@@ -92,6 +127,16 @@ def sat(counter: int) -> int:
 
 def clamp(x, lo, hi) -> np.float32:
     return f32(min(max(f32(x), f32(lo)), f32(hi)))
+
+
+# float32's smallest normal (SPEC.md, "Tracking rule": lnf).
+LOG_FLOOR = 2.0**-126
+
+
+def lnf(x) -> np.float32:
+    """``ln(max(x, 2^-126))`` in float32."""
+    with np.errstate(divide="ignore"):
+        return f32(np.log(f32(max(f32(x), f32(LOG_FLOOR)))))
 
 
 def push(state: dict, ring: str, item) -> None:
@@ -120,8 +165,14 @@ def init(cfg: dict, *, learning_rate=None, initial_threshold=None, stored=None) 
         root = np.sqrt(f32(f32(1.0) / f32(learning_rate)))
         raw = f32(f32(cfg["lr_threshold_scale"]) * root)
         threshold, warmup = clamp(raw, cfg["min_threshold"], cfg["max_threshold"]), 0
+    elif cfg["adaptation_rule"] == "track":
+        # Data mode under the track rule waits for the first finite, positive norm.
+        threshold, warmup = f32(cfg["min_threshold"]), 1
     else:
         threshold, warmup = f32(cfg["min_threshold"]), cfg["warmup_steps"]
+    # The track rule starts its centre (and anchor) at lnf(t0); the others
+    # leave both at 0.
+    centre = lnf(threshold) if cfg["adaptation_rule"] == "track" else f32(0.0)
     state: dict = {
         "stabilizer_step": 0,
         "clip_threshold": threshold,
@@ -129,6 +180,7 @@ def init(cfg: dict, *, learning_rate=None, initial_threshold=None, stored=None) 
         "loss_scale_growth_count": 0,
         "warmup_steps_left": warmup,
         "consecutive_explosions": 0,
+        "emergency_hold_left": 0,
         "explosion_count": 0,
         "vanishing_count": 0,
         "nonfinite_count": 0,
@@ -138,8 +190,14 @@ def init(cfg: dict, *, learning_rate=None, initial_threshold=None, stored=None) 
         "stable_streak": 0,
         "last_grad_norm": f32(math.nan),
         "last_loss": f32(math.nan),
+        "loss_centre": f32(math.nan),
+        "loss_reference": f32(math.nan),
+        "loss_spread": f32(0.0),
         "norm_trend": f32(0.0),
         "early_warning": False,
+        "ema_mean": centre,
+        "ema_var": f32(0.0),
+        "centre_anchor": centre,
     }
     for ring, size_field in RING_SIZES.items():
         size = cfg[size_field]
@@ -215,6 +273,98 @@ def diagnostics(state: dict, cfg: dict) -> tuple[np.float32, np.float32, bool]:
     return trend32, var32, warning
 
 
+# --- The track rule and the loss gate ("Tracking rule", "Loss gate") ----------
+
+
+def track_threshold(c, d, cfg: dict) -> np.float32:
+    """``threshold(c, d) = clamp(exp(c + k * d))``."""
+    with np.errstate(over="ignore"):
+        raw = f32(np.exp(f32(c + f32(f32(cfg["track_k"]) * d))))
+    return clamp(raw, cfg["min_threshold"], cfg["max_threshold"])
+
+
+def _loss_above(centre, reference, spread, k) -> bool:
+    """``isfinite(centre) and isfinite(reference) and centre > reference + k * spread``."""
+    if not (np.isfinite(centre) and np.isfinite(reference)):
+        return False
+    # inf * 0 is NaN (k = inf, no spread yet): never above it.
+    return bool(centre > f32(reference + f32(f32(k) * spread)))
+
+
+def loss_rising(centre, reference, spread, cfg: dict) -> bool:
+    """The loss gate is closed: the loss centre above reference + track_loss_k * spread."""
+    return _loss_above(centre, reference, spread, cfg["track_loss_k"])
+
+
+def loss_climbing(centre, reference, spread, cfg: dict) -> bool:
+    """``rising`` with track_loss_cut_k in place of track_loss_k (the explosion cut)."""
+    return _loss_above(centre, reference, spread, cfg["track_loss_cut_k"])
+
+
+def track_adapt(c, d, anchor, n, *, hold: bool, climbing: bool, explosion: bool, cfg: dict):
+    """(c', d') of a finite step after the start ("Tracking rule", "Adaptation")."""
+    r = f32(cfg["track_rate"])
+    # The bounds: computed in float64, rounded to float32.
+    lo = f32(-cfg["track_max_fall"] / cfg["track_rate"])
+    hi = f32(cfg["track_max_rise"] / cfg["track_rate"])
+    e = f32(min(max(f32(lnf(n) - c), lo), hi))
+    step = f32(min(e, f32(0.0))) if hold else e
+    c1 = f32(c + f32(r * step))
+    d_new = f32(d + f32(r * f32(abs(e) - d)))
+    # An explosion in progress: the loss climbing (track_loss_cut_k) and an explosion.
+    if climbing and explosion:
+        down = f32(c - f32(cfg["track_max_fall"]))
+        floor = f32(anchor - f32(np.log(f32(cfg["track_max_cut"]))))
+        c1 = f32(max(min(c1, down), min(floor, c)))
+    return c1, d_new
+
+
+def learning_steps(cfg: dict) -> int:
+    """``N = min(round(1 / r), 2^31 - 1)``, Python's round (half to even)."""
+    return min(round(1.0 / cfg["track_rate"]), INT32_MAX)
+
+
+def loss_gate(st: dict, v, *, calm: bool, cfg: dict) -> tuple:
+    """(loss_centre', loss_reference', loss_spread') from the state on entry ("Loss gate")."""
+    centre, reference, spread = st["loss_centre"], st["loss_reference"], st["loss_spread"]
+    if not np.isfinite(v):
+        return centre, reference, spread
+    if not np.isfinite(centre):
+        return v, v, f32(0.0)
+    r = f32(cfg["track_rate"])
+    count = st["stabilizer_step"]
+    gate_open = not loss_rising(centre, reference, spread, cfg)
+    early = count < learning_steps(cfg)
+    # a = max(r, 1 / (stabilizer_step + 1)) in float32: running means at first.
+    a = f32(max(r, f32(f32(1.0) / f32(f32(count) + f32(1.0)))))
+    # B = max(3 * spread, 0.001 * |centre|), Bc = max(10 * spread, 0.001 * |centre|).
+    floor = f32(f32(0.001) * f32(abs(centre)))
+    bound = f32(max(f32(f32(3.0) * spread), floor))
+    centre_bound = f32(max(f32(f32(10.0) * spread), floor))
+    diff = f32(v - centre)
+    if early:
+        new_centre = f32(centre + f32(a * diff))
+    else:
+        clipped = f32(min(max(diff, f32(-centre_bound)), centre_bound))
+        new_centre = f32(centre + f32(r * clipped))
+    gap = f32(new_centre - reference)
+    if calm or early:
+        if early:
+            b = a
+        elif gap <= 0:
+            b = r
+        else:
+            b = f32(cfg["track_loss_rise_rate"])
+        reference = f32(reference + f32(b * gap))
+    dev = f32(abs(diff))
+    if not early:
+        dev = f32(min(dev, bound))
+    if (gate_open and calm) or early:
+        rate = a if early else r
+        spread = f32(spread + f32(rate * f32(dev - spread)))
+    return new_centre, reference, spread
+
+
 # --- One step ("Per-step order") ---------------------------------------------
 
 
@@ -251,8 +401,18 @@ def _step(state, leaves, dtypes, cfg, value):
     n = f32(r / s)
     finite = bool(np.isfinite(n))
 
-    # 2. Threshold ("Warm-up threshold").
-    if st["warmup_steps_left"] > 0:
+    track = cfg["adaptation_rule"] == "track"
+    # The loss gate of the state on entry ("Loss gate"), read by the track rule.
+    rising = loss_rising(st["loss_centre"], st["loss_reference"], st["loss_spread"], cfg)
+    climbing = loss_climbing(st["loss_centre"], st["loss_reference"], st["loss_spread"], cfg)
+
+    # 2. Threshold ("Warm-up threshold"; "Tracking rule": the waiting rule).
+    if track:
+        if st["warmup_steps_left"] > 0 and finite:
+            t = clamp(n, cfg["min_threshold"], cfg["max_threshold"])
+        else:
+            t = st["clip_threshold"]
+    elif st["warmup_steps_left"] > 0:
         hist = history(st)
         if hist:
             t = clamp(
@@ -315,37 +475,95 @@ def _step(state, leaves, dtypes, cfg, value):
     if finite and not explosion:
         push(st, "norm_history", n)
 
-    # 7. Adaptation.
+    # 7. Adaptation ("Tracking rule", "Adaptation", replaces it for track).
     step_next = sat(st["stabilizer_step"])
     left = st["warmup_steps_left"]
-    left_next = max(left - 1, 0)
-    periodic = (
-        cfg["adaptation_interval"] > 0
-        and step_next % cfg["adaptation_interval"] == 0
-        and left_next == 0
-    )
-    adapted = st["norm_history_count"] > 0 and (left == 1 or periodic)
-    t_new = adaptation_rule(history(st), cfg) if adapted else t
+    if track:
+        waiting = left > 0
+        # Only a finite, positive norm starts the tracker: a zero norm (an
+        # all-zero gradient) has no level to start from and keeps waiting.
+        started = waiting and finite and bool(n > 0)
+        c, d = st["ema_mean"], st["ema_var"]
+        if started:
+            # The first finite, positive norm starts the tracker.
+            c, d = lnf(n), f32(0.0)
+            t_new = track_threshold(c, d, cfg)
+        elif finite and not waiting:
+            hold = st["emergency_hold_left"] > 0 or rising
+            c, d = track_adapt(
+                c,
+                d,
+                st["centre_anchor"],
+                n,
+                hold=hold,
+                climbing=climbing,
+                explosion=explosion,
+                cfg=cfg,
+            )
+            t_new = track_threshold(c, d, cfg)
+        else:
+            # A non-finite step (or a zero norm while waiting) changes neither c nor d.
+            t_new = t
+        if not (rising and not started):
+            st["centre_anchor"] = c
+        left_next = 1 if (waiting and not started) else 0
+        adapted = started or (
+            cfg["adaptation_interval"] > 0
+            and step_next % cfg["adaptation_interval"] == 0
+            and not waiting
+        )
+    else:
+        left_next = max(left - 1, 0)
+        periodic = (
+            cfg["adaptation_interval"] > 0
+            and step_next % cfg["adaptation_interval"] == 0
+            and left_next == 0
+        )
+        adapted = st["norm_history_count"] > 0 and (left == 1 or periodic)
+        t_new = adaptation_rule(history(st), cfg) if adapted else t
 
-    # 8. Emergency intervention.
+    # 8. Emergency intervention ("Tracking rule", "Emergency", for track).
     if nonfinite or explosion:
         st["consecutive_explosions"] = sat(st["consecutive_explosions"])
     else:
         st["consecutive_explosions"] = 0
-    emergency = (
-        cfg["emergency_patience"] > 0 and st["consecutive_explosions"] >= cfg["emergency_patience"]
-    )
-    if emergency:
-        t_new = f32(
-            max(f32(t_new * f32(cfg["emergency_threshold_factor"])), f32(cfg["min_threshold"]))
+    if track:
+        size = cfg["emergency_history_size"]
+        newest = st["emergency_steps"][(st["emergency_steps_index"] - 1) % size]
+        armed = (
+            st["emergency_steps_count"] == 0
+            or st["stabilizer_step"] - newest >= cfg["emergency_rearm_steps"]
         )
+        emergency = (
+            cfg["emergency_patience"] > 0
+            and armed
+            and st["consecutive_explosions"] == cfg["emergency_patience"]
+        )
+        if emergency:
+            c = f32(c + f32(np.log(f32(cfg["emergency_threshold_factor"]))))
+            t_new = track_threshold(c, d, cfg)
+            st["emergency_hold_left"] = cfg["emergency_hold_steps"]
+        else:
+            # Whatever emergency_patience (also 0): the hold counts down.
+            st["emergency_hold_left"] = max(st["emergency_hold_left"] - 1, 0)
+        st["ema_mean"], st["ema_var"] = c, d
+    else:
+        emergency = (
+            cfg["emergency_patience"] > 0
+            and st["consecutive_explosions"] >= cfg["emergency_patience"]
+        )
+        if emergency:
+            t_new = f32(
+                max(f32(t_new * f32(cfg["emergency_threshold_factor"])), f32(cfg["min_threshold"]))
+            )
+            st["consecutive_explosions"] = 0
+    if emergency:
         if cfg["loss_scaling"]:
             s_new = f32(
                 max(
                     f32(s_new * f32(cfg["emergency_loss_scale_factor"])), f32(cfg["min_loss_scale"])
                 )
             )
-        st["consecutive_explosions"] = 0
         st["emergency_count"] = sat(st["emergency_count"])
         push(st, "emergency_steps", st["stabilizer_step"])
 
@@ -388,6 +606,12 @@ def _step(state, leaves, dtypes, cfg, value):
     if clipped:
         st["clip_count"] = sat(st["clip_count"])
     st["stable_streak"] = 0 if (nonfinite or explosion) else sat(st["stable_streak"])
+    # The loss gate's levels move under every rule, from the state on entry
+    # (the fields read here are not touched above).
+    v = f32(math.nan) if value is None else f32(value)
+    st["loss_centre"], st["loss_reference"], st["loss_spread"] = loss_gate(
+        st, v, calm=finite and not explosion, cfg=cfg
+    )
     st["last_grad_norm"] = n
     if value is not None:
         st["last_loss"] = f32(value)
