@@ -120,8 +120,10 @@ def test_competitor_bids_follow_the_channel_factor():
     bids = auction.competitor_bids(KEY, jnp.int32(1), MARKET)
     np.testing.assert_allclose(np.asarray(bids), [0.25, 0.25], rtol=1e-6)
     # Log-normal spread: the median of many draws is the median times the factor.
-    draws = jax.vmap(lambda k: auction.competitor_bids(k, jnp.int32(0)))(jax.random.split(KEY, 4000))
-    expected = auction.DEFAULT_AUCTION.competitor_median * auction.DEFAULT_AUCTION.channel_competition[0]
+    keys = jax.random.split(KEY, 4000)
+    draws = jax.vmap(lambda k: auction.competitor_bids(k, jnp.int32(0)))(keys)
+    market = auction.DEFAULT_AUCTION
+    expected = market.competitor_median * market.channel_competition[0]
     np.testing.assert_allclose(np.median(np.asarray(draws)), expected, rtol=0.05)  # sampling
 
 

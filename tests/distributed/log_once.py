@@ -9,10 +9,10 @@ import os
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-import optax_gradflow as og  # noqa: E402
+import optax_gradflow as og
 
 lines = []
 
