@@ -489,7 +489,10 @@ def _step(
         move = finite & ~in_warmup
         ema_mean = jnp.where(start, x, jnp.where(move, moved_centre, ema_mean))
         ema_var = jnp.where(start, 0.0, jnp.where(move, moved_spread, ema_var))
-        centre_anchor = jnp.where(rising & ~start, state.centre_anchor, ema_mean)
+        # The anchor follows the centre on calm steps while the loss does not
+        # climb: explosions never move it, so one climb cannot re-anchor lower.
+        calm_open = ~rising & finite & ~explosion
+        centre_anchor = jnp.where(start | calm_open, ema_mean, state.centre_anchor)
         warmup_left = jnp.where(in_warmup & ~start, 1, 0).astype(jnp.int32)
         new_thr = jnp.where(
             start | move, threshold_lib.track_threshold(ema_mean, ema_var, config), thr
@@ -623,6 +626,12 @@ def _step(
         finite & ~explosion,
         config,
     )
+    if config.adaptation_rule == "track":
+        # An emergency accepts the loss level it fires at as the new
+        # reference: a loss that keeps climbing closes the gate again within
+        # a few steps, while a loss that only settled higher (a target-network
+        # copy, a new task) no longer holds the threshold down.
+        loss_reference = jnp.where(fire & jnp.isfinite(loss_centre), loss_centre, loss_reference)
     new_state = GradientFlowState(
         stabilizer_step=step_after,
         clip_threshold=new_thr.astype(jnp.float32),

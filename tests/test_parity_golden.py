@@ -26,6 +26,7 @@ the default config.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -478,8 +479,9 @@ def test_hand_track_start_below_and_above():
     c0 = math.log(0.05)
     assert [s["flags"] for s in steps[:5]] == [3, 3, 3, 3, 1 + 2 + 16]
     assert steps[3]["ema_mean"] == pytest.approx(c0 + 4 * RISE, rel=1e-6)
-    # The anchor is the centre before the cut; the cut is ln(1/2).
-    assert steps[4]["centre_anchor"] == pytest.approx(c0 + 5 * RISE, rel=1e-6)
+    # Explosions never move the anchor ("Tracking rule"): it stays at the
+    # start, c0; the emergency's cut is ln(1/2).
+    assert steps[4]["centre_anchor"] == pytest.approx(c0, rel=1e-6)
     assert steps[4]["ema_mean"] == pytest.approx(c0 + 5 * RISE + math.log(0.5), rel=1e-6)
     assert steps[4]["emergency_hold_left"] == HOLD
     # The hold: step k enters with HOLD - (k - 5) > 0 left for k = 5 .. 4 + HOLD,
@@ -619,10 +621,14 @@ def test_hand_track_edges():
         assert not drop or never[k]["flags"] & 16, k
     assert sum(1 for s in never if s["flags"] & 16) == 1
     cut = _run("track_edges", "track_loss_k = inf, cut at 1.5, climbing loss")["steps"]
-    # Never rising: the anchor always follows the centre (no hold from the
-    # gate), but a climbing loss cuts the centre on explosions by FALL, the
-    # bound anchor - ln 10 being then c - ln 10, below c - FALL.
-    assert all(s["centre_anchor"] == s["ema_mean"] for s in cut if not s["flags"] & 16)
+    # Never rising: the anchor follows the centre on every calm step (no hold
+    # from the gate) and stays put on explosions; a climbing loss cuts the
+    # centre on explosions, by FALL per step down to anchor - ln 10.
+    for prev, s in itertools.pairwise(cut):
+        if s["flags"] & 2:  # an explosion: the anchor does not move
+            assert s["centre_anchor"] == prev["centre_anchor"]
+        elif not s["flags"] & 8:  # a calm step
+            assert s["centre_anchor"] == s["ema_mean"]
     cuts = [
         k
         for k in range(1, len(cut))

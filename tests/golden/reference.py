@@ -504,7 +504,7 @@ def _step(state, leaves, dtypes, cfg, value):
         else:
             # A non-finite step (or a zero norm while waiting) changes neither c nor d.
             t_new = t
-        if not (rising and not started):
+        if started or (not rising and finite and not explosion):
             st["centre_anchor"] = c
         left_next = 1 if (waiting and not started) else 0
         adapted = started or (
@@ -612,6 +612,10 @@ def _step(state, leaves, dtypes, cfg, value):
     st["loss_centre"], st["loss_reference"], st["loss_spread"] = loss_gate(
         st, v, calm=finite and not explosion, cfg=cfg
     )
+    # "Tracking rule", "Emergency": the emergency takes the loss centre as the
+    # new reference.
+    if track and emergency and np.isfinite(st["loss_centre"]):
+        st["loss_reference"] = st["loss_centre"]
     st["last_grad_norm"] = n
     if value is not None:
         st["last_loss"] = f32(value)
