@@ -18,9 +18,10 @@ NAN_STEP = 7
 INF_STEP = 8
 VANISHING_STEP = 10
 
-# Small rings and intervals, so that twelve steps go through the warm-up, two
-# adaptations, a diagnostics run, an explosion, an emergency (two non-finite
-# steps in a row) and a vanishing step.
+# Small rings and intervals, so that twelve steps of the default "track" rule
+# go through the data-mode start, records of the moving threshold every 4
+# steps, diagnostics runs, an explosion, an emergency (two non-finite steps in
+# a row) and a vanishing step.
 CONFIG = {
     "warmup_steps": 3,
     "adaptation_interval": 4,
