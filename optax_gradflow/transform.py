@@ -379,7 +379,7 @@ def _step(
         spike = spike & ~in_warmup
         reference = jnp.where(in_warmup, warm_thr, state.clip_threshold)
     elif config.adaptation_rule == "track":
-        # Waiting for the first finite norm: that norm has nothing to be
+        # Waiting for the first finite, positive norm: it has nothing to be
         # compared with and is not clipped; it starts the tracker.
         first = jnp.where(finite, threshold_lib.clamp_threshold(norm, config), state.clip_threshold)
         thr = jnp.where(in_warmup, first, state.clip_threshold)
