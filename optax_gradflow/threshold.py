@@ -257,6 +257,12 @@ def learning_steps(config: StabilizerConfig) -> int:
     return min(round(1.0 / config.track_rate), INT32_MAX)
 
 
+def _loss_above(centre: jax.Array, reference: jax.Array, spread: jax.Array, k: float) -> jax.Array:
+    """``centre > reference + k * spread``; False while either level is unknown."""
+    known = jnp.isfinite(centre) & jnp.isfinite(reference)
+    return known & (centre > reference + jnp.float32(k) * spread)
+
+
 def loss_rising(
     centre: jax.Array, reference: jax.Array, spread: jax.Array, config: StabilizerConfig
 ) -> jax.Array:
@@ -264,8 +270,7 @@ def loss_rising(
 
     False while either level is unknown (no loss given yet).
     """
-    known = jnp.isfinite(centre) & jnp.isfinite(reference)
-    return known & (centre > reference + jnp.float32(config.track_loss_k) * spread)
+    return _loss_above(centre, reference, spread, config.track_loss_k)
 
 
 def loss_climbing(
@@ -276,8 +281,7 @@ def loss_climbing(
     The explosion cut needs this wider margin than the hold: batch noise
     never reaches it, a diverging loss does at once.
     """
-    known = jnp.isfinite(centre) & jnp.isfinite(reference)
-    return known & (centre > reference + jnp.float32(config.track_loss_cut_k) * spread)
+    return _loss_above(centre, reference, spread, config.track_loss_cut_k)
 
 
 def loss_update(

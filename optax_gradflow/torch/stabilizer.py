@@ -388,18 +388,21 @@ class GradientFlowStabilizer:
 _GATE_FIELDS = ("loss_centre", "loss_reference", "loss_spread", "stabilizer_step")
 
 
-def _calm(state: State) -> torch.Tensor:
-    """Whether the step just pushed onto ``event_flags`` was calm: finite, no explosion."""
+def _newest_flags(state: State) -> torch.Tensor:
+    """The event flags of the step just pushed onto ``event_flags``."""
     ring = state["event_flags"]
     newest = ((state["event_flags_index"] - 1) % ring.shape[0]).to(torch.int64)
-    return (_gather(ring, newest) & (FLAG_EXPLOSION | FLAG_NONFINITE)) == 0
+    return _gather(ring, newest)
+
+
+def _calm(state: State) -> torch.Tensor:
+    """Whether the step just pushed onto ``event_flags`` was calm: finite, no explosion."""
+    return (_newest_flags(state) & (FLAG_EXPLOSION | FLAG_NONFINITE)) == 0
 
 
 def _fired(state: State) -> torch.Tensor:
     """Whether the step just pushed onto ``event_flags`` fired an emergency."""
-    ring = state["event_flags"]
-    newest = ((state["event_flags_index"] - 1) % ring.shape[0]).to(torch.int64)
-    return (_gather(ring, newest) & FLAG_EMERGENCY) != 0
+    return (_newest_flags(state) & FLAG_EMERGENCY) != 0
 
 
 def _as_f32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
