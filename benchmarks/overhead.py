@@ -543,40 +543,33 @@ def format_table(rows: list[dict[str, Any]], framework: str) -> str:
 def targets(jax_rows, torch_rows) -> list[dict[str, Any]]:
     """The benchmark's targets, each with the measured value and whether it is met."""
     out = []
+
+    def add(target: str, size: int, measured: float, limit: float) -> None:
+        out.append({"target": target, "size": size, "measured": measured, "met": measured <= limit})
+
+    by_variant = {(r["size"], r["variant"]): r for r in jax_rows}
     for r in jax_rows:
-        if r["variant"] == "stabilize":
-            out.append(
-                {
-                    "target": "stabilize <= 1.00x clip_by_global_norm",
-                    "size": r["size"],
-                    "measured": r["ratio"],
-                    "met": r["ratio"] <= 1.0,
-                }
+        size, variant = r["size"], r["variant"]
+        if variant == "stabilize" and size <= 10_000:
+            add("stabilize <= 2x clip_by_global_norm (the fixed cost)", size, r["ratio"], 2.0)
+        if variant == "stabilize" and size >= 1_000_000:
+            add("stabilize <= 1.05x clip_by_global_norm", size, r["ratio"], 1.05)
+        if variant == "chain(stabilize, adam)" and size >= 1_000_000:
+            add("chain(stabilize, adam) <= 1.00x clip_by_global_norm + adam", size, r["ratio"], 1.0)
+            add("chain(stabilize, adam) <= 1.10x floor + adam", size, r["ratio_to_floor"], 1.10)
+            add(
+                "compile of chain(stabilize, adam) <= 2x clip_by_global_norm + adam",
+                size,
+                r["compile_ratio"],
+                2.0,
             )
-            out.append(
-                {
-                    "target": "stabilize <= 1.10x floor",
-                    "size": r["size"],
-                    "measured": r["ratio_to_floor"],
-                    "met": r["ratio_to_floor"] <= 1.10,
-                }
-            )
-        if r["variant"] in ("stabilized(adam)", "chain(stabilize, adam)"):
-            out.append(
-                {
-                    "target": f"{r['variant']} <= 1.00x clip_by_global_norm + adam",
-                    "size": r["size"],
-                    "measured": r["ratio"],
-                    "met": r["ratio"] <= 1.0,
-                }
-            )
-            out.append(
-                {
-                    "target": f"{r['variant']} <= 1.10x floor + adam",
-                    "size": r["size"],
-                    "measured": r["ratio_to_floor"],
-                    "met": r["ratio_to_floor"] <= 1.10,
-                }
+        chained = by_variant.get((size, "chain(stabilize, adam)"))
+        if variant == "stabilized(adam)" and chained is not None and size >= 1_000_000:
+            add(
+                "stabilized(adam) <= 1.05x chain(stabilize, adam)",
+                size,
+                r["median_s"] / chained["median_s"],
+                1.05,
             )
     by_size: dict[int, dict[str, dict[str, Any]]] = {}
     for r in torch_rows:
@@ -616,6 +609,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="1e6 only, 10 rounds: a smoke run")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    parser.add_argument("--only-torch", action="store_true", help="only the PyTorch rows")
     args = parser.parse_args(argv)
 
     unit = NUM_LEAVES * LEAF_COLUMNS
@@ -630,7 +624,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch_rows, torch_skipped = [], ["--no-torch"]
     if not args.no_torch:
         torch_rows, torch_skipped = run_torch(torch_sizes, repeats, args.warmup)
-    jax_rows, jax_skipped = run_jax(sizes, repeats, args.warmup)
+    jax_rows, jax_skipped = [], ["--only-torch"]
+    if not args.only_torch:
+        jax_rows, jax_skipped = run_jax(sizes, repeats, args.warmup)
     result = {
         "command": "python " + " ".join([pathlib.Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "machine": machine_info(),

@@ -12,22 +12,21 @@ import dataclasses
 import math
 from typing import Literal
 
+from optax_gradflow.constants import INT32_MAX, Event  # noqa: F401  (re-exported)
+
 AdaptationRule = Literal["track", "percentile", "median_mad", "mean_std", "zscore"]
 ADAPTATION_RULES: tuple[str, ...] = ("track", "percentile", "median_mad", "mean_std", "zscore")
 ZSCORE_CLIPS: tuple[str, ...] = ("adaptive_scaling", "mean", "percentile")
 
-# Bits of one entry of the per-step event flags (SPEC.md, "Event flags").
-FLAG_CLIPPED = 1
-FLAG_EXPLOSION = 2
-FLAG_VANISHING = 4
-FLAG_NONFINITE = 8
-FLAG_EMERGENCY = 16
-FLAG_ADAPTED = 32
-FLAG_WARNING = 64
-
-# Largest value an int32 counter holds; counters saturate here (SPEC.md,
-# "Counters").
-INT32_MAX = 2**31 - 1
+# Bits of one entry of the per-step event flags (SPEC.md, "Event flags"), as
+# plain ints; optax_gradflow.constants.Event is the same as an IntFlag.
+FLAG_CLIPPED = int(Event.CLIPPED)
+FLAG_EXPLOSION = int(Event.EXPLOSION)
+FLAG_VANISHING = int(Event.VANISHING)
+FLAG_NONFINITE = int(Event.NONFINITE)
+FLAG_EMERGENCY = int(Event.EMERGENCY)
+FLAG_ADAPTED = int(Event.ADAPTED)
+FLAG_WARNING = int(Event.WARNING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +85,9 @@ class StabilizerConfig:
     # Classification ("Classification").
     explosion_factor: float = 3.0
     vanishing_norm: float = 1e-7
+
+    # Output ("Per-step order" 4): x * (t / r), or optax's (x / r) * t.
+    exact_clip: bool = False
 
     # Loss scaling ("Loss scale rule").
     # Opt-in: it needs the user's cooperation (gradients of scale_loss(...)).
@@ -231,6 +233,7 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_float(cfg, "vanishing_norm", at_least=0.0)
 
     _check_bool(cfg, "loss_scaling")
+    _check_bool(cfg, "exact_clip")
     _check_float(cfg, "min_loss_scale", above=0.0)
     _check_float(cfg, "max_loss_scale", above=0.0, allow_inf=True)
     if cfg.max_loss_scale < cfg.min_loss_scale:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.constants import DIAGNOSTICS_LOG_FLOOR
 from optax_gradflow.state import ring_chronological
 
 
@@ -60,7 +61,7 @@ def diagnose(
     """
     recent, valid = recent_window(values, index, count, config.diagnostics_window)
     # The floor keeps log() finite for zero norms even when vanishing_norm is 0.
-    trend = log_norm_trend(recent, valid, max(config.vanishing_norm, 1e-30))
+    trend = log_norm_trend(recent, valid, max(config.vanishing_norm, DIAGNOSTICS_LOG_FLOOR))
     mean, var = windowed_mean_variance(recent, valid)
     relative = jnp.where(mean > 0, var / jnp.where(mean > 0, jnp.square(mean), 1.0), 0.0)
     warning = (trend > config.trend_limit) | (relative > config.variance_limit)

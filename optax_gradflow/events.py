@@ -295,9 +295,7 @@ def emit_in_graph(
     "any logged flag this step", so a step without events does no host
     transfer at all; a step with events transfers a dozen scalars.
     """
-    size = new_state.event_flags.shape[0]
-    flags = new_state.event_flags[(new_state.event_flags_index - 1) % size]
-    var_size = new_state.variance_history.shape[0]
+    flags = new_state.event_flags.newest()
 
     def send():
         jax.debug.callback(
@@ -315,7 +313,7 @@ def emit_in_graph(
             emergency_count=new_state.emergency_count,
             warning_count=new_state.warning_count,
             trend=new_state.norm_trend,
-            variance=new_state.variance_history[(new_state.variance_history_index - 1) % var_size],
+            variance=new_state.variance_history.newest(),
         )
 
     event = (flags & jnp.int32(LOGGED_FLAGS)) != 0
@@ -433,7 +431,7 @@ class EventLogger:
         if prev is not None and step < int(prev.stabilizer_step):
             prev = None  # a new run (or a restored earlier checkpoint): start over
         prev_step = 0 if prev is None else int(prev.stabilizer_step)
-        flags = host_chronological(cur.event_flags, cur.event_flags_index, cur.event_flags_count)
+        flags = host_chronological(*cur.event_flags)
         visible = min(step - prev_step, flags.shape[0])
         flags = [int(f) for f in flags[flags.shape[0] - visible :]]
         first_visible = step - visible
@@ -447,8 +445,8 @@ class EventLogger:
                     kind,
                     prev_step,
                     f"{hidden} {KINDS[kind][1]} in steps {prev_step}-{first_visible - 1} are "
-                    f"older than the event window ({cur.event_flags.shape[0]} steps) and not "
-                    f"itemised",
+                    f"older than the event window ({cur.event_flags.values.shape[0]} steps) "
+                    f"and not itemised",
                 )
 
         before_after = self._threshold_changes(prev, cur, flags)
@@ -477,9 +475,7 @@ class EventLogger:
     ) -> list[tuple[float, float]]:
         # One threshold push per adapted or emergency step (SPEC.md, "Per-step
         # order" 10), so the newest pushes line up with the newest such steps.
-        history = host_chronological(
-            cur.threshold_history, cur.threshold_history_index, cur.threshold_history_count
-        ).tolist()
+        history = host_chronological(*cur.threshold_history).tolist()
         pushes = sum(1 for f in flags if f & (FLAG_ADAPTED | FLAG_EMERGENCY))
         fallback = float("nan") if prev is None else float(prev.clip_threshold)
         pairs = []
@@ -527,9 +523,7 @@ class EventLogger:
                 f"{int(cur.consecutive_explosions)} consecutive explosions",
             )
         if f & FLAG_WARNING:
-            var = host_chronological(
-                cur.variance_history, cur.variance_history_index, cur.variance_history_count
-            )
+            var = host_chronological(*cur.variance_history)
             variance = f", norm variance {float(var[-1]):.4g}" if var.size else ""
             folder.emit(
                 "warning",

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_gradflow.config import StabilizerConfig
-from optax_gradflow.state import GradientFlowState, saturating_increment
+from optax_gradflow.state import GradientFlowState, Ring, saturating_increment
 
 
 def next_loss_scale(
@@ -68,6 +68,12 @@ def _is_flow_state(x: Any) -> bool:
     return isinstance(x, GradientFlowState)
 
 
+def _plain(field: Any) -> Any:
+    if isinstance(field, Ring):
+        return Ring(*(jnp.asarray(part) for part in field))
+    return jnp.asarray(field)
+
+
 def find_states(opt_state: Any) -> list[tuple[str, GradientFlowState]]:
     """Every GradientFlowState inside ``opt_state``, with its key path as text.
 
@@ -81,7 +87,7 @@ def find_states(opt_state: Any) -> list[tuple[str, GradientFlowState]]:
         if _is_flow_state(leaf):
             # Frameworks may wrap each field (flax.nnx.Optimizer keeps OptArray
             # variables); hand back plain arrays.
-            plain = GradientFlowState(*(jnp.asarray(field) for field in leaf))
+            plain = GradientFlowState(*(_plain(field) for field in leaf))
             found.append((jax.tree_util.keystr(path), plain))
     return found
 

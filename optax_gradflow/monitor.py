@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from optax_gradflow.constants import FLAT_FIELDS, VERSION_FIELD
 from optax_gradflow.events import (
     DEFAULT_FOLD_WINDOW,
     DEFAULT_MAX_LINES,
@@ -32,7 +33,7 @@ from optax_gradflow.events import (
     host_chronological,
 )
 from optax_gradflow.loss_scaling import find_states
-from optax_gradflow.state import FLAG_EXPLOSION, GradientFlowState
+from optax_gradflow.state import FLAG_EXPLOSION, GradientFlowState, from_flat
 
 DEFAULT_EVERY = 100
 DEFAULT_MAX_RECORDS = 2000
@@ -490,12 +491,10 @@ def _interval_norms(state: GradientFlowState, steps: int, counts: dict[str, int]
     (it is then not in the ring).
     """
     pushes = steps - counts["explosion_count"] - counts["nonfinite_count"]
-    ring = host_chronological(
-        state.norm_history, state.norm_history_index, state.norm_history_count
-    )
+    ring = host_chronological(*state.norm_history)
     keep = max(0, min(pushes, ring.shape[0]))
     norms = np.asarray(ring[ring.shape[0] - keep :], dtype=np.float64)
-    flags = host_chronological(state.event_flags, state.event_flags_index, state.event_flags_count)
+    flags = host_chronological(*state.event_flags)
     last = float(state.last_grad_norm)
     if flags.size and int(flags[-1]) & FLAG_EXPLOSION and math.isfinite(last):
         norms = np.append(norms, last)
@@ -540,13 +539,15 @@ def _torch_stabilizers(source: Any) -> list[tuple[str, Any]] | None:
 def _torch_host_state(stabilizer: Any) -> GradientFlowState:
     """The ``state_dict()`` of a PyTorch stabilizer as a host GradientFlowState."""
     state = stabilizer.state_dict()
-    missing = [name for name in GradientFlowState._fields if name not in state]
+    missing = [name for name in FLAT_FIELDS if name not in state and name != VERSION_FIELD]
     if missing:
         raise TypeError(
             f"{type(stabilizer).__name__}.state_dict() lacks the stabilizer fields "
             f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}: pass an "
             "optax_gradflow.torch.GradientFlowStabilizer or an optax optimizer state."
         )
-    return GradientFlowState(
-        *(np.asarray(state[name].detach().cpu().numpy()) for name in GradientFlowState._fields)
+    return from_flat(
+        {name: value.detach().cpu().numpy() for name, value in state.items()},
+        where=f"{type(stabilizer).__name__}.state_dict()",
+        array=np.asarray,
     )

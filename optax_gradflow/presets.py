@@ -33,8 +33,9 @@ def clip_only(max_norm: float) -> StabilizerConfig:
     """``optax.clip_by_global_norm(max_norm)``: a fixed threshold and nothing else.
 
     On finite gradients the output equals optax's bit for bit (same norm,
-    same ``(g / norm) * max_norm`` formula, same ``norm >= max_norm`` /
-    ``norm > max_norm`` boundary up to the identity at equality).
+    same ``(g / norm) * max_norm`` formula through ``exact_clip=True``, same
+    ``norm >= max_norm`` / ``norm > max_norm`` boundary up to the identity at
+    equality).
 
     Example:
       >>> import optax_gradflow
@@ -50,6 +51,7 @@ def clip_only(max_norm: float) -> StabilizerConfig:
         warmup_steps=0,
         adaptation_interval=0,
         adaptation_rule="median_mad",
+        exact_clip=True,
         **_CLIP_ONLY,
     )
 
@@ -214,4 +216,5 @@ def seed() -> StabilizerConfig:
         min_threshold=0.1,
         adaptation_rule="median_mad",
         loss_scaling=True,
+        exact_clip=True,
     )

@@ -312,7 +312,7 @@ def build_report(
 
     Framework-free: ``state`` maps every ``GradientFlowState`` field name to
     a numpy array (or anything ``numpy.asarray`` takes), so the JAX state
-    (``state._asdict()`` after ``jax.device_get``) and the PyTorch adapter's
+    (``optax_gradflow.state.to_flat(state)`` after ``jax.device_get``) and the PyTorch adapter's
     state dict (tensors moved to the CPU) give the same report.
     ``update_ratios`` is the wrapper's ``(history, index, count)`` ring, or
     None outside :func:`optax_gradflow.stabilized`.
@@ -430,10 +430,8 @@ def _located(opt_state: Any) -> list[tuple[str, GradientFlowState, tuple | None]
         if _is_wrapper(w):
             ((flow_path, _),) = find_states(w._replace(inner_state=None))
             # Plain arrays: frameworks may wrap fields (flax.nnx's OptArray).
-            ring_of[jax.tree_util.keystr(wrapper_path) + flow_path] = (
-                jnp.asarray(w.update_ratio_history),
-                jnp.asarray(w.update_ratio_index),
-                jnp.asarray(w.update_ratio_count),
+            ring_of[jax.tree_util.keystr(wrapper_path) + flow_path] = tuple(
+                jnp.asarray(part) for part in w.update_ratio_history
             )
     return [(path, state, ring_of.get(path)) for path, state in found]
 
@@ -451,10 +449,12 @@ def stability_reports(opt_state: Any) -> dict[str, StabilityReport]:
     """
     import jax
 
+    from optax_gradflow.state import to_flat
+
     located = _located(opt_state)
     host = jax.device_get([(state, ring) for _, state, ring in located])
     return {
-        path: build_report(state._asdict(), path, ring)
+        path: build_report(to_flat(state), path, ring)
         for (path, _, _), (state, ring) in zip(located, host, strict=True)
     }
 
@@ -508,13 +508,13 @@ def stability_report(opt_state: Any) -> StabilityReport:
 def _metrics_of(s: GradientFlowState, ring: tuple | None) -> dict[str, jax.Array]:
     import jax.numpy as jnp
 
-    size = s.event_flags.shape[0]
-    valid = jnp.arange(size, dtype=jnp.int32) < s.event_flags_count
-    steps = s.event_flags_count.astype(jnp.float32)
+    events = s.event_flags
+    valid = events.valid()
+    steps = events.count.astype(jnp.float32)
     denom = jnp.maximum(steps, 1.0)
 
     def rate(flag: int) -> jax.Array:
-        hits = jnp.sum(valid & ((s.event_flags & flag) != 0)).astype(jnp.float32)
+        hits = jnp.sum(valid & ((events.values & flag) != 0)).astype(jnp.float32)
         return jnp.where(steps > 0, hits / denom, 0.0)
 
     out = {
@@ -532,7 +532,7 @@ def _metrics_of(s: GradientFlowState, ring: tuple | None) -> dict[str, jax.Array
         "stable_streak": s.stable_streak,
         "early_warning": s.early_warning.astype(jnp.int32),
         "norm_trend": s.norm_trend,
-        "window_steps": s.event_flags_count,
+        "window_steps": events.count,
         "explosion_rate": rate(FLAG_EXPLOSION),
         "nonfinite_rate": rate(FLAG_NONFINITE),
         "vanishing_rate": rate(FLAG_VANISHING),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from optax_gradflow import constants
 from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
     FLAG_ADAPTED,
     FLAG_CLIPPED,
@@ -18,13 +20,70 @@ from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
     INT32_MAX,
     StabilizerConfig,
 )
+from optax_gradflow.constants import RING_PARTS, SCALARS, VERSION_FIELD, flat_name
+
+RINGS = constants.RINGS
+
+
+class Ring(NamedTuple):
+    """A ring buffer (SPEC.md, "Ring buffers"): the latest ``size`` items.
+
+    Attributes:
+      values: [size], the slots; written from slot 0.
+      index: i32[], the next write position.
+      count: i32[], the number of valid slots (<= size).
+    """
+
+    values: jax.Array
+    index: jax.Array
+    count: jax.Array
+
+    def push(self, item: jax.Array, do_push: jax.Array | bool = True) -> Ring:
+        """Writes ``item`` at ``index`` when ``do_push``; one slot, in place.
+
+        The slot is rewritten with its own value when ``do_push`` is false, so
+        the write is one ``dynamic_update_slice`` of one element, which XLA
+        does in place on a donated buffer; the rest of the ring is not copied.
+        """
+        size = self.values.shape[0]
+        do_push = jnp.asarray(do_push)
+        item = jnp.asarray(item).astype(self.values.dtype)
+        slot = self.values[self.index]
+        # .at[].set, not dynamic_update_slice: it also takes an item that
+        # carries a sharding (a norm of sharded gradients under explicit
+        # sharding). XLA makes it a one-element dynamic-update-slice.
+        values = self.values.at[self.index].set(jnp.where(do_push, item, slot))
+        index = jnp.where(do_push, (self.index + 1) % size, self.index).astype(jnp.int32)
+        count = jnp.where(do_push, jnp.minimum(self.count + 1, size), self.count)
+        return Ring(values, index, count.astype(jnp.int32))
+
+    def newest(self) -> jax.Array:
+        """The latest item (meaningless while ``count == 0``)."""
+        size = self.values.shape[0]
+        return jax.lax.dynamic_index_in_dim(self.values, (self.index - 1) % size, keepdims=False)
+
+    def valid(self) -> jax.Array:
+        """bool[size]: the valid slots ``[0, count)``."""
+        return jnp.arange(self.values.shape[0], dtype=jnp.int32) < self.count
+
+    def chronological(self, window: int) -> tuple[jax.Array, jax.Array]:
+        """(the last ``window`` pushes oldest first, which of them are valid)."""
+        recent = ring_chronological(self.values, self.index, window)
+        valid = jnp.arange(window, dtype=jnp.int32) >= window - jnp.minimum(self.count, window)
+        return recent, valid
+
+    @classmethod
+    def empty(cls, size: int, dtype) -> Ring:
+        return cls(jnp.zeros((size,), dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class GradientFlowState(NamedTuple):
     """State of :func:`optax_gradflow.stabilize` (SPEC.md, "State").
 
     Field names are part of the API: ``optax.tree.get(opt_state, "clip_threshold")``
-    finds them anywhere in a chain. Scalars are 0-d arrays. ``f32`` is float32,
+    finds them anywhere in a chain. :func:`to_flat` and :func:`from_flat` give
+    and take the flat form (one key per array, the PyTorch adapter's state
+    dict), which checks the layout version. Scalars are 0-d arrays. ``f32`` is float32,
     ``i32`` int32 (counters saturate at 2**31 - 1). ``H`` = norm_history_size,
     ``V`` = variance_history_size, ``L`` = loss_scale_history_size,
     ``T`` = threshold_history_size, ``E`` = event_history_size,
@@ -67,25 +126,16 @@ class GradientFlowState(NamedTuple):
       centre_anchor: f32[], the "track" rule: the centre when the loss last
         did not climb; the floor of the tightening is this minus
         ``ln(track_max_cut)``.
-      norm_history: f32[H], ring of finite, non-exploding unscaled norms.
-      norm_history_index: i32[], next write position in ``norm_history``.
-      norm_history_count: i32[], valid entries in ``norm_history`` (<= H).
-      variance_history: f32[V], ring of windowed norm variances.
-      variance_history_index: i32[].
-      variance_history_count: i32[].
-      loss_scale_history: f32[L], ring of loss-scale values, pushed on change.
-      loss_scale_history_index: i32[].
-      loss_scale_history_count: i32[].
-      threshold_history: f32[T], ring of thresholds, pushed on change after
-        warm-up (adaptation or emergency).
-      threshold_history_index: i32[].
-      threshold_history_count: i32[].
-      event_flags: i32[E], ring of per-step event bit flags.
-      event_flags_index: i32[].
-      event_flags_count: i32[].
-      emergency_steps: i32[M], ring of the step indices of emergencies.
-      emergency_steps_index: i32[].
-      emergency_steps_count: i32[].
+      norm_history: :class:`Ring` of f32[H], finite, non-exploding unscaled norms.
+      variance_history: :class:`Ring` of f32[V], windowed norm variances.
+      loss_scale_history: :class:`Ring` of f32[L], loss-scale values, pushed on
+        change.
+      threshold_history: :class:`Ring` of f32[T], thresholds, pushed on
+        adaptation or emergency.
+      event_flags: :class:`Ring` of i32[E], per-step event bit flags.
+      emergency_steps: :class:`Ring` of i32[M], the step indices of emergencies.
+      state_version: i32[], the layout of this state,
+        :data:`optax_gradflow.constants.STATE_VERSION`.
     """
 
     stabilizer_step: jax.Array
@@ -112,77 +162,101 @@ class GradientFlowState(NamedTuple):
     ema_mean: jax.Array
     ema_var: jax.Array
     centre_anchor: jax.Array
-    norm_history: jax.Array
-    norm_history_index: jax.Array
-    norm_history_count: jax.Array
-    variance_history: jax.Array
-    variance_history_index: jax.Array
-    variance_history_count: jax.Array
-    loss_scale_history: jax.Array
-    loss_scale_history_index: jax.Array
-    loss_scale_history_count: jax.Array
-    threshold_history: jax.Array
-    threshold_history_index: jax.Array
-    threshold_history_count: jax.Array
-    event_flags: jax.Array
-    event_flags_index: jax.Array
-    event_flags_count: jax.Array
-    emergency_steps: jax.Array
-    emergency_steps_index: jax.Array
-    emergency_steps_count: jax.Array
-
-
-# Ring name -> (config field holding its size, dtype). The order is the order
-# of the fields above.
-RINGS: dict[str, tuple[str, jnp.dtype]] = {
-    "norm_history": ("norm_history_size", jnp.float32),
-    "variance_history": ("variance_history_size", jnp.float32),
-    "loss_scale_history": ("loss_scale_history_size", jnp.float32),
-    "threshold_history": ("threshold_history_size", jnp.float32),
-    "event_flags": ("event_history_size", jnp.int32),
-    "emergency_steps": ("emergency_history_size", jnp.int32),
-}
+    norm_history: Ring
+    variance_history: Ring
+    loss_scale_history: Ring
+    threshold_history: Ring
+    event_flags: Ring
+    emergency_steps: Ring
+    state_version: jax.Array
 
 
 def expected_shapes(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
-    """Field name -> (shape, dtype) that a state built from ``config`` has."""
-    spec: dict[str, tuple[tuple[int, ...], jnp.dtype]] = {}
-    for name in GradientFlowState._fields:
-        spec[name] = ((), jnp.int32)
-    for name in (
-        "clip_threshold",
-        "loss_scale",
-        "last_grad_norm",
-        "last_loss",
-        "loss_centre",
-        "loss_reference",
-        "loss_spread",
-        "norm_trend",
-        "ema_mean",
-        "ema_var",
-        "centre_anchor",
-    ):
-        spec[name] = ((), jnp.float32)
-    spec["early_warning"] = ((), jnp.bool_)
+    """Flat key (see :func:`to_flat`) -> (shape, dtype) of a state built from ``config``."""
+    spec: dict[str, tuple[tuple[int, ...], jnp.dtype]] = {
+        name: ((), jnp.dtype(dtype)) for name, dtype in SCALARS.items()
+    }
     for ring, (size_field, dtype) in RINGS.items():
-        spec[ring] = ((getattr(config, size_field),), dtype)
+        spec[ring] = ((getattr(config, size_field),), jnp.dtype(dtype))
+        spec[flat_name(ring, "index")] = ((), jnp.dtype(jnp.int32))
+        spec[flat_name(ring, "count")] = ((), jnp.dtype(jnp.int32))
+    spec[VERSION_FIELD] = ((), jnp.dtype(jnp.int32))
     return spec
 
 
+def to_flat(state: GradientFlowState) -> dict[str, Any]:
+    """The flat form of a state: one key per array (``norm_history``,
+    ``norm_history_index``, ``norm_history_count``, ...), the keys of
+    :data:`optax_gradflow.constants.FLAT_FIELDS`. No copy, no host transfer."""
+    flat: dict[str, Any] = {name: getattr(state, name) for name in SCALARS}
+    for ring in RINGS:
+        r = getattr(state, ring)
+        for part in RING_PARTS:
+            flat[flat_name(ring, part)] = getattr(r, part)
+    flat[VERSION_FIELD] = state.state_version
+    return flat
+
+
+def from_flat(
+    flat: Mapping[str, Any], *, where: str = "The given state", array: Any = None
+) -> GradientFlowState:
+    """A :class:`GradientFlowState` from its flat form (:func:`to_flat`).
+
+    Raises:
+      StateVersionError: the flat state was written with another layout
+        (one without ``state_version`` is layout 1).
+      ValueError: keys are missing or unknown.
+    """
+    if not isinstance(flat, Mapping):
+        raise TypeError(f"{where} must be a mapping of field names, got {type(flat).__name__}.")
+    constants.check_version(flat.get(VERSION_FIELD), where)
+    missing = [k for k in constants.FLAT_FIELDS if k not in flat]
+    unknown = [k for k in flat if k not in constants.FLAT_FIELDS]
+    if missing or unknown:
+        raise ValueError(
+            f"{where} does not have the fields of a GradientFlowState: missing {missing}, "
+            f"unknown {unknown}."
+        )
+    # ``array`` converts each value (``jnp.asarray`` by default; ``numpy.asarray``
+    # for a host copy).
+    array = jnp.asarray if array is None else array
+    fields: dict[str, Any] = {name: array(flat[name]) for name in SCALARS}
+    for ring in RINGS:
+        fields[ring] = Ring(*(array(flat[flat_name(ring, part)]) for part in RING_PARTS))
+    fields[VERSION_FIELD] = array(flat[VERSION_FIELD])
+    return GradientFlowState(**fields)
+
+
 def check_state(state: GradientFlowState, config: StabilizerConfig) -> None:
-    """Raises ValueError if ``state`` was not built for ``config``.
+    """Raises unless ``state`` is a state of this layout built for ``config``.
 
     Shapes and dtypes are static, so this runs at trace time and costs nothing
     per step. A state from a config that differs only in a non-structural value
     (a factor, a limit) cannot be told apart and is accepted.
     """
     if not isinstance(state, GradientFlowState):
+        if isinstance(state, Mapping):
+            # A raw restore (a checkpoint read without a target): refuse
+            # another layout by name, and say how to rebuild this one.
+            found = state.get(VERSION_FIELD)
+            if not isinstance(found, jax.core.Tracer):
+                constants.check_version(found, "The state passed to update")
+            raise TypeError(
+                "Expected a GradientFlowState built by this stabilizer's init, got a mapping; "
+                "optax_gradflow.state.from_flat rebuilds one from the flat form."
+            )
         raise TypeError(
             f"Expected a GradientFlowState built by this stabilizer's init, got "
             f"{type(state).__name__}."
         )
+    for ring in RINGS:
+        if not isinstance(getattr(state, ring), Ring):
+            constants.check_version(None, "The state passed to update")
+    if not isinstance(state.state_version, jax.core.Tracer):
+        constants.check_version(state.state_version, "The state passed to update")
+    flat = to_flat(state)
     for name, (shape, dtype) in expected_shapes(config).items():
-        value = getattr(state, name)
+        value = flat[name]
         got_shape = tuple(jnp.shape(value))
         got_dtype = jnp.result_type(value)
         if got_shape != shape or got_dtype != dtype:
@@ -200,27 +274,6 @@ def saturating_increment(counter: jax.Array, increment: jax.Array) -> jax.Array:
     """
     increment = jnp.asarray(increment).astype(jnp.int32)
     return jnp.where(counter >= INT32_MAX, counter, counter + increment).astype(jnp.int32)
-
-
-def ring_push(
-    values: jax.Array,
-    index: jax.Array,
-    count: jax.Array,
-    item: jax.Array,
-    do_push: jax.Array | bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes ``item`` at ``index`` when ``do_push``; returns (values, index, count).
-
-    The buffer keeps the latest ``size`` items; ``index`` is the next write
-    position and ``count`` the number of valid items (SPEC.md, "Ring buffers").
-    """
-    size = values.shape[0]
-    do_push = jnp.asarray(do_push)
-    written = values.at[index].set(item.astype(values.dtype))
-    values = jnp.where(do_push, written, values)
-    new_index = jnp.where(do_push, (index + 1) % size, index).astype(jnp.int32)
-    new_count = jnp.where(do_push, jnp.minimum(count + 1, size), count).astype(jnp.int32)
-    return values, new_index, new_count
 
 
 def ring_chronological(values: jax.Array, index: jax.Array, window: int) -> jax.Array:

@@ -416,9 +416,7 @@ def _check_record(record: Any) -> None:
 
 
 def _score(s: GradientFlowState) -> float:
-    return score_of_flags(
-        host_chronological(s.event_flags, s.event_flags_index, s.event_flags_count)
-    )
+    return score_of_flags(host_chronological(*s.event_flags))
 
 
 def _record(s: GradientFlowState, key: str, label: str | None) -> dict[str, Any]:
@@ -427,9 +425,7 @@ def _record(s: GradientFlowState, key: str, label: str | None) -> dict[str, Any]
         raise ValueError(
             f"Not saving: the clip threshold {threshold!r} is not positive and finite."
         )
-    stats = norm_statistics(
-        host_chronological(s.norm_history, s.norm_history_index, s.norm_history_count)
-    )
+    stats = norm_statistics(host_chronological(*s.norm_history))
     return {
         "schema_version": SCHEMA_VERSION,
         "fingerprint": key,

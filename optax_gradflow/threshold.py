@@ -12,11 +12,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from optax_gradflow import constants
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
 
 # Scale factor that makes the median absolute deviation a consistent estimator
 # of the standard deviation for normal data: 1 / Phi^{-1}(3/4).
-MAD_TO_STD = 1.4826
+MAD_TO_STD = constants.MAD_TO_STD
 
 
 def _is_concrete(x) -> bool:
@@ -217,7 +218,7 @@ def history_mean_var(values: jax.Array, count: jax.Array) -> tuple[jax.Array, ja
 
 # Smallest norm whose logarithm the tracker takes: an all-zero gradient would
 # give log(0) = -inf. Protects the arithmetic only (float32's smallest normal).
-TRACK_LOG_FLOOR = 1.1754944e-38
+TRACK_LOG_FLOOR = constants.LOG_FLOOR
 
 
 def log_norm(norm: jax.Array) -> jax.Array:

@@ -1,105 +1,31 @@
-"""``stabilize()`` and ``stabilized()``: one step, in SPEC.md's order.
+"""``stabilize()`` and ``stabilized()``: the optax transformations.
 
-Each stage is a small pure function in its own module (threshold.py,
-loss_scaling.py, diagnostics.py, state.py); this module strings them together
-in the order of SPEC.md, "Per-step order".
+The step itself is :mod:`optax_gradflow.pipeline`, a sequence of named stages
+in SPEC.md's order; this module builds the transformations around it: the
+initial state, the argument checks, the rule object (chosen once here), the
+event log and the wrapper form.
 """
 
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradflow import events, loss_scaling
+from optax_gradflow import events, pipeline
 from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.config import StabilizerConfig
-from optax_gradflow.diagnostics import diagnose
-from optax_gradflow.state import (
-    FLAG_ADAPTED,
-    FLAG_CLIPPED,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-    FLAG_WARNING,
-    RINGS,
-    GradientFlowState,
-    check_state,
-    ring_push,
-    saturating_increment,
-)
+from optax_gradflow.constants import RINGS, STATE_VERSION, UPDATE_RATIO_HISTORY_SIZE
+from optax_gradflow.pipeline import sum_of_squares
+from optax_gradflow.state import GradientFlowState, Ring, check_state
 
-UPDATE_RATIO_HISTORY_SIZE = 100
+__all__ = ("StabilizedState", "init_state", "stabilize", "stabilized", "step", "sum_of_squares")
 
 
 def _is_float_leaf(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
-
-
-def sum_of_squares(tree: Any) -> jax.Array:
-    """Sum of squares of every floating leaf, accumulated in float32.
-
-    Low-precision gradients are upcast first: the squares of float16 gradients
-    of a scaled loss overflow float16 long before float32 (SPEC.md, "Global
-    norm"). Leaves are summed one by one in tree order, starting from 0.
-    Integer, boolean and float0 leaves are not part of the norm.
-    """
-    sums = []
-    for leaf in jax.tree.leaves(tree):
-        if not _is_float_leaf(leaf):
-            continue
-        x = jnp.asarray(leaf)
-        if jnp.iscomplexobj(x):
-            sq = jnp.square(jnp.real(x).astype(jnp.float32)) + jnp.square(
-                jnp.imag(x).astype(jnp.float32)
-            )
-        else:
-            sq = jnp.square(x.astype(jnp.float32))
-        sums.append(jnp.sum(sq))
-    return functools.reduce(operator.add, sums, jnp.float32(0.0))
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-    # float16 / bfloat16 leaves are scaled in float32 so that the tiny or huge
-    # coefficients of loss scaling do not underflow or overflow; float32 and
-    # float64 leaves are scaled in their own dtype.
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _rescale_leaf(g, *, raw_norm, threshold, inv_scale, clipped, finite, unscale):
-    if not _is_float_leaf(g):
-        return g
-    cd = _compute_dtype(g.dtype)
-    x = g.astype(cd)
-    # Written as (g / n) * t, the form of optax.clip_by_global_norm, so that the
-    # clip-only preset reproduces it bit for bit.
-    clipped_value = (x / raw_norm.astype(cd)) * threshold.astype(cd)
-    kept_value = x * inv_scale.astype(cd) if unscale else x
-    out = jnp.where(clipped, clipped_value, kept_value)
-    # jnp.where, not multiplication by 0: 0 * NaN is NaN.
-    out = jnp.where(finite, out, jnp.zeros((), cd))
-    return out.astype(g.dtype)
-
-
-def _event_flags(**bits: jax.Array) -> jax.Array:
-    values = {
-        "clipped": FLAG_CLIPPED,
-        "explosion": FLAG_EXPLOSION,
-        "vanishing": FLAG_VANISHING,
-        "nonfinite": FLAG_NONFINITE,
-        "emergency": FLAG_EMERGENCY,
-        "adapted": FLAG_ADAPTED,
-        "warning": FLAG_WARNING,
-    }
-    total = jnp.int32(0)
-    for name, flag in bits.items():
-        total = total + jnp.where(flag, jnp.int32(values[name]), jnp.int32(0))
-    return total
 
 
 def _structure_signature(tree: Any) -> tuple[tuple[int, ...], ...]:
@@ -117,13 +43,13 @@ def _same_structure(got, expected, *, sharded: bool) -> bool:
 def init_state(
     threshold, warmup_steps: int | jax.Array, config: StabilizerConfig
 ) -> GradientFlowState:
-    """A fresh state (SPEC.md, "Initial state")."""
+    """A fresh state (SPEC.md, "State")."""
     # One buffer per field: a shared zero could not be donated to a jitted step.
-    fields: dict[str, jax.Array] = {
-        name: jnp.zeros((), jnp.int32) for name in GradientFlowState._fields
-    }
+    fields: dict[str, Any] = {name: jnp.zeros((), jnp.int32) for name in GradientFlowState._fields}
+    threshold = jnp.asarray(threshold, jnp.float32)
+    ema_mean, centre_anchor = pipeline.rule_for(config).initial_levels(threshold)
     fields.update(
-        clip_threshold=jnp.asarray(threshold, jnp.float32),
+        clip_threshold=threshold,
         loss_scale=jnp.asarray(config.initial_loss_scale, jnp.float32),
         warmup_steps_left=jnp.asarray(warmup_steps, jnp.int32),
         last_grad_norm=jnp.asarray(jnp.nan, jnp.float32),
@@ -133,21 +59,20 @@ def init_state(
         loss_spread=jnp.zeros((), jnp.float32),
         norm_trend=jnp.zeros((), jnp.float32),
         early_warning=jnp.zeros((), jnp.bool_),
-        ema_mean=jnp.zeros((), jnp.float32),
+        ema_mean=ema_mean,
         ema_var=jnp.zeros((), jnp.float32),
-        centre_anchor=jnp.zeros((), jnp.float32),
+        centre_anchor=centre_anchor,
+        state_version=jnp.asarray(STATE_VERSION, jnp.int32),
     )
-    if config.adaptation_rule == "track":
-        # The tracker starts from the initial threshold (ignored in data mode,
-        # where the first finite norm starts it).
-        fields["ema_mean"] = threshold_lib.log_norm(fields["clip_threshold"])
-        fields["centre_anchor"] = threshold_lib.log_norm(fields["clip_threshold"])
     for ring, (size_field, dtype) in RINGS.items():
-        fields[ring] = jnp.zeros((getattr(config, size_field),), dtype)
+        fields[ring] = Ring.empty(getattr(config, size_field), jnp.dtype(dtype))
     # The loss-scale history starts with the initial scale.
-    fields["loss_scale_history"] = fields["loss_scale_history"].at[0].set(config.initial_loss_scale)
-    fields["loss_scale_history_index"] = jnp.asarray(1 % config.loss_scale_history_size, jnp.int32)
-    fields["loss_scale_history_count"] = jnp.ones((), jnp.int32)
+    size = config.loss_scale_history_size
+    fields["loss_scale_history"] = Ring(
+        jnp.zeros((size,), jnp.float32).at[0].set(config.initial_loss_scale),
+        jnp.asarray(1 % size, jnp.int32),
+        jnp.ones((), jnp.int32),
+    )
     return GradientFlowState(**fields)
 
 
@@ -155,10 +80,10 @@ def _initial_threshold(
     params, learning_rate, initial_threshold, store, label, config
 ) -> tuple[jax.Array, int]:
     """(threshold, warm-up steps): explicit > stored > learning rate > data."""
-    if config.adaptation_rule == "zscore":
-        # ZClip's warm-up always runs: the EMA starts from its norms, and until
-        # then only max_threshold clips.
-        return threshold_lib.clamp_threshold(config.max_threshold, config), config.warmup_steps
+    rule = pipeline.rule_for(config)
+    fixed = rule.fixed_start()
+    if fixed is not None:
+        return fixed
     if initial_threshold is None:
         initial_threshold = config.initial_threshold
     if initial_threshold is not None:
@@ -170,10 +95,8 @@ def _initial_threshold(
     if learning_rate is not None:
         lr = threshold_lib.learning_rate_at_start(learning_rate)
         return threshold_lib.threshold_from_learning_rate(lr, config), 0
-    if config.adaptation_rule == "track":
-        # The tracker waits for the first finite norm (SPEC.md, "Tracking rule").
-        return jnp.float32(config.min_threshold), 1
-    return jnp.float32(config.min_threshold), config.warmup_steps
+    # Data mode: a placeholder threshold that no warm-up step uses.
+    return jnp.float32(config.min_threshold), rule.data_warmup_steps()
 
 
 def _check_factory_args(learning_rate, config, initial_threshold) -> StabilizerConfig:
@@ -294,6 +217,7 @@ def stabilize(
     <https://arxiv.org/abs/1710.03740>`_, 2018.
   """
     config = _check_factory_args(learning_rate, config, initial_threshold)
+    rule = pipeline.rule_for(config)
     emitter = events.InGraphEmitter(config, name=label) if log_events else None
 
     # The closures capture hyperparameters only: one instance serves any
@@ -320,8 +244,8 @@ def stabilize(
                 f"update: leaf shapes {list(_structure_signature(updates))}, expected "
                 f"{list(_structure_signature(params))}."
             )
-        new_updates, new_state, threshold = _step(
-            updates, state, config, value=value, axis_name=axis_name
+        new_updates, new_state, threshold = pipeline.step(
+            updates, state, config, rule, value=value, axis_name=axis_name
         )
         if emitter is not None:
             events.emit_in_graph(state, new_state, emitter, threshold, axis_name)
@@ -338,347 +262,22 @@ def step(
     value: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> tuple[Any, GradientFlowState]:
-    """One stabilizer step (SPEC.md, "Per-step order"); pure, jit-able."""
-    new_updates, new_state, _ = _step(updates, state, config, value=value, axis_name=axis_name)
+    """One stabilizer step (SPEC.md, "Per-step order"); pure, jit-able.
+
+    The stages are :mod:`optax_gradflow.pipeline`'s; :func:`stabilize` chooses
+    the rule object once, this convenience chooses it per call.
+    """
+    check_state(state, config)
+    new_updates, new_state, _ = pipeline.step(
+        updates, state, config, pipeline.rule_for(config), value=value, axis_name=axis_name
+    )
     return new_updates, new_state
 
 
-def _step(
-    updates: Any,
-    state: GradientFlowState,
-    config: StabilizerConfig,
-    *,
-    value: jax.Array | None,
-    axis_name: str | None,
-) -> tuple[Any, GradientFlowState, jax.Array]:
-    """:func:`step`, also returning the threshold the step clipped at."""
-    # 1-2. Global norm of the scaled gradients, then unscale it.
-    sq = sum_of_squares(updates)
-    if axis_name is not None:
-        sq = jax.lax.psum(sq, axis_name)
-    raw_norm = jnp.sqrt(sq)
-    scale = state.loss_scale
-    norm = raw_norm / scale
-    finite = jnp.isfinite(norm)
-
-    if value is None:
-        loss_value = jnp.float32(jnp.nan)
-    else:
-        loss_value = jnp.asarray(value).astype(jnp.float32).reshape(())
-
-    # 3. The threshold this step clips at, and the one explosions are measured
-    # against (the same, except under the zscore rule).
-    in_warmup = state.warmup_steps_left > 0
-    if config.adaptation_rule == "zscore":
-        zscore_thr, spike, target = threshold_lib.zscore_step_threshold(
-            norm, finite, state.ema_mean, state.ema_var, config
-        )
-        # As ZClip: the warm-up collects norms and clips only at max_threshold.
-        warm_thr = threshold_lib.clamp_threshold(config.max_threshold, config)
-        thr = jnp.where(in_warmup, warm_thr, zscore_thr)
-        spike = spike & ~in_warmup
-        reference = jnp.where(in_warmup, warm_thr, state.clip_threshold)
-    elif config.adaptation_rule == "track":
-        # Waiting for the first finite, positive norm: it has nothing to be
-        # compared with and is not clipped; it starts the tracker.
-        first = jnp.where(finite, threshold_lib.clamp_threshold(norm, config), state.clip_threshold)
-        thr = jnp.where(in_warmup, first, state.clip_threshold)
-        reference = thr
-    else:
-        # lax.cond, not jnp.where: the warm-up median sorts the history, work
-        # that only warm-up steps need. The gate is the state's counter, not the
-        # config, so that a resumed warm-up finishes whatever the config says.
-        thr = jax.lax.cond(
-            in_warmup,
-            lambda: threshold_lib.warmup_threshold(
-                state.norm_history, state.norm_history_count, norm, state.clip_threshold, config
-            ),
-            lambda: state.clip_threshold,
-        )
-        reference = thr
-
-    # 4. Classification.
-    nonfinite = ~finite
-    explosion = finite & (norm > jnp.float32(config.explosion_factor) * reference)
-    vanishing = finite & ~explosion & (norm < jnp.float32(config.vanishing_norm))
-    clipped = finite & (norm > thr)
-
-    # 5. Unscale, clip or zero: one pass over the gradients.
-    inv_scale = jnp.float32(1.0) / scale
-    new_updates = jax.tree.map(
-        functools.partial(
-            _rescale_leaf,
-            raw_norm=raw_norm,
-            threshold=thr,
-            inv_scale=inv_scale,
-            clipped=clipped,
-            finite=finite,
-            unscale=config.loss_scaling,
-        ),
-        updates,
-    )
-
-    # 6. Loss-scale rule.
-    new_scale, growth_count = loss_scaling.next_loss_scale(
-        scale,
-        state.loss_scale_growth_count,
-        nonfinite=nonfinite,
-        explosion=explosion,
-        vanishing=vanishing,
-        config=config,
-    )
-
-    # 7. History. Explosions stay out of it, so that they cannot drag the
-    # threshold up; vanishing norms are genuine and stay in.
-    norm_hist, norm_idx, norm_cnt = ring_push(
-        state.norm_history,
-        state.norm_history_index,
-        state.norm_history_count,
-        norm,
-        finite & ~explosion,
-    )
-
-    # 8. Adaptation: at the end of the warm-up, then every adaptation_interval
-    # steps once the warm-up is over (the zscore rule: every step).
-    step_after = saturating_increment(state.stabilizer_step, True)
-    warmup_left = jnp.maximum(state.warmup_steps_left - 1, 0).astype(jnp.int32)
-    ends_warmup = state.warmup_steps_left == 1
-    ema_mean, ema_var = state.ema_mean, state.ema_var
-    centre_anchor = state.centre_anchor
-    if config.adaptation_rule == "zscore":
-        # The EMA needs a norm to start from: the warm-up waits for one.
-        warmup_left = jnp.where(ends_warmup & (norm_cnt == 0), 1, warmup_left).astype(jnp.int32)
-        adapt = ends_warmup & (norm_cnt > 0)
-        start_mean, start_var = threshold_lib.history_mean_var(norm_hist, norm_cnt)
-        moved_mean, moved_var = threshold_lib.zscore_ema_update(
-            ema_mean, ema_var, jnp.where(spike, target, norm), config
-        )
-        move = finite & ~in_warmup
-        if config.zscore_skip_spikes:
-            move = move & ~spike
-        ema_mean = jnp.where(adapt, start_mean, jnp.where(move, moved_mean, ema_mean))
-        ema_var = jnp.where(adapt, start_var, jnp.where(move, moved_var, ema_var))
-        new_thr = jnp.where(
-            in_warmup & ~adapt, thr, threshold_lib.zscore_boundary(ema_mean, ema_var, config)
-        )
-    elif config.adaptation_rule == "track":
-        x = threshold_lib.log_norm(norm)
-        # The centre does not rise during an emergency hold, nor while the
-        # loss climbs above its own recent level: a higher norm level with a
-        # steady loss is followed, an explosion in progress is not.
-        rising = threshold_lib.loss_rising(
-            state.loss_centre, state.loss_reference, state.loss_spread, config
-        )
-        hold = (state.emergency_hold_left > 0) | rising
-        moved_centre, moved_spread = threshold_lib.track_update(ema_mean, ema_var, x, hold, config)
-        # An explosion while the loss climbs is an explosion in progress: the
-        # centre is pulled down at track_max_fall, but never below
-        # track_max_cut times under where it stood when the loss began to
-        # climb (the anchor), so that it cannot ratchet down.
-        floor = state.centre_anchor - jnp.log(jnp.float32(config.track_max_cut))
-        tightened = jnp.maximum(
-            jnp.minimum(moved_centre, ema_mean - jnp.float32(config.track_max_fall)),
-            jnp.minimum(floor, ema_mean),
-        )
-        climbing = threshold_lib.loss_climbing(
-            state.loss_centre, state.loss_reference, state.loss_spread, config
-        )
-        moved_centre = jnp.where(climbing & explosion, tightened, moved_centre)
-        # A zero norm (an all-zero gradient) has no level to start from.
-        start = in_warmup & finite & (norm > 0)
-        move = finite & ~in_warmup
-        ema_mean = jnp.where(start, x, jnp.where(move, moved_centre, ema_mean))
-        ema_var = jnp.where(start, 0.0, jnp.where(move, moved_spread, ema_var))
-        # The anchor follows the centre on calm steps while the loss does not
-        # climb: explosions never move it, so one climb cannot re-anchor lower.
-        calm_open = ~rising & finite & ~explosion
-        centre_anchor = jnp.where(start | calm_open, ema_mean, state.centre_anchor)
-        warmup_left = jnp.where(in_warmup & ~start, 1, 0).astype(jnp.int32)
-        new_thr = jnp.where(
-            start | move, threshold_lib.track_threshold(ema_mean, ema_var, config), thr
-        )
-        # The threshold moves every step; "adapted" marks the start and then
-        # every adaptation_interval steps, so that the threshold history
-        # records its course.
-        adapt = start
-        if config.adaptation_interval > 0:
-            adapt = adapt | ((step_after % config.adaptation_interval == 0) & ~in_warmup)
-    else:
-        adapt = ends_warmup
-        if config.adaptation_interval > 0:
-            periodic = (step_after % config.adaptation_interval == 0) & (warmup_left == 0)
-            adapt = adapt | periodic
-        adapt = adapt & (norm_cnt > 0)
-        # lax.cond: the rule sorts the history, which most steps do not need.
-        new_thr = jax.lax.cond(
-            adapt,
-            lambda: threshold_lib.adapted_threshold(norm_hist, norm_cnt, config),
-            lambda: thr,
-        )
-
-    # 9. Emergency intervention.
-    consecutive = jnp.where(
-        nonfinite | explosion, saturating_increment(state.consecutive_explosions, True), 0
-    ).astype(jnp.int32)
-    hold_left = state.emergency_hold_left
-    if config.adaptation_rule == "track":
-        hold_left = jnp.maximum(hold_left - 1, 0).astype(jnp.int32)
-    if config.emergency_patience > 0 and config.adaptation_rule == "track":
-        # Once per unbroken run of explosions: the run keeps counting, so a
-        # lasting rise costs one emergency, and the action (a hold on the
-        # centre's rise) is set, not compounded.
-        last = state.emergency_steps[
-            (state.emergency_steps_index - 1) % config.emergency_history_size
-        ]
-        armed = (state.emergency_steps_count == 0) | (
-            state.stabilizer_step - last >= config.emergency_rearm_steps
-        )
-        fire = (consecutive == config.emergency_patience) & armed
-        hold_left = jnp.where(fire, jnp.int32(config.emergency_hold_steps), hold_left)
-    elif config.emergency_patience > 0:
-        fire = consecutive >= config.emergency_patience
-    else:
-        fire = jnp.zeros((), jnp.bool_)
-    if config.adaptation_rule == "track":
-        # The emergency also tightens once: the centre drops by
-        # emergency_threshold_factor (at most once per re-arm period, so it
-        # cannot compound into a ratchet; calm steps undo it).
-        cut = jnp.log(jnp.float32(config.emergency_threshold_factor))
-        ema_mean = jnp.where(fire, ema_mean + cut, ema_mean)
-        new_thr = jnp.where(fire, threshold_lib.track_threshold(ema_mean, ema_var, config), new_thr)
-    else:
-        new_thr = jnp.where(
-            fire,
-            jnp.maximum(
-                new_thr * jnp.float32(config.emergency_threshold_factor),
-                jnp.float32(config.min_threshold),
-            ),
-            new_thr,
-        )
-        consecutive = jnp.where(fire, 0, consecutive).astype(jnp.int32)
-    new_scale = loss_scaling.emergency_loss_scale(new_scale, fire, config)
-
-    # 10. Diagnostics every diagnostics_interval steps.
-    if config.diagnostics_interval > 0:
-        run_diag = (step_after % config.diagnostics_interval == 0) & (norm_cnt >= 2)
-        trend, variance, warning = jax.lax.cond(
-            run_diag,
-            lambda: diagnose(norm_hist, norm_idx, norm_cnt, config),
-            lambda: (state.norm_trend, jnp.zeros((), jnp.float32), state.early_warning),
-        )
-    else:
-        run_diag = jnp.zeros((), jnp.bool_)
-        trend, variance, warning = state.norm_trend, jnp.zeros((), jnp.float32), state.early_warning
-    var_hist, var_idx, var_cnt = ring_push(
-        state.variance_history,
-        state.variance_history_index,
-        state.variance_history_count,
-        variance,
-        run_diag,
-    )
-
-    # 11. Records and counters.
-    thr_hist, thr_idx, thr_cnt = ring_push(
-        state.threshold_history,
-        state.threshold_history_index,
-        state.threshold_history_count,
-        new_thr,
-        adapt | fire,
-    )
-    ls_hist, ls_idx, ls_cnt = ring_push(
-        state.loss_scale_history,
-        state.loss_scale_history_index,
-        state.loss_scale_history_count,
-        new_scale,
-        new_scale != scale,
-    )
-    flags = _event_flags(
-        clipped=clipped,
-        explosion=explosion,
-        vanishing=vanishing,
-        nonfinite=nonfinite,
-        emergency=fire,
-        adapted=adapt,
-        warning=run_diag & warning,
-    )
-    ev_hist, ev_idx, ev_cnt = ring_push(
-        state.event_flags, state.event_flags_index, state.event_flags_count, flags
-    )
-    em_hist, em_idx, em_cnt = ring_push(
-        state.emergency_steps,
-        state.emergency_steps_index,
-        state.emergency_steps_count,
-        state.stabilizer_step,
-        fire,
-    )
-    unstable = nonfinite | explosion
-    if value is None:
-        last_loss = state.last_loss
-    else:
-        last_loss = jnp.asarray(value).astype(jnp.float32).reshape(())
-
-    loss_centre, loss_reference, loss_spread = threshold_lib.loss_update(
-        state.loss_centre,
-        state.loss_reference,
-        state.loss_spread,
-        loss_value,
-        state.stabilizer_step,
-        finite & ~explosion,
-        config,
-    )
-    if config.adaptation_rule == "track":
-        # An emergency accepts the loss level it fires at as the new
-        # reference: a loss that keeps climbing closes the gate again within
-        # a few steps, while a loss that only settled higher (a target-network
-        # copy, a new task) no longer holds the threshold down.
-        loss_reference = jnp.where(fire & jnp.isfinite(loss_centre), loss_centre, loss_reference)
-    new_state = GradientFlowState(
-        stabilizer_step=step_after,
-        clip_threshold=new_thr.astype(jnp.float32),
-        loss_scale=new_scale,
-        loss_scale_growth_count=growth_count,
-        warmup_steps_left=warmup_left,
-        consecutive_explosions=consecutive,
-        emergency_hold_left=hold_left,
-        explosion_count=saturating_increment(state.explosion_count, explosion),
-        vanishing_count=saturating_increment(state.vanishing_count, vanishing),
-        nonfinite_count=saturating_increment(state.nonfinite_count, nonfinite),
-        clip_count=saturating_increment(state.clip_count, clipped),
-        emergency_count=saturating_increment(state.emergency_count, fire),
-        warning_count=saturating_increment(state.warning_count, run_diag & warning),
-        stable_streak=jnp.where(
-            unstable, 0, saturating_increment(state.stable_streak, True)
-        ).astype(jnp.int32),
-        last_grad_norm=norm.astype(jnp.float32),
-        last_loss=last_loss,
-        loss_centre=loss_centre,
-        loss_reference=loss_reference,
-        loss_spread=loss_spread,
-        norm_trend=trend,
-        early_warning=warning,
-        ema_mean=ema_mean.astype(jnp.float32),
-        ema_var=ema_var.astype(jnp.float32),
-        centre_anchor=centre_anchor.astype(jnp.float32),
-        norm_history=norm_hist,
-        norm_history_index=norm_idx,
-        norm_history_count=norm_cnt,
-        variance_history=var_hist,
-        variance_history_index=var_idx,
-        variance_history_count=var_cnt,
-        loss_scale_history=ls_hist,
-        loss_scale_history_index=ls_idx,
-        loss_scale_history_count=ls_cnt,
-        threshold_history=thr_hist,
-        threshold_history_index=thr_idx,
-        threshold_history_count=thr_cnt,
-        event_flags=ev_hist,
-        event_flags_index=ev_idx,
-        event_flags_count=ev_cnt,
-        emergency_steps=em_hist,
-        emergency_steps_index=em_idx,
-        emergency_steps_count=em_cnt,
-    )
-    return new_updates, new_state, thr
+# The wrapper records |update| / |params| once every this many steps: the two
+# norms are a pass over the parameters and one over the updates, which every
+# step would pay for otherwise (SPEC.md, "Wrapper form").
+UPDATE_RATIO_INTERVAL = 10
 
 
 class StabilizedState(NamedTuple):
@@ -687,17 +286,14 @@ class StabilizedState(NamedTuple):
     Attributes:
       inner_state: the inner optimizer's state, untouched on skipped steps.
       flow: the stabilizer's :class:`GradientFlowState`.
-      update_ratio_history: f32[100], ring of ``|update| / |params|`` (global
-        L2 norms) of applied steps.
-      update_ratio_index: i32[], next write position.
-      update_ratio_count: i32[], valid entries.
+      update_ratio_history: a :class:`Ring` of f32[100], ``|update| / |params|``
+        (global L2 norms) of applied steps, one every ``UPDATE_RATIO_INTERVAL``
+        steps.
     """
 
     inner_state: Any
     flow: GradientFlowState
-    update_ratio_history: jax.Array
-    update_ratio_index: jax.Array
-    update_ratio_count: jax.Array
+    update_ratio_history: Ring
 
 
 def stabilized(
@@ -730,9 +326,10 @@ def stabilized(
       axis_name: as in :func:`stabilize`; the parameters and updates are then
         sharded like the gradients, and the update-ratio norms are summed
         across the axis too.
-      track_update_ratio: record ``|update| / |params|`` each applied step;
-        costs two extra reductions over the updates and the parameters (and,
-        with ``axis_name``, one all-reduce of two scalars).
+      track_update_ratio: record ``|update| / |params|`` on applied steps
+        whose ``stabilizer_step`` is a multiple of ``UPDATE_RATIO_INTERVAL``
+        (10): two reductions, over the updates and the parameters, on those
+        steps only (and, with ``axis_name``, one all-reduce of two scalars).
       log_events: as in :func:`stabilize`.
 
     Returns:
@@ -764,51 +361,57 @@ def stabilized(
         return StabilizedState(
             inner_state=inner.init(params),
             flow=flow.init(params),
-            update_ratio_history=jnp.zeros((UPDATE_RATIO_HISTORY_SIZE,), jnp.float32),
-            update_ratio_index=jnp.zeros((), jnp.int32),
-            update_ratio_count=jnp.zeros((), jnp.int32),
+            update_ratio_history=Ring.empty(UPDATE_RATIO_HISTORY_SIZE, jnp.float32),
         )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         clean, flow_state = flow.update(updates, state.flow, params, value=value)
-        skip = ~jnp.isfinite(flow_state.last_grad_norm)
+        finite = jnp.isfinite(flow_state.last_grad_norm)
         if value is not None:
             extra_args = dict(extra_args, value=value)
-        inner_updates, inner_state = inner.update(clean, state.inner_state, params, **extra_args)
-        # Select, leaf by leaf: the inner state of a skipped step is the old one.
-        inner_state = jax.tree.map(
-            lambda new, old: jnp.where(skip, old, new), inner_state, state.inner_state
-        )
-        new_updates = jax.tree.map(
-            lambda u: jnp.where(skip, jnp.zeros((), u.dtype), u) if _is_float_leaf(u) else u,
-            inner_updates,
-        )
-        ratio_hist, ratio_idx, ratio_cnt = (
-            state.update_ratio_history,
-            state.update_ratio_index,
-            state.update_ratio_count,
-        )
-        if track_update_ratio and params is not None:
+
+        track = track_update_ratio and params is not None
+        due = state.flow.stabilizer_step % UPDATE_RATIO_INTERVAL == 0
+
+        def record_ratio(new_updates):
             param_sq, update_sq = sum_of_squares(params), sum_of_squares(new_updates)
             if axis_name is not None:
-                # The parameters and updates are sharded like the gradients: one
-                # more all-reduce, of these two scalars.
+                # Sharded like the gradients: one all-reduce of two scalars.
                 param_sq, update_sq = jax.lax.psum((param_sq, update_sq), axis_name)
             param_norm = jnp.sqrt(param_sq)
             ratio = jnp.sqrt(update_sq) / param_norm
-            ratio_hist, ratio_idx, ratio_cnt = ring_push(
-                ratio_hist,
-                ratio_idx,
-                ratio_cnt,
-                ratio,
-                ~skip & (param_norm > 0) & jnp.isfinite(ratio),
-            )
+            return state.update_ratio_history.push(ratio, (param_norm > 0) & jnp.isfinite(ratio))
+
+        def step_inner():
+            new_updates, inner_state = inner.update(clean, state.inner_state, params, **extra_args)
+            ratios = state.update_ratio_history
+            if track:
+                # Inside this branch, so that the parameters are read before
+                # the caller's apply_updates overwrites their donated buffer.
+                ratios = jax.lax.cond(due, record_ratio, lambda _: ratios, new_updates)
+            return new_updates, inner_state, ratios
+
+        def skip_inner():
+            # The inner state passes through unchanged: with donated buffers
+            # XLA aliases it, nothing is copied; the update is zero.
+            out, treedef = jax.tree.flatten(jax.eval_shape(step_inner)[0])
+            grads = jax.tree.leaves(clean)
+            if treedef == jax.tree.structure(clean) and all(
+                a.shape == jnp.shape(g) for a, g in zip(out, grads, strict=True)
+            ):
+                # Zeros like the gradients keep their sharding (and, under
+                # shard_map, their varying axes), as the updates would.
+                zeros = [jnp.zeros_like(g, a.dtype) for a, g in zip(out, grads, strict=True)]
+            else:
+                zeros = [jnp.zeros(a.shape, a.dtype) for a in out]
+            zeros = jax.tree.unflatten(treedef, zeros)
+            return zeros, state.inner_state, state.update_ratio_history
+
+        # One conditional, not a select per leaf: a select would read and
+        # write every buffer of the inner state (Adam's two moments) each step.
+        new_updates, inner_state, ratios = jax.lax.cond(finite, step_inner, skip_inner)
         return new_updates, StabilizedState(
-            inner_state=inner_state,
-            flow=flow_state,
-            update_ratio_history=ratio_hist,
-            update_ratio_index=ratio_idx,
-            update_ratio_count=ratio_cnt,
+            inner_state=inner_state, flow=flow_state, update_ratio_history=ratios
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

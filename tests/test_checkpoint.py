@@ -105,9 +105,9 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(kind, fmt, tmp_path
     full_params, full_state = train(step, params0, state0, 0, STEPS)
     flow = og.find_states(full_state)[0][1]
     # The run is worth resuming: an emergency and adaptations after RESUME_AT.
-    flags = np.asarray(flow.event_flags)[:STEPS]
+    flags = np.asarray(flow.event_flags.values)[:STEPS]
     assert int(flow.emergency_count) == 1
-    assert np.asarray(flow.emergency_steps)[0] == BURST[-1] > RESUME_AT
+    assert np.asarray(flow.emergency_steps.values)[0] == BURST[-1] > RESUME_AT
     assert [k for k in range(STEPS) if flags[k] & FLAG_ADAPTED] == [9, 19, 29]
     assert [k for k in range(STEPS) if flags[k] & FLAG_EMERGENCY] == [16]
 

@@ -139,7 +139,7 @@ def test_value_every_step_keeps_one_compilation_and_finite_state(opt):
     flow = og.find_states(state)[0][1]
     assert int(flow.stabilizer_step) == len(losses)
     assert np.isfinite(float(flow.clip_threshold)) and float(flow.clip_threshold) > 0
-    assert np.all(np.isfinite(np.asarray(flow.threshold_history)))
+    assert np.all(np.isfinite(np.asarray(flow.threshold_history.values)))
 
 
 def test_extra_args_are_accepted(opt):

@@ -82,6 +82,7 @@ def _jax_trace(run: dict):
     import jax.numpy as jnp
 
     import optax_gradflow as og
+    from optax_gradflow.state import from_flat, to_flat
 
     steps = golden_io.expand(run)
     tx = og.stabilize(
@@ -90,13 +91,11 @@ def _jax_trace(run: dict):
         initial_threshold=run["init"].get("initial_threshold"),
     )
     params = [jnp.zeros(a.shape, a.dtype) for a in steps[0][0]]
-    state = tx.init(params)
-    overrides = {
-        name: jnp.asarray(value, getattr(state, name).dtype)
-        for name, value in run.get("state_overrides", {}).items()
-    }
-    state = state._replace(**overrides)
-    yield {name: np.asarray(getattr(state, name)) for name in golden_io.SCALAR_FIELDS}
+    flat = to_flat(tx.init(params))
+    for name, value in run.get("state_overrides", {}).items():
+        flat[name] = jnp.asarray(value, flat[name].dtype)
+    state = from_flat(flat)
+    yield {name: np.asarray(flat[name]) for name in golden_io.SCALAR_FIELDS}
     update = jax.jit(tx.update)
     for leaves, value in steps:
         grads = [jnp.asarray(a) for a in leaves]
@@ -104,8 +103,9 @@ def _jax_trace(run: dict):
             out, state = update(grads, state, params)
         else:
             out, state = update(grads, state, params, value=jnp.asarray(value, jnp.float32))
+        flat = to_flat(state)
         fields = golden_io.SCALAR_FIELDS + golden_io.RING_FIELDS
-        yield [np.asarray(o) for o in out], {n: np.asarray(getattr(state, n)) for n in fields}
+        yield [np.asarray(o) for o in out], {n: np.asarray(flat[n]) for n in fields}
 
 
 def _torch_trace(run: dict):

@@ -16,6 +16,7 @@ from optax_gradflow import presets
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.plotting import norm_steps, plot, threshold_path
 from optax_gradflow.report import stability_report, stability_reports
+from optax_gradflow.state import Ring
 from optax_gradflow.transform import init_state
 
 matplotlib.use("Agg")
@@ -94,12 +95,11 @@ def test_norm_steps_by_hand():
     cfg = StabilizerConfig(event_history_size=5, norm_history_size=8, diagnostics_window=2)
     state = init_state(1.0, 0, cfg)._replace(
         stabilizer_step=jnp.int32(7),
-        event_flags=jnp.asarray([3, 0, 8, 0, 0], jnp.int32),  # wrapped: index 2
-        event_flags_index=jnp.int32(2),
-        event_flags_count=jnp.int32(5),
-        norm_history=jnp.asarray([1, 2, 3, 4, 5, 0, 0, 0], jnp.float32),
-        norm_history_index=jnp.int32(5),
-        norm_history_count=jnp.int32(5),
+        # wrapped: index 2
+        event_flags=Ring(jnp.asarray([3, 0, 8, 0, 0], jnp.int32), jnp.int32(2), jnp.int32(5)),
+        norm_history=Ring(
+            jnp.asarray([1, 2, 3, 4, 5, 0, 0, 0], jnp.float32), jnp.int32(5), jnp.int32(5)
+        ),
     )
     rep = stability_report(state)
     assert rep.event_flags == (8, 0, 0, 3, 0)  # steps 2, 3, 4, 5, 6

@@ -401,9 +401,11 @@ def test_seed_is_the_original_design_field_by_field():
     got = {name: getattr(cfg, name) for name in ORIGINAL_DEFAULTS}
     assert got == ORIGINAL_DEFAULTS
     new_fields = {f.name for f in dataclasses.fields(cfg)} - set(ORIGINAL_DEFAULTS)
-    assert all(name.startswith("track_") or name.startswith("emergency_") for name in new_fields), (
-        new_fields
-    )
+    assert all(
+        name.startswith(("track_", "emergency_")) or name == "exact_clip" for name in new_fields
+    ), new_fields
+    # The original clipped as (g / r) * t.
+    assert cfg.exact_clip
 
 
 def test_seed_differs_from_the_default_where_the_redesign_did():
@@ -413,12 +415,13 @@ def test_seed_differs_from_the_default_where_the_redesign_did():
         for f in dataclasses.fields(default)
         if getattr(default, f.name) != getattr(seed, f.name)
     }
-    assert changed == {"min_threshold", "adaptation_rule", "loss_scaling"}
-    assert (default.min_threshold, default.adaptation_rule, default.loss_scaling) == (
-        1e-30,
-        "track",
-        False,
-    )
+    assert changed == {"min_threshold", "adaptation_rule", "loss_scaling", "exact_clip"}
+    assert (
+        default.min_threshold,
+        default.adaptation_rule,
+        default.loss_scaling,
+        default.exact_clip,
+    ) == (1e-30, "track", False, False)
 
 
 def test_seed_data_mode_warms_up_at_twice_the_median():

@@ -94,7 +94,7 @@ def test_random_sequences_keep_invariants(name, seq):
         assert cfg.min_loss_scale <= float(flow.loss_scale) <= cfg.max_loss_scale
         assert cfg.min_threshold <= float(flow.clip_threshold) < float("inf")
     flow = state.flow
-    flags = np.asarray(flow.event_flags)[: int(flow.event_flags_count)]
+    flags = np.asarray(flow.event_flags.values)[: int(flow.event_flags.count)]
     # Counters add up: the totals equal the per-step flags (the window holds
     # every step of this short run) and the injections.
     assert int(flow.stabilizer_step) == N_STEPS == len(flags)
@@ -106,9 +106,9 @@ def test_random_sequences_keep_invariants(name, seq):
     assert int(flow.clip_count) >= int(flow.explosion_count)
     if cfg.adaptation_rule == "track":
         # An emergency fires at most once per emergency_rearm_steps.
-        steps = np.sort(np.asarray(flow.emergency_steps)[: int(flow.emergency_steps_count)])
+        steps = np.sort(np.asarray(flow.emergency_steps.values)[: int(flow.emergency_steps.count)])
         assert int(flow.emergency_count) == len(steps)
         assert np.all(np.diff(steps) >= cfg.emergency_rearm_steps)
-    assert int(flow.norm_history_count) == min(
+    assert int(flow.norm_history.count) == min(
         cfg.norm_history_size, N_STEPS - expected_nonfinite - int(flow.explosion_count)
     )

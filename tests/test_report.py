@@ -17,6 +17,7 @@ from optax_gradflow import presets
 from optax_gradflow import report as report_lib
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.report import StabilityReport, metrics, stability_report, stability_reports
+from optax_gradflow.state import Ring, from_flat, to_flat
 from optax_gradflow.transform import init_state
 
 RTOL = 1e-6
@@ -27,12 +28,12 @@ def hand_state(config=None, **fields):
     config = config or StabilizerConfig(
         event_history_size=10, norm_history_size=8, diagnostics_window=2
     )
-    state = init_state(1.0, 0, config)
+    flat = to_flat(init_state(1.0, 0, config))
     for name, value in fields.items():
-        old = getattr(state, name)
-        fields[name] = jnp.asarray(value, old.dtype)
-        assert fields[name].shape == old.shape, name
-    return state._replace(**fields)
+        old = flat[name]
+        flat[name] = jnp.asarray(value, old.dtype)
+        assert flat[name].shape == old.shape, name
+    return from_flat(flat)
 
 
 def window(flags, size=10):
@@ -253,9 +254,9 @@ def wrapper_state(ratios, flow=None):
     return og.StabilizedState(
         inner_state=optax.EmptyState(),
         flow=flow if flow is not None else hand_state(**window([0] * 10)),
-        update_ratio_history=jnp.asarray(ring),
-        update_ratio_index=jnp.int32(len(ratios) % 100),
-        update_ratio_count=jnp.int32(len(ratios)),
+        update_ratio_history=Ring(
+            jnp.asarray(ring), jnp.int32(len(ratios) % 100), jnp.int32(len(ratios))
+        ),
     )
 
 

@@ -19,6 +19,7 @@ import pytest
 import optax_gradflow as og
 from optax_gradflow import store as store_lib
 from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.state import Ring
 from optax_gradflow.store import (
     ThresholdStore,
     ThresholdStoreError,
@@ -43,12 +44,10 @@ def stable_state(
         stabilizer_step=jnp.int32(step),
         stable_streak=jnp.int32(streak),
         explosion_count=jnp.int32(explosions),
-        event_flags=jnp.asarray(flags, jnp.int32),
-        event_flags_index=jnp.int32(0),
-        event_flags_count=jnp.int32(10),
-        norm_history=jnp.asarray(history, jnp.float32),
-        norm_history_index=jnp.int32(len(norms) % 8),
-        norm_history_count=jnp.int32(len(norms)),
+        event_flags=Ring(jnp.asarray(flags, jnp.int32), jnp.int32(0), jnp.int32(10)),
+        norm_history=Ring(
+            jnp.asarray(history, jnp.float32), jnp.int32(len(norms) % 8), jnp.int32(len(norms))
+        ),
     )
 
 

@@ -83,7 +83,7 @@ def run(norms, values=None, *, config=None, initial_threshold=None, learning_rat
         grads = {"w": (n * jnp.float32(c))[None]}
         kwargs = {"value": v} if with_value else {}
         out, new = tx.update(grads, s, PARAMS, **kwargs)
-        flags = new.event_flags[(new.event_flags_index - 1) % new.event_flags.shape[0]]
+        flags = new.event_flags.newest()
         rec = {
             "t": s.clip_threshold,
             "out": out["w"][0],

@@ -116,14 +116,14 @@ def test_clipping_rescales_to_the_threshold():
     (out,), (state,) = run_steps(og.stabilize(initial_threshold=2.0), [vec(3.0, 4.0)])
     np.testing.assert_allclose(out["w"], [1.2, 1.6], rtol=RTOL)
     assert int(state.clip_count) == 1 and int(state.explosion_count) == 0
-    assert int(state.event_flags[0]) == FLAG_CLIPPED
+    assert int(state.event_flags.values[0]) == FLAG_CLIPPED
     assert float(state.loss_scale) == 1.0
 
 
 def test_norm_exactly_at_threshold_is_not_clipped():
     (out,), (state,) = run_steps(og.stabilize(initial_threshold=5.0), [vec(3.0, 4.0)])
     np.testing.assert_array_equal(out["w"], [3.0, 4.0])
-    assert int(state.clip_count) == 0 and int(state.event_flags[0]) == 0
+    assert int(state.clip_count) == 0 and int(state.event_flags.values[0]) == 0
 
 
 def test_explosion_is_clipped_counted_and_backs_off_the_scale():
@@ -134,10 +134,10 @@ def test_explosion_is_clipped_counted_and_backs_off_the_scale():
     np.testing.assert_allclose(out["w"], [1.2, 1.6], rtol=RTOL)
     assert int(state.explosion_count) == 1 and int(state.clip_count) == 1
     assert int(state.consecutive_explosions) == 1
-    assert int(state.event_flags[0]) == FLAG_CLIPPED | FLAG_EXPLOSION
+    assert int(state.event_flags.values[0]) == FLAG_CLIPPED | FLAG_EXPLOSION
     assert float(state.loss_scale) == pytest.approx(0.8, rel=RTOL)
     # Explosions stay out of the history.
-    assert int(state.norm_history_count) == 0
+    assert int(state.norm_history.count) == 0
 
 
 def test_loss_scale_divides_out_of_gradients_and_norm():
@@ -163,7 +163,7 @@ def test_all_zero_gradients_are_vanishing_and_stay_zero(cfg, scale):
     (out,), (state,) = run_steps(opt, [vec(0.0, 0.0)])
     np.testing.assert_array_equal(out["w"], [0.0, 0.0])
     assert int(state.vanishing_count) == 1
-    assert int(state.event_flags[0]) == FLAG_VANISHING
+    assert int(state.event_flags.values[0]) == FLAG_VANISHING
     assert float(state.loss_scale) == scale
 
 
@@ -175,8 +175,8 @@ def test_nonfinite_step_outputs_zeros_and_halves_the_scale():
     assert [float(s.loss_scale) for s in states] == [0.5, 0.25]
     assert int(states[-1].nonfinite_count) == 2
     assert int(states[-1].consecutive_explosions) == 2
-    assert int(states[-1].event_flags[1]) == FLAG_NONFINITE
-    assert int(states[-1].norm_history_count) == 0
+    assert int(states[-1].event_flags.values[1]) == FLAG_NONFINITE
+    assert int(states[-1].norm_history.count) == 0
 
 
 def test_float32_overflow_of_squares_counts_as_nonfinite():
@@ -279,8 +279,8 @@ def test_five_consecutive_explosions_fire_one_emergency():
     assert float(fifth.loss_scale) == pytest.approx(0.1, rel=RTOL)
     assert int(fifth.emergency_count) == 1
     assert int(fifth.consecutive_explosions) == 0
-    assert int(fifth.emergency_steps[0]) == 4
-    assert int(fifth.event_flags[4]) & FLAG_EMERGENCY
+    assert int(fifth.emergency_steps.values[0]) == 4
+    assert int(fifth.event_flags.values[4]) & FLAG_EMERGENCY
     # The sixth explosion starts a new run of one: no second emergency.
     sixth = states[5]
     assert int(sixth.emergency_count) == 1 and int(sixth.consecutive_explosions) == 1
@@ -332,14 +332,14 @@ def test_data_warmup_thresholds_follow_the_running_median():
     assert float(states[0].clip_threshold) == 5.0
     # Step 1: t = 2 * median{5} = 10; 100 > 30 explodes, clipped to 10.
     np.testing.assert_allclose(outs[1]["w"], [10.0], rtol=RTOL)
-    assert int(states[1].explosion_count) == 1 and int(states[1].norm_history_count) == 1
+    assert int(states[1].explosion_count) == 1 and int(states[1].norm_history.count) == 1
     # Step 2: t = 10 again (history {5}); 7 passes.
     np.testing.assert_array_equal(outs[2]["w"], [7.0])
     # Step 3 is the last warm-up step: t = 2 * median{5, 7} = 12; then the
     # rule (median) over {5, 7, 1} = 5 becomes the threshold.
     assert int(states[3].warmup_steps_left) == 0
     assert float(states[3].clip_threshold) == pytest.approx(5.0, rel=RTOL)
-    assert int(states[3].event_flags[3]) == FLAG_ADAPTED
+    assert int(states[3].event_flags.values[3]) == FLAG_ADAPTED
     # Step 4 uses it: 2 < 5.
     assert float(states[4].clip_threshold) == pytest.approx(5.0, rel=RTOL)
 
@@ -370,12 +370,12 @@ def test_adaptation_boundaries_99_100_101():
     # Step 99 (the 100th) adapts: median of ten copies each of 0.1 .. 1.0 is
     # (0.5 + 0.6) / 2 = 0.55.
     assert float(states[99].clip_threshold) == pytest.approx(0.55, rel=RTOL)
-    assert int(states[99].event_flags[99 % 100]) & FLAG_ADAPTED
-    assert int(states[99].threshold_history_count) == 1
+    assert int(states[99].event_flags.values[99 % 100]) & FLAG_ADAPTED
+    assert int(states[99].threshold_history.count) == 1
     # Step 100 uses it: its norm 0.1 passes; step 101 too.
     assert float(states[100].clip_threshold) == pytest.approx(0.55, rel=RTOL)
     assert float(states[101].clip_threshold) == pytest.approx(0.55, rel=RTOL)
-    assert int(states[101].threshold_history_count) == 1
+    assert int(states[101].threshold_history.count) == 1
 
 
 # History {1, 2, 3, 4, 100} (explosion_factor 1000 keeps 100 in it).
@@ -413,7 +413,7 @@ def test_explosions_cannot_drag_the_threshold_up():
     grads = [vec(1000.0 if k % 2 else 0.5) for k in range(10)]
     _, states = run_steps(og.stabilize(config=cfg, initial_threshold=1.0), grads)
     # Only the five 0.5 norms are in the history: mean 0.5, std 0.
-    assert int(states[-1].norm_history_count) == 5
+    assert int(states[-1].norm_history.count) == 5
     assert float(states[-1].clip_threshold) == pytest.approx(0.5, rel=RTOL)
 
 
@@ -423,8 +423,8 @@ def test_norm_history_keeps_the_latest_entries():
     _, states = run_steps(og.stabilize(config=cfg, initial_threshold=10.0), grads)
     s = states[-1]
     # Slots after 4 pushes into a ring of 3: [4, 2, 3], next write at 1.
-    np.testing.assert_array_equal(s.norm_history, [4.0, 2.0, 3.0])
-    assert int(s.norm_history_index) == 1 and int(s.norm_history_count) == 3
+    np.testing.assert_array_equal(s.norm_history.values, [4.0, 2.0, 3.0])
+    assert int(s.norm_history.index) == 1 and int(s.norm_history.count) == 3
 
 
 # --- Diagnostics ------------------------------------------------------------
@@ -441,10 +441,10 @@ def test_diagnostics_trend_and_variance_by_hand():
     assert float(s.norm_trend) == pytest.approx(0.1, rel=1e-5)
     assert bool(s.early_warning)  # 0.1 > 0.05
     assert int(s.warning_count) == 1
-    assert float(s.variance_history[0]) == pytest.approx(np.var(norms), rel=1e-5)
-    assert int(s.variance_history_count) == 1
+    assert float(s.variance_history.values[0]) == pytest.approx(np.var(norms), rel=1e-5)
+    assert int(s.variance_history.count) == 1
     # Not run on steps 0..3.
-    assert int(states[3].variance_history_count) == 0 and float(states[3].norm_trend) == 0.0
+    assert int(states[3].variance_history.count) == 0 and float(states[3].norm_trend) == 0.0
 
 
 def test_diagnostics_quiet_run_raises_no_warning():
@@ -485,7 +485,7 @@ def test_counters_add_up_over_a_mixed_run():
     assert int(s.explosion_count) == 1
     assert int(s.nonfinite_count) == 1
     assert int(s.vanishing_count) == 1
-    assert int(s.norm_history_count) == 4  # 0.5, 2.0, 1e-9, 0.5
+    assert int(s.norm_history.count) == 4  # 0.5, 2.0, 1e-9, 0.5
     assert int(s.stable_streak) == 2
     # Scale: 1 -> 0.8 (explosion) -> 0.4 (NaN) -> 0.6 (vanishing); the last
     # raw norm 0.5 unscales to 0.5 / 0.6.
@@ -538,10 +538,20 @@ def test_wrapper_records_update_ratio():
     state = opt.init(params)
     _, state = jax.jit(opt.update)({"w": jnp.array([1.0, 0.0])}, state, params)
     # Update -0.1 * [1, 0]: |u| = 0.1, |p| = 5: ratio 0.02.
-    assert int(state.update_ratio_count) == 1
-    assert float(state.update_ratio_history[0]) == pytest.approx(0.02, rel=RTOL)
-    _, state = jax.jit(opt.update)({"w": jnp.array([jnp.nan, 0.0])}, state, params)
-    assert int(state.update_ratio_count) == 1  # skipped steps record nothing
+    assert int(state.update_ratio_history.count) == 1
+    assert float(state.update_ratio_history.values[0]) == pytest.approx(0.02, rel=RTOL)
+    update = jax.jit(opt.update)
+    # Steps 1 to 9 are not recorded (one record every UPDATE_RATIO_INTERVAL = 10
+    # steps); step 10 is, unless it is skipped.
+    for _ in range(9):
+        _, state = update({"w": jnp.array([1.0, 0.0])}, state, params)
+    assert int(state.update_ratio_history.count) == 1
+    _, skipped = update({"w": jnp.array([jnp.nan, 0.0])}, state, params)
+    assert int(skipped.update_ratio_history.count) == 1  # skipped steps record nothing
+    _, applied = update({"w": jnp.array([0.0, 2.0])}, state, params)
+    # Update -0.1 * [0, 2]: |u| = 0.2, |p| = 5: ratio 0.04.
+    assert int(applied.update_ratio_history.count) == 2
+    assert float(applied.update_ratio_history.values[1]) == pytest.approx(0.04, rel=RTOL)
 
 
 def test_wrapper_passes_value_to_the_inner_optimizer():

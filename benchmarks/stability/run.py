@@ -76,6 +76,7 @@ from baselines import (  # noqa: E402
 from tasks import TASKS, Task  # noqa: E402
 
 import optax_gradflow  # noqa: E402
+from optax_gradflow.state import to_flat  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "stability.json"
 DEFAULT_PLOT = ROOT / "benchmarks" / "results" / "stability.png"
@@ -1003,7 +1004,8 @@ def trace(
 
     def record(opt_state):
         flow = optax_gradflow.find_states(opt_state)[0][1]
-        return tuple(getattr(flow, f) for f in fields)
+        flat = to_flat(flow)
+        return tuple(flat[f] for f in fields)
 
     def run(params, data_key):
         init, train_step = make_train_step(task, opt, steps, data_key, record)

@@ -18,14 +18,16 @@ from typing import Any, Literal
 
 import torch
 
-from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.config import INT32_MAX, StabilizerConfig
 from optax_gradflow.report import StabilityReport, build_report
 from optax_gradflow.torch import distributed
 from optax_gradflow.torch.functional import (
-    _emergency_reference,
+    Due,
+    HistoryRule,
     _gather,
     _is_float,
     _loss_gate,
+    rule_for,
     update,
 )
 from optax_gradflow.torch.state import (
@@ -35,6 +37,7 @@ from optax_gradflow.torch.state import (
     FLAG_NONFINITE,
     State,
     _check_config,
+    check_version,
     expected_specs,
     init_state,
 )
@@ -55,29 +58,36 @@ class GradientFlowStabilizer:
     ``unscale_gradients`` and ``clip_gradients`` never read a device value on
     the host.
 
+    The gradients are rescaled in place: one multiplication of every gradient
+    by one scalar (``t / r`` when clipped, ``1 / s`` otherwise), the same
+    passes over the gradients as ``torch.nn.utils.clip_grad_norm_``. The
+    periodic work (the percentile rules' sort, the diagnostics) runs only on
+    the steps it is due, known from a host-side count of the steps (the state's
+    ``stabilizer_step`` advances by one per step, so counting needs no read).
+
     How ``step(optimizer)`` skips a non-finite step (``skip_mode``): the
     gradients of such a step are already zero, but an optimizer stepped on zeros
     still moves (momentum, weight decay, step counts), so the step must be
-    skipped. With ``"auto"``:
+    skipped. The methods and what each costs in memory:
 
-    * an optimizer built with ``fused=True`` (``_step_supports_amp_scaling``)
-      gets the skip flag as ``optimizer.found_inf``, as ``GradScaler`` passes
-      it: the fused kernel skips the update on the device; no host read;
-    * on the CPU, the flag is read (free: there is no device to wait for);
-    * on an accelerator, when every parameter with a gradient already has
-      optimizer state made of tensors on that device (after the first step,
-      or with ``capturable=True``), the parameters and the state are copied,
-      the optimizer is stepped, and the old values are put back with
-      ``torch.where(skip, old, new)``: exact, no host read, at the price of one
-      copy of the parameters and the optimizer state per step;
-    * otherwise (the first step, before the optimizer has state;
-      CPU-resident step counters as in the default non-capturable Adam on
-      CUDA; Python numbers in the state) the flag is read on the host: one
-      device-to-host transfer, in ``step`` only.
+    * ``"found_inf"``: an optimizer built with ``fused=True``
+      (``_step_supports_amp_scaling``) gets the skip flag as
+      ``optimizer.found_inf``, as ``GradScaler`` passes it, and its kernel skips
+      the update on the device: no host read, no extra memory (one scalar);
+    * ``"sync"``: the flag is read on the host, once per ``step`` (free on the
+      CPU, one device-to-host transfer on an accelerator), and
+      ``optimizer.step`` is not called on a skipped step: no extra memory;
+    * ``"restore"`` (only when asked for): the parameters and the optimizer
+      state are copied, the optimizer steps, and ``torch.where(skip, old, new)``
+      puts the old values back: exact and no host read, but it holds a second
+      copy of every stepped parameter and of its optimizer state during each
+      ``step`` (with Adam, 3 x 4 bytes per float32 parameter: about 12 MB per
+      million parameters) and copies them every step. It reads the flag on the
+      first step (before the optimizer has state) and raises ValueError for
+      state it cannot restore.
 
-    ``skip_mode="found_inf"``, ``"restore"`` or ``"sync"`` forces one method
-    (``"restore"`` still reads the flag on the first step, and raises
-    ValueError for state it cannot restore).
+    ``"auto"`` (the default) picks ``"found_inf"`` when the optimizer accepts
+    it, else ``"sync"``; it never copies the model or the optimizer state.
 
     Args:
       learning_rate: as in :func:`optax_gradflow.stabilize` (initial threshold).
@@ -123,6 +133,12 @@ class GradientFlowStabilizer:
         self._state = init_state(
             learning_rate, config=self.config, initial_threshold=initial_threshold
         )
+        self._rule = rule_for(self.config)
+        # Host-side copies of the state's step counter and (for the history
+        # rules, whose warm-up is a plain count-down) warm-up counter: they
+        # advance deterministically, so they tell which periodic work a step
+        # needs without reading the state.
+        self._count_from(self._state)
         # Each gradient this stabilizer writes is tagged with (id(self), epoch,
         # its version counter after the write). A gradient with that tag is
         # already stabilized; a new tensor (zero_grad(set_to_none=True), then
@@ -135,7 +151,33 @@ class GradientFlowStabilizer:
         # entry and whether the step was calm), so that a loss given after the
         # step ran (clip_gradients(loss=...) after unscale_gradients) is the
         # step's value for the gate too, as if it had been given to update.
-        self._gate_entry: tuple[State, torch.Tensor, torch.Tensor] | None = None
+        self._gate_entry: tuple[State, State] | None = None
+
+    # --- Host-side step count ---------------------------------------------------
+
+    def _count_from(self, state: State) -> None:
+        """Reads the step and warm-up counters of ``state`` (at init and load only)."""
+        self._host_step = int(state["stabilizer_step"].detach().cpu().numpy())
+        self._host_warmup = int(state["warmup_steps_left"].detach().cpu().numpy())
+
+    def _due(self) -> Due:
+        """What periodic work the next step may need, from the host-side counts."""
+        config = self.config
+        after = min(self._host_step + 1, INT32_MAX)
+        diagnose = config.diagnostics_interval > 0 and after % config.diagnostics_interval == 0
+        interval = config.adaptation_interval > 0 and after % config.adaptation_interval == 0
+        if isinstance(self._rule, HistoryRule):
+            left = self._host_warmup
+            return Due(
+                warmup=left > 0,
+                adapt=left == 1 or (interval and max(left - 1, 0) == 0),
+                diagnose=diagnose,
+            )
+        return Due(warmup=True, adapt=interval, diagnose=diagnose)
+
+    def _advance_count(self) -> None:
+        self._host_step = min(self._host_step + 1, INT32_MAX)
+        self._host_warmup = max(self._host_warmup - 1, 0)
 
     # --- State access --------------------------------------------------------
 
@@ -236,10 +278,9 @@ class GradientFlowStabilizer:
                 value = _as_f32(loss, self._state["last_loss"].device)
                 self._state["last_loss"] = value
                 if self._gate_entry is not None:
-                    entry, calm, fired = self._gate_entry
-                    centre, reference, spread = _loss_gate(value, calm, entry, self.config)
-                    if self.config.adaptation_rule == "track":
-                        reference = _emergency_reference(fired, centre, reference)
+                    entry, after = self._gate_entry
+                    centre, reference, spread = _loss_gate(value, _calm(after), entry, self.config)
+                    reference = self._rule.gate_reference(_fired(after), centre, reference)
                     self._state["loss_centre"] = centre
                     self._state["loss_reference"] = reference
                     self._state["loss_spread"] = spread
@@ -250,28 +291,23 @@ class GradientFlowStabilizer:
                 break
         value = loss if loss is not None else self._pending_loss
         entry = {name: self._state[name] for name in _GATE_FIELDS}
-        new_grads, self._state = update(
-            grads,
-            self._state,
-            value=value,
-            config=self.config,
-            process_group=self.process_group,
-        )
-        self._gate_entry = (entry, _calm(self._state), _fired(self._state))
-        pairs = [
-            (g, n) for g, n in zip(grads, new_grads, strict=True) if g is not None and _is_float(g)
-        ]
-        targets = [g for g, _ in pairs]
-        sources = [n for _, n in pairs]
-        if targets:
-            # Shard to shard for DTensors: a local copy, no communication.
-            with torch.no_grad():
-                torch._foreach_copy_(
-                    [distributed.local_shard(g) for g in targets],
-                    [distributed.local_shard(n) for n in sources],
-                )
-        for g in targets:
-            setattr(g, _TAG, self._tag(g))
+        # The state is this stabilizer's own, checked at init and at load.
+        with torch.no_grad():
+            _, self._state = update(
+                grads,
+                self._state,
+                value=value,
+                config=self.config,
+                process_group=self.process_group,
+                due=self._due(),
+                inplace=True,
+                validate=False,
+            )
+        self._advance_count()
+        self._gate_entry = (entry, self._state)
+        for g in grads:
+            if g is not None and _is_float(g):
+                setattr(g, _TAG, self._tag(g))
         self._processed_step = step
         self._pending_loss = None
 
@@ -318,12 +354,9 @@ class GradientFlowStabilizer:
             return "restore" if _has_state(optimizer, params) else "sync"
         if self.skip_mode == "sync":
             return "sync"
+        # "auto": never a copy of the model and the optimizer state.
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             return "found_inf"
-        if device.type == "cpu":
-            return "sync"
-        if _restore_problem(optimizer, params, device) is None and _has_state(optimizer, params):
-            return "restore"
         return "sync"
 
     # --- Reporting and checkpoints -------------------------------------------
@@ -342,7 +375,7 @@ class GradientFlowStabilizer:
         return build_report(host, path="torch")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The state, cloned: keys are the ``GradientFlowState`` field names."""
+        """The state, cloned: the flat keys (SPEC.md, "State"), ``"state_version"`` included."""
         return {name: self._state[name].detach().clone() for name in FIELDS}
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -351,12 +384,15 @@ class GradientFlowStabilizer:
         The tensors are copied onto the device the current state is on.
 
         Raises:
+          StateVersionError: a state dict of another layout (one without
+            ``"state_version"`` was saved by a release of layout 1).
           ValueError: naming the key, for a missing or extra key, a value that
             is not a tensor, or a shape or dtype this stabilizer's config does
             not build. Nothing is loaded then.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Expected a mapping, got {type(state_dict).__name__}.")
+        check_version(state_dict, "The state dict given to load_state_dict")
         specs = expected_specs(self.config)
         for name in FIELDS:
             if name not in state_dict:
@@ -378,6 +414,7 @@ class GradientFlowStabilizer:
         self._state = {
             name: state_dict[name].detach().to(device=device, copy=True) for name in FIELDS
         }
+        self._count_from(state_dict)
         self._epoch += 1
         self._processed_step = None
         self._pending_loss = None

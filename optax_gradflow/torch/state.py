@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from optax_gradflow import constants
 from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
     FLAG_ADAPTED,
     FLAG_CLIPPED,
@@ -24,75 +25,28 @@ from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
     FLAG_WARNING,
     StabilizerConfig,
 )
-
-# Field names in the order of SPEC.md, "State" (and of the JAX NamedTuple).
-FIELDS: tuple[str, ...] = (
-    "stabilizer_step",
-    "clip_threshold",
-    "loss_scale",
-    "loss_scale_growth_count",
-    "warmup_steps_left",
-    "consecutive_explosions",
-    "emergency_hold_left",
-    "explosion_count",
-    "vanishing_count",
-    "nonfinite_count",
-    "clip_count",
-    "emergency_count",
-    "warning_count",
-    "stable_streak",
-    "last_grad_norm",
-    "last_loss",
-    "loss_centre",
-    "loss_reference",
-    "loss_spread",
-    "norm_trend",
-    "early_warning",
-    "ema_mean",
-    "ema_var",
-    "centre_anchor",
-    "norm_history",
-    "norm_history_index",
-    "norm_history_count",
-    "variance_history",
-    "variance_history_index",
-    "variance_history_count",
-    "loss_scale_history",
-    "loss_scale_history_index",
-    "loss_scale_history_count",
-    "threshold_history",
-    "threshold_history_index",
-    "threshold_history_count",
-    "event_flags",
-    "event_flags_index",
-    "event_flags_count",
-    "emergency_steps",
-    "emergency_steps_index",
-    "emergency_steps_count",
+from optax_gradflow.constants import (  # noqa: F401  (re-exported)
+    LOG_FLOOR,
+    MAD_TO_STD,
+    STATE_VERSION,
+    VERSION_FIELD,
+    StateVersionError,
 )
 
-FLOAT_SCALARS: tuple[str, ...] = (
-    "clip_threshold",
-    "loss_scale",
-    "last_grad_norm",
-    "last_loss",
-    "loss_centre",
-    "loss_reference",
-    "loss_spread",
-    "norm_trend",
-    "ema_mean",
-    "ema_var",
-    "centre_anchor",
+_TORCH_DTYPES = {"float32": torch.float32, "int32": torch.int32, "bool": torch.bool}
+
+# The state dict's keys, in the order of SPEC.md, "State": the scalars, each
+# ring's (values, index, count), then the layout version.
+FIELDS: tuple[str, ...] = constants.FLAT_FIELDS
+
+FLOAT_SCALARS: tuple[str, ...] = tuple(
+    name for name, dtype in constants.SCALARS.items() if dtype == "float32"
 )
 
-# Ring name -> (config field holding its size, dtype).
+# Ring name -> (config field holding its size, dtype of its values).
 RINGS: dict[str, tuple[str, torch.dtype]] = {
-    "norm_history": ("norm_history_size", torch.float32),
-    "variance_history": ("variance_history_size", torch.float32),
-    "loss_scale_history": ("loss_scale_history_size", torch.float32),
-    "threshold_history": ("threshold_history_size", torch.float32),
-    "event_flags": ("event_history_size", torch.int32),
-    "emergency_steps": ("emergency_history_size", torch.int32),
+    ring: (size_field, _TORCH_DTYPES[dtype])
+    for ring, (size_field, dtype) in constants.RINGS.items()
 }
 
 
@@ -102,24 +56,46 @@ State = dict[str, torch.Tensor]
 def expected_specs(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Field name -> (shape, dtype) of a state built from ``config``."""
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-        name: ((), torch.int32) for name in FIELDS
+        name: ((), _TORCH_DTYPES[dtype]) for name, dtype in constants.SCALARS.items()
     }
-    for name in FLOAT_SCALARS:
-        specs[name] = ((), torch.float32)
-    specs["early_warning"] = ((), torch.bool)
     for ring, (size_field, dtype) in RINGS.items():
         specs[ring] = ((getattr(config, size_field),), dtype)
-    return specs
+        specs[constants.flat_name(ring, "index")] = ((), torch.int32)
+        specs[constants.flat_name(ring, "count")] = ((), torch.int32)
+    specs[VERSION_FIELD] = ((), torch.int32)
+    return {name: specs[name] for name in FIELDS}
 
 
-def check_state(state: Mapping[str, Any], config: StabilizerConfig) -> None:
+def check_version(state: Mapping[str, Any], where: str, *, read: bool = True) -> None:
+    """Raises :class:`~optax_gradflow.constants.StateVersionError` for a state of another layout.
+
+    A state without ``"state_version"`` is of layout 1 (before the key
+    existed). With ``read=False`` only the key's presence is checked (no host
+    read of its value).
+    """
+    if VERSION_FIELD not in state:
+        constants.check_version(None, where)
+    if read:
+        value = state[VERSION_FIELD]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        constants.check_version(int(value), where)
+
+
+def check_state(
+    state: Mapping[str, Any], config: StabilizerConfig, *, read_version: bool = True
+) -> None:
     """Raises ValueError, naming the key, if ``state`` was not built for ``config``.
 
     Keys, shapes, dtypes and devices are metadata: checking them reads nothing
-    from the device.
+    from the device. The layout version is checked first
+    (:class:`~optax_gradflow.constants.StateVersionError`, a ValueError): its
+    presence always, its value unless ``read_version`` is false (the value is
+    the one thing read, a single int32).
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"The state must be a dict of tensors, got {type(state).__name__}.")
+    check_version(state, "The stabilizer state", read=read_version)
     missing = [name for name in FIELDS if name not in state]
     if missing:
         raise ValueError(f"State is missing key(s) {missing}.")
@@ -162,11 +138,6 @@ def _f32(value: float) -> torch.Tensor:
 
 def _clamp_threshold(value: torch.Tensor, config: StabilizerConfig) -> torch.Tensor:
     return torch.clamp(value, min=config.min_threshold, max=config.max_threshold)
-
-
-# float32's smallest normal, 2^-126: the floor under the logarithm of the
-# "track" rule, which only keeps ln(0) finite (SPEC.md, "Tracking rule").
-LOG_FLOOR = 2.0**-126
 
 
 def log_floored(x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +248,7 @@ def init_state(
         1 % config.loss_scale_history_size, dtype=torch.int32
     )
     state["loss_scale_history_count"] = torch.tensor(1, dtype=torch.int32)
+    state[VERSION_FIELD] = torch.tensor(STATE_VERSION, dtype=torch.int32)
     if device is not None:
         state = {name: value.to(device) for name, value in state.items()}
     return state

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenario
 
 import optax_gradflow as og
+from optax_gradflow.state import Ring, to_flat
 
 try:
     from jax import shard_map
@@ -49,14 +50,14 @@ def host(tree):
 def flow_fields(state):
     """The stabilizer's fields (and the wrapper's ratio ring) as a flat dict."""
     if isinstance(state, og.StabilizedState):
-        fields = state.flow._asdict()
+        fields = to_flat(state.flow)
         fields.update(
-            update_ratio_history=state.update_ratio_history,
-            update_ratio_index=state.update_ratio_index,
-            update_ratio_count=state.update_ratio_count,
+            update_ratio_history=state.update_ratio_history.values,
+            update_ratio_index=state.update_ratio_history.index,
+            update_ratio_count=state.update_ratio_history.count,
         )
         return fields
-    return state._asdict()
+    return to_flat(state)
 
 
 def per_device(fields):
@@ -254,9 +255,7 @@ def check_shard_map(mesh):
                     lambda x: P(AXIS) if jnp.ndim(x) else P(), state.inner_state
                 ),
                 flow=specs_like(state.flow, P()),
-                update_ratio_history=P(),
-                update_ratio_index=P(),
-                update_ratio_count=P(),
+                update_ratio_history=Ring(P(), P(), P()),
             )
         else:
             state_specs = specs_like(state, P())
@@ -307,7 +306,7 @@ def check_pmap():
             compiled, hlo = compile_with_hlo(step, *args)
         out, state = compiled(*args)
         outs.append(host(join(out)))
-        devices.append([host(c) for c in unstack(state._asdict())])
+        devices.append([host(c) for c in unstack(to_flat(state))])
     return {"reference": ref, "updates": outs, "devices": devices, "hlo": hlo}
 
 

@@ -26,6 +26,7 @@ import scenario
 from jax_devices import collectives
 
 import optax_gradflow as og
+from optax_gradflow.state import to_flat
 
 try:
     from jax import shard_map
@@ -101,7 +102,7 @@ def main() -> None:
                 report[f"{name}_hlo"] = collectives(compiled.as_text())
             out, state = compiled(*args)
             outs.append(local(out))
-            states.append(local(state._asdict()))
+            states.append(local(to_flat(state)))
         report[name] = {"updates": outs, "states": states}
     print(json.dumps(report))
     sys.stdout.flush()

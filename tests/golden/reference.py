@@ -57,6 +57,7 @@ DEFAULTS: dict[str, object] = {
     "threshold_history_size": 100,
     "explosion_factor": 3.0,
     "vanishing_norm": 1e-7,
+    "exact_clip": False,
     "loss_scaling": False,
     "initial_loss_scale": 1.0,
     "min_loss_scale": 0.1,
@@ -87,6 +88,7 @@ SEED: dict[str, object] = {
     "min_threshold": 0.1,
     "adaptation_rule": "median_mad",
     "loss_scaling": True,
+    "exact_clip": True,
 }
 
 # Ring name -> config field of its size (SPEC.md, "State").
@@ -442,8 +444,10 @@ def _step(state, leaves, dtypes, cfg, value):
             xc = _compute(x, dtype)
             if nonfinite:
                 y = f32(0.0)
-            elif clipped:
+            elif clipped and cfg["exact_clip"]:
                 y = f32(f32(xc / r) * t)
+            elif clipped:
+                y = f32(xc * f32(t / r))
             elif cfg["loss_scaling"]:
                 y = f32(xc * inv_s)
             else:

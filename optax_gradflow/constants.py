@@ -1,0 +1,155 @@
+"""What the JAX transformation and the PyTorch adapter share, framework-free.
+
+This module imports neither JAX nor PyTorch. It holds the names and numbers
+that SPEC.md fixes once for both implementations: the stages of one step, the
+event flags, the state's layout (field names, rings, their sizes, the layout
+version) and the arithmetic constants. The two step implementations read them
+from here and stay otherwise independent.
+"""
+
+from __future__ import annotations
+
+import enum
+
+# The stages of one step, in SPEC.md's "Per-step order". Both implementations
+# have one function per stage under these names (JAX: optax_gradflow.pipeline,
+# PyTorch: optax_gradflow.torch.functional).
+STAGES: tuple[str, ...] = (
+    "measure",
+    "threshold",
+    "classify",
+    "rescale",
+    "loss_scale",
+    "history",
+    "adapt",
+    "emergency",
+    "diagnose",
+    "record",
+)
+
+
+class Event(enum.IntFlag):
+    """Bits of one entry of the per-step event flags (SPEC.md, "Event flags")."""
+
+    CLIPPED = 1
+    EXPLOSION = 2
+    VANISHING = 4
+    NONFINITE = 8
+    EMERGENCY = 16
+    ADAPTED = 32
+    WARNING = 64
+
+
+# Largest value an int32 counter holds; counters saturate here (SPEC.md,
+# "Counters").
+INT32_MAX = 2**31 - 1
+
+# 1 / Phi^{-1}(3/4): the median absolute deviation of normal data times this
+# estimates its standard deviation (SPEC.md, "Threshold adaptation").
+MAD_TO_STD = 1.4826
+
+# float32's smallest normal, 2^-126: the floor under the logarithm of the
+# "track" rule, which only keeps ln(0) finite (SPEC.md, "Tracking rule").
+LOG_FLOOR = 2.0**-126
+
+# The floor under the norms whose logarithm the diagnostics take, when
+# vanishing_norm is smaller (SPEC.md, "Diagnostics").
+DIAGNOSTICS_LOG_FLOOR = 1e-30
+
+# Size of the wrapper's ring of |update| / |params| (SPEC.md, "Wrapper form").
+UPDATE_RATIO_HISTORY_SIZE = 100
+
+# --- The state's layout (SPEC.md, "State") ------------------------------------
+
+# The layout of the state, raised whenever a field is added, removed or
+# regrouped. Layout 1 kept each ring as three flat fields (X, X_index,
+# X_count); layout 2 keeps a ring as one (values, index, count) record.
+STATE_VERSION = 2
+VERSION_FIELD = "state_version"
+
+# Scalar fields in SPEC.md's order, with their dtype names.
+SCALARS: dict[str, str] = {
+    "stabilizer_step": "int32",
+    "clip_threshold": "float32",
+    "loss_scale": "float32",
+    "loss_scale_growth_count": "int32",
+    "warmup_steps_left": "int32",
+    "consecutive_explosions": "int32",
+    "emergency_hold_left": "int32",
+    "explosion_count": "int32",
+    "vanishing_count": "int32",
+    "nonfinite_count": "int32",
+    "clip_count": "int32",
+    "emergency_count": "int32",
+    "warning_count": "int32",
+    "stable_streak": "int32",
+    "last_grad_norm": "float32",
+    "last_loss": "float32",
+    "loss_centre": "float32",
+    "loss_reference": "float32",
+    "loss_spread": "float32",
+    "norm_trend": "float32",
+    "early_warning": "bool",
+    "ema_mean": "float32",
+    "ema_var": "float32",
+    "centre_anchor": "float32",
+}
+
+# Ring name -> (the config field holding its size, the dtype name of its values).
+RINGS: dict[str, tuple[str, str]] = {
+    "norm_history": ("norm_history_size", "float32"),
+    "variance_history": ("variance_history_size", "float32"),
+    "loss_scale_history": ("loss_scale_history_size", "float32"),
+    "threshold_history": ("threshold_history_size", "float32"),
+    "event_flags": ("event_history_size", "int32"),
+    "emergency_steps": ("emergency_history_size", "int32"),
+}
+
+# The parts of one ring, in order.
+RING_PARTS: tuple[str, ...] = ("values", "index", "count")
+
+
+def flat_name(ring: str, part: str) -> str:
+    """The flat key of one part of a ring: ``norm_history``, ``norm_history_index``, ..."""
+    return ring if part == "values" else f"{ring}_{part}"
+
+
+# The keys of the flat form of a state (the PyTorch state dict, the report's
+# input, the interchange format): the scalars, each ring's three parts, the
+# layout version last.
+FLAT_FIELDS: tuple[str, ...] = (
+    *SCALARS,
+    *(flat_name(ring, part) for ring in RINGS for part in RING_PARTS),
+    VERSION_FIELD,
+)
+
+
+def ring_sizes(config) -> dict[str, int]:
+    """Ring name -> its size under ``config`` (a StabilizerConfig)."""
+    return {ring: int(getattr(config, size_field)) for ring, (size_field, _) in RINGS.items()}
+
+
+class StateVersionError(ValueError):
+    """A state saved with another layout of the state than this library's."""
+
+
+def check_version(found, where: str) -> None:
+    """Raises :class:`StateVersionError` unless ``found`` is :data:`STATE_VERSION`.
+
+    ``found`` is the layout version read from a saved state (None when the
+    state has no version field: layout 1, which had none).
+    """
+    got = 1 if found is None else int(found)
+    if got != STATE_VERSION:
+        raise StateVersionError(
+            f"{where} holds a stabilizer state of layout version {got}, but this version of "
+            f"optax-gradflow reads layout version {STATE_VERSION}"
+            + (
+                " (layout 1 stored each ring as three flat fields; layout 2 keeps a ring as "
+                "one (values, index, count) record and adds 'state_version'). Start the "
+                "stabilizer from a fresh init, or load the checkpoint with the release that "
+                "wrote it."
+                if got < STATE_VERSION
+                else ": it was written by a newer release."
+            )
+        )

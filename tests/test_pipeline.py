@@ -1,0 +1,296 @@
+"""The step as named stages, the ring pytree, the state's layout version, and
+what the compiled step does with its buffers (SPEC.md, "Per-step order",
+"State")."""
+
+import dataclasses
+import inspect
+import re
+import subprocess
+import sys
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradflow as og
+from optax_gradflow import constants, pipeline, presets
+from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.constants import STATE_VERSION, StateVersionError
+from optax_gradflow.state import Ring, check_state, from_flat, to_flat
+
+# --- Stage names -------------------------------------------------------------
+
+
+def test_the_stages_are_the_spec_order():
+    # SPEC.md's per-step order, read from the document itself.
+    with open("SPEC.md", encoding="utf-8") as f:
+        spec = f.read()
+    section = spec[spec.index("## Per-step order") : spec.index("## Threshold adaptation")]
+    named = re.findall(r"^\d+\. \*\*[^*]+\*\* \(`(\w+)`[);]", section, flags=re.M)
+    assert tuple(named) == constants.STAGES
+
+
+def test_each_stage_is_a_function_of_the_pipeline_in_that_order():
+    positions = []
+    source = inspect.getsource(pipeline.step)
+    for name in constants.STAGES:
+        assert callable(getattr(pipeline, name)), name
+        if name == "diagnose":  # called by record, after the merged conditional
+            continue
+        positions.append(source.index(f"{name}("))
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize(
+    "rule, cls",
+    [
+        ("track", pipeline.TrackRule),
+        ("zscore", pipeline.ZScoreRule),
+        ("percentile", pipeline.HistoryRule),
+        ("median_mad", pipeline.HistoryRule),
+        ("mean_std", pipeline.HistoryRule),
+    ],
+)
+def test_the_rule_object_is_chosen_from_the_config(rule, cls):
+    chosen = pipeline.rule_for(StabilizerConfig(adaptation_rule=rule))
+    assert type(chosen) is cls
+
+
+def test_the_step_never_compares_the_rule_name():
+    for name in (*constants.STAGES, "step", "periodic_work"):
+        assert "adaptation_rule" not in inspect.getsource(getattr(pipeline, name)), name
+
+
+# --- The ring ----------------------------------------------------------------
+
+
+def test_ring_push_writes_one_slot_and_wraps():
+    ring = Ring.empty(3, jnp.float32)
+    for v in (1.0, 2.0, 3.0, 4.0):
+        ring = ring.push(jnp.float32(v))
+    # SPEC.md, "Ring buffers": the fourth push overwrites slot 0.
+    np.testing.assert_array_equal(ring.values, [4.0, 2.0, 3.0])
+    assert (int(ring.index), int(ring.count)) == (1, 3)
+    assert float(ring.newest()) == 4.0
+    skipped = ring.push(jnp.float32(9.0), False)
+    np.testing.assert_array_equal(skipped.values, ring.values)
+    assert (int(skipped.index), int(skipped.count)) == (1, 3)
+    recent, valid = ring.chronological(3)
+    np.testing.assert_array_equal(recent, [2.0, 3.0, 4.0])
+    assert valid.all()
+
+
+def test_ring_push_is_an_in_place_one_element_update():
+    # The compiled push of a donated ring is a dynamic-update-slice of one
+    # element: no copy of the ring, no select over the whole buffer.
+    push = jax.jit(lambda r, x, d: r.push(x, d), donate_argnums=(0,))
+    ring = Ring.empty(4096, jnp.float32)
+    hlo = push.lower(ring, jnp.float32(1.0), jnp.bool_(True)).compile().as_text()
+    assert "dynamic-update-slice" in hlo
+    assert not re.search(r"f32\[4096\]\{0\} (copy|select)\(", hlo), hlo
+
+
+# --- The layout version ----------------------------------------------------
+
+
+def test_fresh_state_carries_the_layout_version():
+    state = og.stabilize(1e-2).init({"w": jnp.ones(3)})
+    assert int(state.state_version) == STATE_VERSION == 2
+    flat = to_flat(state)
+    assert tuple(flat) == constants.FLAT_FIELDS
+    back = from_flat(flat)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def _old_layout(state) -> dict:
+    """A state of layout 1: every ring as three flat fields, no version."""
+    flat = {k: np.asarray(v) for k, v in to_flat(state).items()}
+    del flat[constants.VERSION_FIELD]
+    return flat
+
+
+def test_an_old_layout_gets_an_error_naming_both_versions():
+    state = og.stabilize(1e-2).init({"w": jnp.ones(3)})
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 2"):
+        from_flat(_old_layout(state))
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 2"):
+        check_state(_old_layout(state), StabilizerConfig())
+    newer = dict(to_flat(state), state_version=np.int32(3))
+    with pytest.raises(StateVersionError, match="newer release"):
+        from_flat(newer)
+
+
+def test_an_old_layout_restored_from_msgpack_is_refused_by_update():
+    tx = og.stabilize(1e-2)
+    params = {"w": jnp.ones(3)}
+    # What a checkpoint of layout 1 restores to without a target: a dict of
+    # flat fields.
+    old = flax.serialization.msgpack_restore(
+        flax.serialization.msgpack_serialize(_old_layout(tx.init(params)))
+    )
+    with pytest.raises(StateVersionError, match="layout version 1"):
+        tx.update({"w": jnp.ones(3)}, old, params)
+
+
+def test_a_flat_state_of_this_layout_is_pointed_to_from_flat():
+    tx = og.stabilize(1e-2)
+    params = {"w": jnp.ones(3)}
+    flat = to_flat(tx.init(params))
+    with pytest.raises(TypeError, match="from_flat"):
+        tx.update({"w": jnp.ones(3)}, flat, params)
+    _, state = tx.update({"w": jnp.ones(3)}, from_flat(flat), params)
+    assert int(state.stabilizer_step) == 1
+
+
+def test_state_of_the_new_layout_round_trips_through_msgpack():
+    tx = og.stabilize(1e-2)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    _, state = tx.update({"w": jnp.full(3, 0.5)}, state, params)
+    data = flax.serialization.to_bytes(state)
+    back = flax.serialization.from_bytes(tx.init(params), data)
+    assert isinstance(back.norm_history, Ring)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    # The raw restore (no target) is the nested dict; from_flat reads the flat form.
+    raw = flax.serialization.msgpack_restore(data)
+    assert int(raw["state_version"]) == STATE_VERSION
+
+
+# --- What the compiled step does with its buffers -------------------------------
+
+SIZE = 1 << 16
+
+
+def _compiled_text(tx, params):
+    state = tx.init(params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+    return lowered.compile().as_text()
+
+
+def _full_size_copies(hlo: str) -> int:
+    return len(re.findall(rf"f32\[{SIZE}\]\{{0\}} copy\(", hlo))
+
+
+def test_the_wrapper_keeps_the_inner_state_without_copying_it():
+    params = {"w": jnp.zeros(SIZE, jnp.float32)}
+    hlo = _compiled_text(og.stabilized(optax.adam(1e-3), initial_threshold=1.0), params)
+    # One conditional steps Adam or passes its state through: with donated
+    # buffers no moment is copied.
+    assert _full_size_copies(hlo) == 0, hlo
+    leafwise = _compiled_text(
+        optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), 9),
+        params,
+    )
+    # The check can fail: optax's select-based wrapper does copy (or select
+    # over) full-size buffers.
+    assert re.search(rf"f32\[{SIZE}\]\{{0\}} (copy|select)\(", leafwise)
+
+
+def test_the_periodic_work_is_one_conditional():
+    params = {"w": jnp.zeros(8, jnp.float32)}
+    for config in (StabilizerConfig(), presets.seed()):
+        tx = og.stabilize(config=config, initial_threshold=1.0)
+        state = tx.init(params)
+        jaxpr = jax.make_jaxpr(lambda s, g, tx=tx: tx.update(g, s, params))(state, params)
+        conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+        # track: the periodic work (the diagnostics) and the event-only
+        # records; seed: also its warm-up median. The seed's adaptation shares
+        # the periodic conditional with the diagnostics.
+        assert len(conds) == (2 if config.adaptation_rule == "track" else 3), config
+
+
+def test_clip_only_is_still_the_form_of_clip_by_global_norm():
+    # The rescale keeps (x / r) * t (SPEC.md, "Per-step order" 4): one
+    # multiplication by t / r would differ from optax by up to 2 ulps.
+    x = jax.random.normal(jax.random.PRNGKey(3), (4096,)) * 7.0
+    ours = og.stabilize(config=presets.clip_only(0.05))
+    out, _ = jax.jit(ours.update)(x, ours.init(x))
+    ref, _ = jax.jit(optax.clip_by_global_norm(0.05).update)(x, optax.EmptyState())
+    assert np.asarray(out).tobytes() == np.asarray(ref).tobytes()
+
+
+# --- Imports ----------------------------------------------------------------------
+
+
+def test_the_shared_constants_import_no_framework():
+    code = (
+        "import sys, optax_gradflow.constants, optax_gradflow.config; "
+        "assert 'jax' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_constants_are_the_ones_both_sides_use():
+    from optax_gradflow import config, threshold
+
+    assert threshold.MAD_TO_STD == constants.MAD_TO_STD
+    assert np.float32(threshold.TRACK_LOG_FLOOR) == np.float32(2.0**-126)
+    assert config.FLAG_WARNING == constants.Event.WARNING == 64
+    config_fields = {f.name for f in dataclasses.fields(StabilizerConfig)}
+    assert {size for size, _ in constants.RINGS.values()} <= config_fields
+
+
+def _ulps(a, b) -> np.ndarray:
+    a = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
+    b = np.asarray(b, np.float32).view(np.int32).astype(np.int64)
+    return np.abs(a - b)
+
+
+def test_the_default_clip_is_one_multiplication_within_two_ulps_of_optax():
+    # x * fl(t / r) and fl(fl(x / r) * t) each lie within an ulp of x * t / r,
+    # so within 2 ulps of each other; without clipping x * 1 is x exactly.
+    tx = og.stabilize(initial_threshold=0.05)
+    ref = optax.clip_by_global_norm(0.05)
+    worst = 0
+    for seed in range(8):
+        x = jax.random.normal(jax.random.PRNGKey(seed), (50_000,)) * 10.0 ** (seed - 4)
+        out, _ = jax.jit(tx.update)(x, tx.init(x))
+        expected, _ = jax.jit(ref.update)(x, optax.EmptyState())
+        worst = max(worst, int(_ulps(out, expected).max()))
+    assert 1 <= worst <= 2  # not bit for bit, but within 2 ulps
+    small = jnp.full(4, 1e-3)
+    out, _ = jax.jit(tx.update)(small, tx.init(small))
+    assert np.asarray(out).tobytes() == np.asarray(small).tobytes()
+
+
+def test_the_rescale_is_one_multiply_per_element_in_the_hlo():
+    tx = og.stabilize(initial_threshold=1.0)
+    x = jnp.ones(4096)
+    hlo = jax.jit(tx.update).lower(x, tx.init(x)).compile().as_text()
+    body = [line for line in hlo.splitlines() if "f32[4096]" in line and "divide(" in line]
+    assert not body, body  # no per-element division
+    exact = og.stabilize(config=presets.clip_only(1.0))
+    hlo = jax.jit(exact.update).lower(x, exact.init(x)).compile().as_text()
+    assert any("f32[4096]" in line and "divide(" in line for line in hlo.splitlines())
+
+
+def test_a_calm_diagnostics_step_still_pushes_its_variance():
+    # Steady norms 1, 2, 1, 2 under a fixed threshold of 10: no step has a
+    # flag. Step 4 (step' = 4) runs the diagnostics over [1, 2, 1, 2]:
+    # population variance 0.25, pushed although the step is calm.
+    config = StabilizerConfig(
+        diagnostics_interval=4,
+        diagnostics_window=4,
+        adaptation_interval=0,
+        variance_limit=10.0,
+        trend_limit=10.0,
+    )
+    tx = og.stabilize(config=config, initial_threshold=10.0)
+    x = jnp.zeros(1)
+    state = tx.init(x)
+    update = jax.jit(tx.update)
+    for norm in (1.0, 2.0, 1.0, 2.0):
+        _, state = update(jnp.full(1, norm), state)
+    assert int(state.event_flags.newest()) == 0
+    assert int(state.variance_history.count) == 1
+    assert float(state.variance_history.values[0]) == pytest.approx(0.25, rel=1e-6)
