@@ -264,6 +264,7 @@ def _hlo_stats(text: str) -> dict[str, int]:
         "hlo_lines": len(lines),
         "entry_fusions": sum(" fusion(" in line for line in body),
         "entry_conditionals": sum(" conditional(" in line for line in body),
+        "entry_copies": sum(" copy(" in line for line in body),
         "sorts": text.count(" sort("),
     }
 
