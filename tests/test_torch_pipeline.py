@@ -330,6 +330,13 @@ def test_a_layout_1_state_is_refused_with_both_versions():
     assert isinstance(StateVersionError("x"), ValueError)
 
 
+def test_the_interchange_refuses_a_layout_1_state():
+    old = ogt.init_state(1e-2)
+    del old["state_version"]
+    with pytest.raises(StateVersionError, match="layout version 1"):
+        ogt.to_jax_state(old)
+
+
 def test_state_round_trips_through_torch_save():
     a = ogt.GradientFlowStabilizer(config=SMALL)
     p = torch.nn.Parameter(torch.zeros(3))
