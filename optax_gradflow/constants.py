@@ -124,6 +124,20 @@ FLAT_FIELDS: tuple[str, ...] = (
 )
 
 
+def flat_specs(config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Flat key -> (shape, dtype name) of a state built from ``config``, in
+    :data:`FLAT_FIELDS` order; each framework maps the dtype names to its own."""
+    specs: dict[str, tuple[tuple[int, ...], str]] = {
+        name: ((), dtype) for name, dtype in SCALARS.items()
+    }
+    for ring, (size_field, dtype) in RINGS.items():
+        specs[flat_name(ring, "values")] = ((int(getattr(config, size_field)),), dtype)
+        specs[flat_name(ring, "index")] = ((), "int32")
+        specs[flat_name(ring, "count")] = ((), "int32")
+    specs[VERSION_FIELD] = ((), "int32")
+    return specs
+
+
 def ring_sizes(config) -> dict[str, int]:
     """Ring name -> its size under ``config`` (a StabilizerConfig)."""
     return {ring: int(getattr(config, size_field)) for ring, (size_field, _) in RINGS.items()}

@@ -11,16 +11,7 @@ import jax.numpy as jnp
 
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import DIAGNOSTICS_LOG_FLOOR
-from optax_gradflow.state import ring_chronological
-
-
-def recent_window(
-    values: jax.Array, index: jax.Array, count: jax.Array, window: int
-) -> tuple[jax.Array, jax.Array]:
-    """The last ``window`` history entries oldest first, and their validity mask."""
-    recent = ring_chronological(values, index, window)
-    valid = jnp.arange(window, dtype=jnp.int32) >= (window - jnp.minimum(count, window))
-    return recent, valid
+from optax_gradflow.state import Ring
 
 
 def log_norm_trend(recent: jax.Array, valid: jax.Array, floor: float) -> jax.Array:
@@ -51,15 +42,13 @@ def windowed_mean_variance(recent: jax.Array, valid: jax.Array) -> tuple[jax.Arr
     return mean, var
 
 
-def diagnose(
-    values: jax.Array, index: jax.Array, count: jax.Array, config: StabilizerConfig
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def diagnose(norms: Ring, config: StabilizerConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (trend, variance, early_warning) over the recent window.
 
     The warning is raised when the trend exceeds ``trend_limit`` or the relative
     variance ``variance / mean**2`` exceeds ``variance_limit``.
     """
-    recent, valid = recent_window(values, index, count, config.diagnostics_window)
+    recent, valid = norms.chronological(config.diagnostics_window)
     # The floor keeps log() finite for zero norms even when vanishing_norm is 0.
     trend = log_norm_trend(recent, valid, max(config.vanishing_norm, DIAGNOSTICS_LOG_FLOOR))
     mean, var = windowed_mean_variance(recent, valid)

@@ -110,6 +110,7 @@ class Scale(NamedTuple):
 class Periodic(NamedTuple):
     """The work only some steps need, computed under one ``lax.cond``."""
 
+    adapt_due: jax.Array  # the history rule adapts this step (else False)
     from_history: jax.Array  # the rule's threshold from the history (history rules)
     trend: jax.Array
     variance: jax.Array
@@ -150,7 +151,6 @@ class Rule:
     ``lax.cond``.
     """
 
-    name: str = ""
     periodic: bool = False
 
     def __init__(self, config: StabilizerConfig):
@@ -240,7 +240,6 @@ class HistoryRule(Rule):
 
     def __init__(self, config: StabilizerConfig):
         super().__init__(config)
-        self.name = config.adaptation_rule
         self._statistic = threshold_lib.ADAPTATION_RULE_FNS[config.adaptation_rule]
 
     def step_threshold(self, m: Measured, state: GradientFlowState) -> StepThreshold:
@@ -271,7 +270,7 @@ class HistoryRule(Rule):
         )
 
     def adapt(self, m, t, c, state, norms, step_after, periodic) -> Adapted:
-        due = self.adapt_due(state, norms, step_after)
+        due = periodic.adapt_due
         return Adapted(
             threshold=jnp.where(due, periodic.from_history, t.clip),
             ema_mean=state.ema_mean,
@@ -284,8 +283,6 @@ class HistoryRule(Rule):
 
 class ZScoreRule(Rule):
     """ZClip's rule: an EMA of the norm and of its variance (SPEC.md, "Z-score rule")."""
-
-    name = "zscore"
 
     def fixed_start(self) -> tuple[jax.Array, int]:
         # ZClip's warm-up always runs: the EMA starts from its norms, and until
@@ -343,8 +340,6 @@ class ZScoreRule(Rule):
 class TrackRule(Rule):
     """The default: a bounded tracker of the log-norm gated by the loss
     (SPEC.md, "Tracking rule" and "Loss gate")."""
-
-    name = "track"
 
     def initial_levels(self, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
         # The tracker starts from the initial threshold (ignored in data mode,
@@ -582,6 +577,7 @@ def periodic_work(
     else:
         diag_due = None
     idle = Periodic(
+        adapt_due=jnp.zeros((), jnp.bool_) if adapt_due is None else adapt_due,
         from_history=state.clip_threshold,
         trend=state.norm_trend,
         variance=jnp.zeros((), jnp.float32),
@@ -597,9 +593,7 @@ def periodic_work(
         if adapt_due is not None:
             out = out._replace(from_history=rule.from_history(norms))
         if diag_due is not None:
-            trend, variance, warning = diagnose_history(
-                norms.values, norms.index, norms.count, config
-            )
+            trend, variance, warning = diagnose_history(norms, config)
             out = out._replace(
                 trend=jnp.where(diag_due, trend, idle.trend),
                 variance=jnp.where(diag_due, variance, idle.variance),

@@ -67,10 +67,15 @@ class Ring(NamedTuple):
         return jnp.arange(self.values.shape[0], dtype=jnp.int32) < self.count
 
     def chronological(self, window: int) -> tuple[jax.Array, jax.Array]:
-        """(the last ``window`` pushes oldest first, which of them are valid)."""
-        recent = ring_chronological(self.values, self.index, window)
+        """(the last ``window`` pushes oldest first, which of them are valid).
+
+        Entry ``j`` holds the item written ``window - j`` pushes ago (SPEC.md,
+        "Ring buffers"); it is valid when ``j >= window - min(count, window)``.
+        """
+        size = self.values.shape[0]
+        positions = (self.index - window + jnp.arange(window, dtype=jnp.int32)) % size
         valid = jnp.arange(window, dtype=jnp.int32) >= window - jnp.minimum(self.count, window)
-        return recent, valid
+        return self.values[positions], valid
 
     @classmethod
     def empty(cls, size: int, dtype) -> Ring:
@@ -173,15 +178,10 @@ class GradientFlowState(NamedTuple):
 
 def expected_shapes(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
     """Flat key (see :func:`to_flat`) -> (shape, dtype) of a state built from ``config``."""
-    spec: dict[str, tuple[tuple[int, ...], jnp.dtype]] = {
-        name: ((), jnp.dtype(dtype)) for name, dtype in SCALARS.items()
+    return {
+        name: (shape, jnp.dtype(dtype))
+        for name, (shape, dtype) in constants.flat_specs(config).items()
     }
-    for ring, (size_field, dtype) in RINGS.items():
-        spec[ring] = ((getattr(config, size_field),), jnp.dtype(dtype))
-        spec[flat_name(ring, "index")] = ((), jnp.dtype(jnp.int32))
-        spec[flat_name(ring, "count")] = ((), jnp.dtype(jnp.int32))
-    spec[VERSION_FIELD] = ((), jnp.dtype(jnp.int32))
-    return spec
 
 
 def to_flat(state: GradientFlowState) -> dict[str, Any]:
@@ -274,15 +274,3 @@ def saturating_increment(counter: jax.Array, increment: jax.Array) -> jax.Array:
     """
     increment = jnp.asarray(increment).astype(jnp.int32)
     return jnp.where(counter >= INT32_MAX, counter, counter + increment).astype(jnp.int32)
-
-
-def ring_chronological(values: jax.Array, index: jax.Array, window: int) -> jax.Array:
-    """The last ``window`` slots of a ring, oldest first.
-
-    Slot ``j`` holds the item written ``window - j`` pushes ago; slots older than
-    the ring's count hold stale or initial values and must be masked by the
-    caller (``j >= window - count``).
-    """
-    size = values.shape[0]
-    positions = (index - window + jnp.arange(window, dtype=jnp.int32)) % size
-    return values[positions]

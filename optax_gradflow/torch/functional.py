@@ -516,8 +516,6 @@ class Diagnosed(NamedTuple):
 class _Rule:
     """What differs between adaptation rules; the rest of the step is shared."""
 
-    name = ""
-
     def __init__(self, config: StabilizerConfig):
         self.config = config
 
@@ -587,7 +585,6 @@ class HistoryRule(_Rule):
 
     def __init__(self, config: StabilizerConfig):
         super().__init__(config)
-        self.name = config.adaptation_rule
         self.statistic = _STATISTICS[config.adaptation_rule](config)
 
     def threshold(self, m: Measured, state: State, due: Due, device: torch.device) -> StepThreshold:
@@ -631,8 +628,6 @@ class HistoryRule(_Rule):
 
 class ZScoreRule(_Rule):
     """``zscore``: ZClip's EMA of the norm (SPEC.md, "Z-score rule")."""
-
-    name = "zscore"
 
     def threshold(self, m: Measured, state: State, due: Due, device: torch.device) -> StepThreshold:
         config = self.config
@@ -717,8 +712,6 @@ def _zscore_ema(
 
 class TrackRule(_Rule):
     """``track``, the default (SPEC.md, "Tracking rule"): no sort, every step."""
-
-    name = "track"
 
     def threshold(self, m: Measured, state: State, due: Due, device: torch.device) -> StepThreshold:
         # Waiting for the first finite, positive norm ("Start"): it has nothing

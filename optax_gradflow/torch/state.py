@@ -55,15 +55,10 @@ State = dict[str, torch.Tensor]
 
 def expected_specs(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Field name -> (shape, dtype) of a state built from ``config``."""
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-        name: ((), _TORCH_DTYPES[dtype]) for name, dtype in constants.SCALARS.items()
+    return {
+        name: (shape, _TORCH_DTYPES[dtype])
+        for name, (shape, dtype) in constants.flat_specs(config).items()
     }
-    for ring, (size_field, dtype) in RINGS.items():
-        specs[ring] = ((getattr(config, size_field),), dtype)
-        specs[constants.flat_name(ring, "index")] = ((), torch.int32)
-        specs[constants.flat_name(ring, "count")] = ((), torch.int32)
-    specs[VERSION_FIELD] = ((), torch.int32)
-    return {name: specs[name] for name in FIELDS}
 
 
 def check_version(state: Mapping[str, Any], where: str, *, read: bool = True) -> None:
