@@ -94,10 +94,19 @@ class Task:
     compare_losses: bool = True
     # Cheap enough for the --quick smoke run.
     in_quick: bool = True
+    # What the per-step report is: "loss" (lower is better) or "return" (the
+    # mean undiscounted return of the episodes finished lately: higher is
+    # better; RL tasks are scored on it, never on their TD or PPO loss).
+    metric: str = "loss"
+    # The mean return of uniformly random play (metric "return"): the zero of
+    # the normalised score (R - R_random) / (R_best - R_random).
+    random_return: float | None = None
 
     def __post_init__(self):
         if self.batch is None and self.collect is None:
             raise ValueError(f"task {self.name!r} needs batch or collect")
+        if self.metric not in ("loss", "return"):
+            raise ValueError(f"task {self.name!r}: metric must be 'loss' or 'return'")
 
 
 # ----------------------------------------------------------------------------
