@@ -241,13 +241,19 @@ def track_update(
     moves the centre by at most ``max_rise`` (up) or ``max_fall`` (down) in
     log units. That bounds the influence of a spike and the speed at which the
     threshold can follow an explosion, yet any lasting level is reached in a
-    bounded number of steps. During an emergency hold the centre only falls.
+    bounded number of steps. During a hold (an emergency's, or the loss
+    gate's) the centre does not rise, and falls only towards a norm more than
+    ``spread`` under it.
     """
     rate = jnp.float32(config.track_rate)
     lo = jnp.float32(-config.track_max_fall / config.track_rate)
     hi = jnp.float32(config.track_max_rise / config.track_rate)
     d = jnp.clip(x - centre, lo, hi)
-    step = jnp.where(hold, jnp.minimum(d, 0.0), d)
+    # During a hold the centre falls only towards a norm more than a spread
+    # under it: were every norm under the centre to pull it down while none
+    # above could lift it, steady, noisy norms would drag it under their own
+    # level, step after step, and the threshold with it.
+    step = jnp.where(hold, jnp.minimum(d + spread, 0.0), d)
     new_centre = centre + rate * step
     new_spread = spread + rate * (jnp.abs(d) - spread)
     return new_centre, new_spread
@@ -258,31 +264,39 @@ def learning_steps(config: StabilizerConfig) -> int:
     return min(round(1.0 / config.track_rate), INT32_MAX)
 
 
-def _loss_above(centre: jax.Array, reference: jax.Array, spread: jax.Array, k: float) -> jax.Array:
-    """``centre > reference + k * spread``; False while either level is unknown."""
+def _loss_above(
+    centre: jax.Array, reference: jax.Array, spread: jax.Array, k: float, rel: float
+) -> jax.Array:
+    """``centre > reference + k * max(spread, rel * |reference|)``; False while
+    either level is unknown."""
     known = jnp.isfinite(centre) & jnp.isfinite(reference)
-    return known & (centre > reference + jnp.float32(k) * spread)
+    unit = jnp.maximum(spread, jnp.float32(rel) * jnp.abs(reference))
+    return known & (centre > reference + jnp.float32(k) * unit)
 
 
 def loss_rising(
     centre: jax.Array, reference: jax.Array, spread: jax.Array, config: StabilizerConfig
 ) -> jax.Array:
-    """The loss gate: the recent loss above ``reference + track_loss_k * spread``.
+    """The loss gate: the recent loss above ``reference + track_loss_k * u``,
+    ``u = max(spread, track_loss_rel * |reference|)``.
 
-    False while either level is unknown (no loss given yet).
+    The unit is at least a share of the loss's own level: a loss whose batch
+    noise was learned while it was tiny (a TD loss before the returns grow)
+    cannot hold the gate shut once its level has moved. False while either
+    level is unknown (no loss given yet).
     """
-    return _loss_above(centre, reference, spread, config.track_loss_k)
+    return _loss_above(centre, reference, spread, config.track_loss_k, config.track_loss_rel)
 
 
 def loss_climbing(
     centre: jax.Array, reference: jax.Array, spread: jax.Array, config: StabilizerConfig
 ) -> jax.Array:
-    """The loss clearly climbing: above ``reference + track_loss_cut_k * spread``.
+    """The loss clearly climbing: above ``reference + track_loss_cut_k * u``.
 
     The explosion cut needs this wider margin than the hold: batch noise
     never reaches it, a diverging loss does at once.
     """
-    return _loss_above(centre, reference, spread, config.track_loss_cut_k)
+    return _loss_above(centre, reference, spread, config.track_loss_cut_k, config.track_loss_rel)
 
 
 def loss_update(
@@ -298,9 +312,10 @@ def loss_update(
 
     ``centre``: EMA of the loss at ``track_rate`` (the recent level, smoothed
     over batches). ``reference``: the calm level; it falls towards a lower
-    loss at ``track_rate`` but rises towards a higher one at only
+    calm loss at ``track_rate`` but otherwise moves at only
     ``track_loss_rise_rate``, so an explosion's climbing loss stays above it
-    while a loss that settles at a new level is caught up with in time.
+    while a loss that settles at a new level is caught up with in time, on
+    calm steps or not.
     ``spread``: EMA of ``|loss - centre|``, the batch noise, learned only
     while the gate is open, so that an explosion cannot widen the gate. The
     first finite loss starts all three; a non-finite or absent loss changes
@@ -330,11 +345,14 @@ def loss_update(
     step = jnp.where(early, loss - centre, jnp.clip(loss - centre, -centre_bound, centre_bound))
     new_centre = centre + level_rate * step
     gap = new_centre - reference
-    ref_rate = jnp.where(gap > 0, jnp.float32(config.track_loss_rise_rate), rate)
+    # The reference falls with a calm loss at the centre's rate and rises at
+    # track_loss_rise_rate; on other steps (explosions, non-finite norms) it
+    # still rises and falls at track_loss_rise_rate: were it frozen there, a
+    # loss that settled higher while every step counted as an explosion (a
+    # threshold cut far under the norms) would hold the gate shut for good.
+    ref_rate = jnp.where(calm & (gap <= 0), rate, jnp.float32(config.track_loss_rise_rate))
     ref_rate = jnp.where(early, early_rate, ref_rate)
-    # After the first steps, only calm steps (a finite norm, no explosion)
-    # teach the reference and the spread what a normal loss is.
-    new_reference = jnp.where(calm | early, reference + ref_rate * gap, reference)
+    new_reference = reference + ref_rate * gap
     # Bounded influence: after the first steps one loss can add at most 3
     # spreads' worth.
     deviation = jnp.abs(loss - centre)
