@@ -72,6 +72,7 @@ class StabilizerConfig:
     track_loss_cut_k: float = 1.5
     track_loss_rise_rate: float = 0.002
     track_loss_rel: float = 0.2
+    track_accept_steps: int = 50
     track_max_cut: float = 10.0
 
     # The "zscore" rule ("Z-score rule"): ZClip's EMA of the norm.
@@ -211,6 +212,7 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_float(cfg, "track_loss_cut_k", at_least=0.0, allow_inf=True)
     _check_float(cfg, "track_loss_rise_rate", above=0.0, at_most=1.0)
     _check_float(cfg, "track_loss_rel", at_least=0.0)
+    _check_int(cfg, "track_accept_steps", 0)
     _check_float(cfg, "track_max_cut", at_least=1.0)
     _check_float(cfg, "zscore_alpha", above=0.0, below=1.0)
     _check_float(cfg, "zscore_threshold", above=0.0)
