@@ -1,4 +1,7 @@
-"""The training tasks of the stability suite, each generated from fixed seeds.
+"""The training tasks of the stability suite's selection set, each generated from fixed seeds.
+
+``sets.py`` runs each at two or three learning rates; ``tasks_more.py`` holds
+the validation set's tasks, ``gym_tasks.py`` the gymnax RL tasks.
 
 Unstable on purpose (``stable=False``):
 
@@ -73,6 +76,9 @@ class Task:
     "emergencies per target copy".
     ``compare_losses``: whether a lower final loss means a better run; the
     tables of final-loss ratios and "good runs" leave the other tasks out.
+    ``learning_rate``: the rate given to ``base`` (and to the stabilizer);
+    nothing else in a task may depend on it: the suite's entries are copies
+    that differ in ``learning_rate`` and ``name`` only (``sets.py``).
     """
 
     name: str
@@ -92,8 +98,6 @@ class Task:
     after_update: Callable[[Any, Any, jax.Array, int], Any] | None = None
     target_period: Callable[[int], int] | None = None
     compare_losses: bool = True
-    # Cheap enough for the --quick smoke run.
-    in_quick: bool = True
     # What the per-step report is: "loss" (lower is better) or "return" (the
     # mean undiscounted return of the episodes finished lately: higher is
     # better; RL tasks are scored on it, never on their TD or PPO loss).
@@ -163,8 +167,6 @@ def _rnn_task() -> Task:
         learning_rate=0.05,
         steps=1500,
         quick_steps=150,
-        # The slowest task per step (a 60-step recurrence).
-        in_quick=False,
     )
 
 
@@ -222,8 +224,6 @@ def _deep_mlp_task() -> Task:
         learning_rate=0.05,
         steps=1500,
         quick_steps=150,
-        # heavy_tail stands for the unstable float32 tasks in --quick.
-        in_quick=False,
     )
 
 
@@ -376,7 +376,6 @@ def _transformer_task() -> Task:
         learning_rate=1.4e-2,
         steps=1000,
         quick_steps=100,
-        in_quick=False,
     )
 
 
@@ -403,7 +402,6 @@ def _transformer_preln_task() -> Task:
         steps=1000,
         quick_steps=100,
         stable=True,
-        in_quick=False,
     )
 
 
