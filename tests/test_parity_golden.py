@@ -415,6 +415,7 @@ HOLD = reference.DEFAULTS["emergency_hold_steps"]  # steps of an emergency's hol
 LOSS_K = reference.DEFAULTS["track_loss_k"]  # the gate closes (rising)
 CUT_K = reference.DEFAULTS["track_loss_cut_k"]  # an explosion cuts the centre (climbing)
 RISE_RATE = reference.DEFAULTS["track_loss_rise_rate"]  # the loss reference's rise
+LOSS_REL = reference.DEFAULTS["track_loss_rel"]  # the gate's smallest unit, a share of |ref|
 N_LEARN = round(1 / R)  # the loss gate's first steps: running means
 
 
@@ -423,8 +424,9 @@ def _noise(k: int) -> float:
     return math.exp(0.3 * math.sin(2.4 * k + 0.5 * math.sin(0.37 * k * k)))
 
 
-def _above(record: dict, k: float) -> bool:
-    """``loss_centre > loss_reference + k * loss_spread`` of a record, in float32.
+def _above(record: dict, k: float, rel: float = LOSS_REL) -> bool:
+    """``loss_centre > loss_reference + k * u`` of a record, in float32, the unit
+    ``u = max(loss_spread, track_loss_rel * |loss_reference|)``.
 
     ``rising`` with ``k = track_loss_k``, ``climbing`` with ``track_loss_cut_k``
     ("Loss gate"): the gate of the next step, read from the state after this one.
@@ -434,7 +436,8 @@ def _above(record: dict, k: float) -> bool:
     )
     if not (math.isfinite(centre) and math.isfinite(reference)):
         return False
-    return bool(F(centre) > F(F(reference) + F(F(k) * F(spread))))
+    unit = max(F(spread), F(F(rel) * F(abs(reference))))
+    return bool(F(centre) > F(F(reference) + F(F(k) * unit)))
 
 
 def _track(c: float, d: float, n: float) -> tuple[float, float]:
@@ -525,23 +528,34 @@ def test_hand_track_level_shift_costs_one_emergency():
     assert steps[524]["consecutive_explosions"] == 5 and steps[524]["emergency_hold_left"] == HOLD
 
 
+def _explosion_norm(k: int) -> float:
+    # The norms of the track_explosion runs (generate.py).
+    return 5.0 * _noise(k) * (math.exp(0.15 * (k - 149)) if 150 <= k < 190 else 1.0)
+
+
 def test_hand_track_explosion_is_cut_within_the_bound():
     for label in ("loss climbs with the norm", "with loss scaling"):
+        # These two runs set track_loss_rel = 0: the gate's unit is the spread.
         steps = _run("track_explosion", label)["steps"]
+
+        def above(record, k):
+            return _above(record, k, rel=0.0)
+
         # The gate is open on the calm steps: the anchor follows the centre.
         assert all(s["centre_anchor"] == s["ema_mean"] for s in steps[:150])
-        assert not any(_above(s, LOSS_K) for s in steps[:150])
+        assert not any(above(s, LOSS_K) for s in steps[:150])
         # The loss climbs from step 150; its centre moves by at most r * 10
         # spreads a step (bounded influence), yet the gate closes (rising)
         # within a few steps, before the first explosion, and the loss is
         # climbing (CUT_K > LOSS_K spreads) no earlier.
-        closes = next(k for k in range(150, 190) if _above(steps[k], LOSS_K))
-        climbs = next(k for k in range(150, 190) if _above(steps[k], CUT_K))
+        closes = next(k for k in range(150, 190) if above(steps[k], LOSS_K))
+        climbs = next(k for k in range(150, 190) if above(steps[k], CUT_K))
         first = next(k for k in range(150, 190) if steps[k]["flags"] & 2)
         assert 150 <= closes < first and closes <= climbs < first
         # While it is closed the anchor stays where the centre last was calm,
-        # and the centre does not rise (hold: c + r * min(e, 0)) ...
-        reopens = next(k for k in range(closes, len(steps)) if not _above(steps[k], LOSS_K))
+        # and the centre does not rise (hold: c + r * min(e + d, 0), d >= 0 the
+        # spread on entry) ...
+        reopens = next(k for k in range(closes, len(steps)) if not above(steps[k], LOSS_K))
         frozen = steps[closes]["centre_anchor"]
         assert all(steps[k]["centre_anchor"] == frozen for k in range(closes, reopens + 1))
         assert all(
@@ -559,14 +573,21 @@ def test_hand_track_explosion_is_cut_within_the_bound():
             for k in range(climbs + 1, 190)
             if steps[k]["flags"] & 2
             and not steps[k]["flags"] & 16
-            and _above(steps[k - 1], CUT_K)
+            and above(steps[k - 1], CUT_K)
             and steps[k - 1]["ema_mean"] - FALL > frozen - LN_CUT
         )
         assert steps[k]["ema_mean"] == pytest.approx(steps[k - 1]["ema_mean"] - FALL, abs=1e-5)
-        # Explosions are not calm (and step k >= N): the loss reference and
-        # spread stay put.
+        # An explosion is not calm (and step k >= N), the gate is closed: the
+        # spread stays put. The reference still moves: the loss is above it
+        # (gap = centre' - reference > 0) and the step is not calm, so
+        # b = track_loss_rise_rate: reference' = reference + RISE_RATE * gap.
         assert k >= N_LEARN
-        assert steps[k]["loss_reference"] == steps[k - 1]["loss_reference"]
+        ref, centre = steps[k - 1]["loss_reference"], steps[k]["loss_centre"]
+        assert centre > ref
+        assert steps[k]["loss_reference"] == pytest.approx(
+            ref + RISE_RATE * (centre - ref), rel=1e-6
+        )
+        assert steps[k]["loss_reference"] > ref
         assert steps[k]["loss_spread"] == steps[k - 1]["loss_spread"]
     steps = _run("track_explosion", "loss climbs with the norm")["steps"]
     # The loss falls back after step 189: the gate reopens and the tracker
@@ -576,6 +597,53 @@ def test_hand_track_explosion_is_cut_within_the_bound():
     fire = next(k for k, s in enumerate(scaled) if s["flags"] & 16)
     # An emergency under loss scaling: s' = max(s * 0.8 * 0.1, 0.1) here.
     assert scaled[fire]["loss_scale"] == float(F(0.1))
+
+
+def test_hand_track_explosion_default_loss_rel():
+    steps = _run("track_explosion", "default track_loss_rel")["steps"]
+    # After the calm steps the reference is ~1 and the spread ~0.013: the unit
+    # max(spread, 0.2 |reference|) is the share, about 15 spreads.
+    calm = steps[149]
+    assert F(LOSS_REL) * F(abs(calm["loss_reference"])) > 10 * calm["loss_spread"]
+    assert not any(_above(s, LOSS_K) for s in steps[:150])
+    # The loss centre moves by at most r * max(10 spreads, 0.001 |centre|) a
+    # step: ~0.015 at most here, so 0.2 of headroom takes over 10 steps, and
+    # the first explosion (step 158) comes before the gate closes.
+    for k in range(150, 190):
+        prev = steps[k - 1]
+        bound = R * max(10 * prev["loss_spread"], 1e-3 * abs(prev["loss_centre"]))
+        assert steps[k]["loss_centre"] - prev["loss_centre"] <= bound * (1 + 1e-5), k
+    first = next(k for k in range(150, 190) if steps[k]["flags"] & 2)
+    closes = next(k for k in range(150, 190) if _above(steps[k], LOSS_K))
+    assert first < closes
+    # Explosions are not calm, yet (k >= N) the reference moves on each:
+    # b = track_loss_rise_rate whatever the sign of the gap, so
+    # reference' = reference + RISE_RATE * (centre' - reference). An
+    # emergency then sets it to the loss centre.
+    explosions = [k for k in range(N_LEARN, len(steps)) if steps[k]["flags"] & 2]
+    assert len(explosions) > 10
+    for k in explosions:
+        ref, centre = steps[k - 1]["loss_reference"], steps[k]["loss_centre"]
+        if steps[k]["flags"] & 16:
+            assert steps[k]["loss_reference"] == centre
+        else:
+            want = ref + RISE_RATE * (centre - ref)
+            assert steps[k]["loss_reference"] == pytest.approx(want, rel=1e-6), k
+    # During the emergency's hold the centre moves by r * min(e + d, 0): e
+    # the clamped deviation of ln n from the centre, d the spread on entry
+    # (the cut aside: an explosion with the loss climbing on entry).
+    held = [
+        k
+        for k in range(1, len(steps))
+        if steps[k - 1]["emergency_hold_left"] > 0
+        and not steps[k]["flags"] & 16
+        and not (steps[k]["flags"] & 2 and _above(steps[k - 1], CUT_K))
+    ]
+    assert len(held) > 30
+    for k in held:
+        c, d = steps[k - 1]["ema_mean"], steps[k - 1]["ema_var"]
+        e = min(max(math.log(_explosion_norm(k)) - c, -FALL / R), RISE / R)
+        assert steps[k]["ema_mean"] == pytest.approx(c + R * min(e + d, 0.0), abs=2e-5), k
 
 
 def test_hand_track_waiting_for_the_first_norm():
@@ -632,7 +700,7 @@ def test_hand_track_edges():
     cuts = [
         k
         for k in range(1, len(cut))
-        if cut[k]["flags"] & 2 and not cut[k]["flags"] & 16 and _above(cut[k - 1], CUT_K)
+        if cut[k]["flags"] & 2 and not cut[k]["flags"] & 16 and _above(cut[k - 1], CUT_K, rel=0.0)
     ]
     assert cuts
     for k in cuts:

@@ -74,6 +74,7 @@ def configs(draw, rules=RULES) -> StabilizerConfig:
         track_loss_k=draw(st.sampled_from([0.0, 1.0, float("inf")])),
         track_loss_cut_k=draw(st.sampled_from([0.0, 1.5, float("inf")])),
         track_loss_rise_rate=draw(st.sampled_from([0.005, 0.1])),
+        track_loss_rel=draw(st.one_of(st.sampled_from([0.0, 0.2]), st.floats(0.0, 0.2))),
         track_max_cut=draw(st.sampled_from([1.0, 10.0])),
         emergency_hold_steps=draw(st.sampled_from([0, 3, 40])),
         emergency_rearm_steps=draw(st.sampled_from([0, 10, 150])),

@@ -14,7 +14,8 @@ the last emergency; track_max_cut 10; explosion_factor 3.
 
 The behavioural tests run the default config as it is. The exact checks of the
 formulas pin the constants they use in ``HAND`` (r = 0.05, rise = 0.02, fall
-= 0.05, loss rise rate 0.005, cut margin 1.5, a 100-step hold, ...), so that
+= 0.05, loss rise rate 0.005, cut margin 1.5, loss unit share 0.2, a 100-step
+hold, ...), so that
 their hand-derived numbers do not depend on the current tuning of the
 defaults; every other field is the default's.
 """
@@ -29,6 +30,7 @@ import pytest
 
 import optax_gradflow as og
 from optax_gradflow import presets
+from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.state import (
     FLAG_ADAPTED,
     FLAG_CLIPPED,
@@ -54,6 +56,7 @@ HAND = dataclasses.replace(
     track_loss_k=1.0,
     track_loss_cut_k=1.5,
     track_loss_rise_rate=0.005,
+    track_loss_rel=0.2,
     track_max_cut=10.0,
     explosion_factor=3.0,
     emergency_patience=5,
@@ -213,13 +216,19 @@ LATE = {"stabilizer_step": 20, "loss_reference": 1.0}
     "norm, centre0, spread0, value, centre, reference, spread",
     [
         # Centre 1, spread 0.1: Bc = 1, B = 0.3. Calm (norm 1 = t: not
-        # clipped), v = 11, open (1 > 1.1 is false). centre' = 1 + 0.05 *
+        # clipped), v = 11, open (the unit max(0.1, 0.2 * |1|) = 0.2, and
+        # 1 > 1 + 1 * 0.2 is false). centre' = 1 + 0.05 *
         # clip(10, -1, 1) = 1.05; gap = 0.05 > 0: reference' = 1 + 0.005 * 0.05
         # = 1.00025; dev = min(10, 0.3): spread' = 0.1 + 0.05 * 0.2 = 0.11.
         (1.0, 1.0, 0.1, 11.0, 1.05, 1.00025, 0.11),
-        # The same loss on an explosion (norm 100 > 3): not calm, so only the
-        # centre moves.
-        (100.0, 1.0, 0.1, 11.0, 1.05, 1.0, 0.1),
+        # The same loss on an explosion (norm 100 > 3): not calm, so the
+        # spread stays; the reference still moves, at the rise rate (not calm):
+        # gap = 0.05, reference' = 1 + 0.005 * 0.05 = 1.00025.
+        (100.0, 1.0, 0.1, 11.0, 1.05, 1.00025, 0.1),
+        # A falling loss on an explosion: centre' = 0.975 as on a calm step, but
+        # not calm, so the reference falls at the rise rate, not at r: gap =
+        # -0.025, reference' = 1 - 0.005 * 0.025 = 0.999875; the spread stays.
+        (100.0, 1.0, 0.1, 0.5, 0.975, 0.999875, 0.1),
         # Calm, the loss falls (v = 0.5): centre' = 1 + 0.05 * clip(-0.5, -1, 1)
         # = 0.975; gap = -0.025 <= 0: reference' = 1 - 0.05 * 0.025 = 0.99875;
         # dev = min(0.5, 0.3): spread' = 0.11.
@@ -251,7 +260,8 @@ ONLY_RISING = {"loss_centre": 1.6, "loss_reference": 1.0, "loss_spread": 0.5}
 
 def test_rising_loss_holds_the_centre_and_freezes_the_anchor():
     # Norm 1.5 (clipped at t = 1, no explosion): e = ln 1.5 = 0.405 -> 0.4.
-    # Gate shut: c' = 0.02. Rising: hold, c' = 0 + 0.05 * min(0.4, 0) = 0; the
+    # Gate shut: c' = 0.02. Rising: hold, c' = 0 + 0.05 * min(0.4 + d, 0) = 0
+    # (d = 0, the spread on entry); the
     # spread still learns: d' = 0.02; t' = exp(0.02); the anchor stays 0.
     _, free = one_step(fresh(), 1.5)
     assert float(free.ema_mean) == pytest.approx(0.02, rel=RTOL32)
@@ -293,12 +303,75 @@ def test_explosion_in_progress_tightens_down_to_the_floor(centre, expected):
 
 
 def test_an_explosion_with_a_loss_rising_but_not_climbing_is_only_held():
-    # Rising (hold: c1 = c + 0.05 * min(0.4, 0) = c) but under the cut
+    # Rising (hold: c1 = c + 0.05 * min(0.4 + 0, 0) = c, d = 0) but under the cut
     # margin: no tightening, c' = 0, d' = 0.02, t' = exp(0.02).
     _, new = one_step(fresh(**ONLY_RISING), 1e4)
     assert int(new.explosion_count) == 1
     assert float(new.ema_mean) == 0.0
     assert float(new.clip_threshold) == pytest.approx(math.exp(0.02), rel=RTOL32)
+
+
+def test_a_hold_lets_the_centre_fall_only_beyond_its_spread():
+    # Spread on entry d = 0.3, c = 0, t = 1; the hold's step is r * min(e + d, 0).
+    # n = e^-0.2 (e = -0.2, e + d = 0.1): c' = 0.05 * min(0.1, 0) = 0;
+    #   d' = 0.3 + 0.05 * (0.2 - 0.3) = 0.295.
+    # n = e^-0.5 (e = -0.5, e + d = -0.2): c' = 0.05 * -0.2 = -0.01;
+    #   d' = 0.3 + 0.05 * (0.5 - 0.3) = 0.31.
+    # Without a hold (no loss, no emergency): c' = r * e = -0.01 and -0.025.
+    cases = [(-0.2, 0.0, 0.295, -0.01), (-0.5, -0.01, 0.31, -0.025)]
+    holds = [RISING, {"emergency_hold_left": 3}]
+    for e, held_c, d1, free_c in cases:
+        for hold in holds:
+            _, new = one_step(fresh(ema_var=0.3, **hold), math.exp(e))
+            assert float(new.ema_mean) == pytest.approx(held_c, abs=1e-6), (e, hold)
+            assert float(new.ema_var) == pytest.approx(d1, rel=RTOL32)
+            want = math.exp(held_c + d1)
+            assert float(new.clip_threshold) == pytest.approx(want, rel=RTOL32)
+        _, free = one_step(fresh(ema_var=0.3), math.exp(e))
+        assert float(free.ema_mean) == pytest.approx(free_c, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "centre, rising",
+    # Spread 0, reference 1: the unit is max(0, 0.2 * |1|) = 0.2 and the gate
+    # closes above 1 + 1 * 0.2 = 1.2 (it would be above 1 + 0 were the unit
+    # the spread). Then the centre holds: n = 1.5 (e = 0.4) leaves c = 0
+    # instead of c' = 0.05 * 0.4 = 0.02.
+    [(1.15, False), (1.25, True)],
+)
+def test_the_loss_gate_unit_is_a_share_of_the_reference(centre, rising):
+    levels = (jnp.float32(centre), jnp.float32(1.0), jnp.float32(0.0))
+    assert bool(threshold_lib.loss_rising(*levels, HAND)) == rising
+    # Climbing needs 1 + 1.5 * 0.2 = 1.3: neither is.
+    assert not bool(threshold_lib.loss_climbing(*levels, HAND))
+    gate = {"loss_centre": centre, "loss_reference": 1.0, "loss_spread": 0.0}
+    _, new = one_step(fresh(**{**LATE, **gate}), 1.5)
+    assert float(new.ema_mean) == pytest.approx(0.0 if rising else 0.02, abs=1e-6)
+    # track_loss_rel = 0: the unit is the spread, 0, and 1.15 is above 1.
+    rel0 = dataclasses.replace(HAND, track_loss_rel=0.0)
+    assert bool(threshold_lib.loss_rising(*levels, rel0))
+
+
+def test_an_unbroken_run_of_explosions_still_moves_the_reference():
+    # After the first N = 20 steps, loss centre = reference = 1, spread 0.1
+    # (Bc = max(10 * 0.1, 0.001) = 1), v = 2 on three explosions in a row
+    # (n = 1e4 > 3 t; three, under emergency_patience 5). The gate stays open
+    # (unit max(0.1, 0.2 * ~1) = ~0.2, the centre stays under 1.2). Not calm:
+    # the spread stays 0.1 and the reference moves at 0.005 (the rise rate):
+    #   centre 1 + 0.05 * min(1, 1) = 1.05, reference 1 + 0.005 * 0.05 = 1.00025;
+    #   centre 1.05 + 0.05 * 0.95 = 1.0975,
+    #     reference 1.00025 + 0.005 * (1.0975 - 1.00025) = 1.00073625;
+    #   centre 1.0975 + 0.05 * 0.9025 = 1.142625,
+    #     reference 1.00073625 + 0.005 * (1.142625 - 1.00073625) = 1.00144569375.
+    expected = [(1.05, 1.00025), (1.0975, 1.00073625), (1.142625, 1.00144569375)]
+    state = fresh(**LATE, loss_centre=1.0, loss_spread=0.1)
+    for k, (centre, reference) in enumerate(expected):
+        _, state = one_step(state, 1e4, value=2.0)
+        assert int(state.explosion_count) == k + 1
+        assert float(state.loss_centre) == pytest.approx(centre, rel=RTOL32)
+        assert float(state.loss_reference) == pytest.approx(reference, rel=RTOL32)
+        assert float(state.loss_spread) == pytest.approx(0.1, rel=RTOL32)
+    assert int(state.emergency_count) == 0
 
 
 # --- Emergency ----------------------------------------------------------------
@@ -479,14 +552,28 @@ def test_an_explosion_with_a_climbing_loss_is_tightened_within_the_floor():
     loss[calm : calm + climb] = 100.0 ** (k / (climb - 1))  # 1 -> 100
     _, r = run(norms, loss, initial_threshold=1.0)
     end = calm + climb
-    # The gate, as SPEC.md defines it, on the state after each step.
-    rising = r["loss_centre"] > r["loss_reference"] + r["loss_spread"]
+    # The gate, as SPEC.md defines it, on the state after each step: the unit
+    # is max(spread, track_loss_rel * |reference|) (track_loss_k = 1).
+    unit = np.maximum(
+        r["loss_spread"], np.float32(DEFAULT.track_loss_rel) * abs(r["loss_reference"])
+    )
+    rising = r["loss_centre"] > r["loss_reference"] + unit
     assert not rising[calm - 1] and rising[end - 1]
     first = np.argmax(rising[calm:]) + calm  # the first step that leaves the gate rising
     # The gate stays shut through the climb, except for the steps right after
-    # the emergency, which takes the loss centre as the new reference: the
-    # still-climbing loss closes it again within a few steps.
-    assert rising[first:end].sum() >= (end - first) - 5
+    # the emergency, which takes the loss centre as the new reference. The
+    # still-climbing loss closes it again once the centre is a unit above it,
+    # u = 0.2 |reference|: the loss is far above the centre, so the centre
+    # rises by r * Bc a step, Bc = 10 spreads (the spread is not learned while
+    # the gate is shut or on explosions, so it stays as on entry), and the
+    # reference itself drifts up by only 0.002 of the gap. So the gate is open
+    # for at most ceil(u / (r * Bc)) + 1 steps after the emergency.
+    fire = int(np.argmax(r["emergencies"][first:end] > r["emergencies"][first - 1])) + first
+    u = DEFAULT.track_loss_rel * abs(r["loss_reference"][fire])
+    per_step = DEFAULT.track_rate * 10 * r["loss_spread"][fire]
+    reopened = math.ceil(u / per_step) + 1
+    assert reopened < 15
+    assert rising[first:end].sum() >= (end - first) - reopened
     # From then on every step is an explosion or enters with the gate rising:
     # the anchor ("calm steps while not rising") stays frozen.
     anchor = r["anchor"][first]
@@ -512,6 +599,35 @@ def test_an_explosion_with_a_climbing_loss_is_tightened_within_the_floor():
     ratios = ratio_to_median(norms, r["thr"])
     assert within(ratios[end + 400 :])
     assert not r["explosion"][end + 300 : end + 400].any()
+
+
+def _rising_losses(shape: str, n: int, rng) -> np.ndarray:
+    """A loss that rises 10x over ``n`` steps with multiplicative noise."""
+    t = np.arange(n)
+    if shape == "geometric":
+        return (10.0 ** (t / n) * np.exp(rng.normal(0.0, 0.1, n))).astype(np.float32)
+    return ((1.0 + 9.0 * t / n) * (1.0 + 0.05 * rng.normal(size=n))).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", ["geometric", "linear"])
+@pytest.mark.parametrize("learning_rate", [None, 1e-3], ids=["data", "learning-rate"])
+def test_a_slowly_rising_loss_with_steady_norms_does_not_drag_the_threshold_down(
+    shape, learning_rate
+):
+    # Steady norms (5 e^N(0, 0.3^2)) while the loss rises 10x over 4000 steps
+    # (a TD loss as the returns grow): the gate may close, but its unit grows
+    # with the loss, its reference follows the loss on every step, and a hold
+    # lets the centre fall only past its spread, so the threshold stays with
+    # the norms: never under 0.3x their recent median after step 400, and at
+    # most 5% of the steps are explosions.
+    n = 4000
+    rng = np.random.default_rng(11)
+    norms = 5.0 * np.exp(rng.normal(0.0, 0.3, n)).astype(np.float32)
+    losses = _rising_losses(shape, n, rng)
+    state, r = run(norms, losses, config=DEFAULT, learning_rate=learning_rate)
+    ratios = ratio_to_median(norms, r["thr"])
+    assert ratios[400:].min() >= 0.3
+    assert int(state.explosion_count) <= 0.05 * n
 
 
 # --- Correct gradients without scale_loss ------------------------------------

@@ -23,6 +23,7 @@ threshold settles near ``exp(median + mean |e|)``, about 1.2 x the median.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -32,6 +33,7 @@ torch = pytest.importorskip("torch")
 
 import optax_gradflow.torch as ogt  # noqa: E402
 from optax_gradflow.config import StabilizerConfig  # noqa: E402
+from optax_gradflow.torch import functional  # noqa: E402
 
 F32 = np.float32
 DEFAULT = StabilizerConfig()
@@ -47,6 +49,7 @@ HAND = StabilizerConfig(
     track_loss_k=1.0,
     track_loss_cut_k=1.5,
     track_loss_rise_rate=0.005,
+    track_loss_rel=0.2,
     track_max_cut=10.0,
     explosion_factor=3.0,
     emergency_patience=5,
@@ -324,8 +327,9 @@ def _late_state(**fields) -> dict:
 
 
 def _gate_state(centre: float, anchor: float, spread: float = 0.1) -> dict:
-    # Loss centre 2, reference 1: with spread 0.1 the gate is closed (rising:
-    # 2 > 1 + 1 * 0.1) and the loss climbing (2 > 1 + 1.5 * 0.1 = 1.15).
+    # Loss centre 2, reference 1: with spread 0.1 the unit is max(0.1, 0.2 *
+    # |1|) = 0.2, so the gate is closed (rising: 2 > 1 + 1 * 0.2) and the loss
+    # climbing (2 > 1 + 1.5 * 0.2 = 1.3).
     return _late_state(
         ema_mean=centre,
         centre_anchor=anchor,
@@ -339,7 +343,7 @@ def _gate_state(centre: float, anchor: float, spread: float = 0.1) -> dict:
     "centre, expected",
     [
         # Explosion in progress (the loss climbing, n = 1e4 explodes against
-        # t = 1): e = 0.4, c1 = c + 0.05 * min(e, 0) = c (hold), then
+        # t = 1): e = 0.4, c1 = c + 0.05 * min(e + d, 0) = c (hold, d = 0), then
         # c' = max(min(c1, c - 0.05), min(anchor - ln 10, c)), anchor = 0.
         (0.0, -0.05),  # max(-0.05, -2.302585): the full fall rate
         (-2.28, -2.302585),  # max(-2.33, -2.302585): stopped at the bound
@@ -353,17 +357,19 @@ def test_an_explosion_in_progress_is_cut_within_track_max_cut(centre, expected):
     assert float(state["ema_mean"]) == pytest.approx(expected, abs=2e-6)
     # The gate was closed on entry: the anchor stays.
     assert float(state["centre_anchor"]) == 0.0
-    # Not calm: neither the reference nor the spread moved. The centre did,
-    # by a bounded step: Bc = max(10 * 0.1, 0.001 * 2) = 1, so
-    # 2 + 0.05 * clip(5 - 2, -1, 1) = 2.05.
-    assert float(state["loss_reference"]) == 1.0 and float(state["loss_spread"]) == F32(0.1)
+    # Not calm: the spread stays. The centre moves by a bounded step: Bc =
+    # max(10 * 0.1, 0.001 * 2) = 1, so 2 + 0.05 * clip(5 - 2, -1, 1) = 2.05.
+    # The reference moves too, at the rise rate (not calm): gap = 2.05 - 1 =
+    # 1.05, reference = 1 + 0.005 * 1.05 = 1.00525.
+    assert float(state["loss_spread"]) == F32(0.1)
     assert float(state["loss_centre"]) == pytest.approx(2.05, rel=1e-6)
+    assert float(state["loss_reference"]) == pytest.approx(1.00525, rel=1e-6)
 
 
 def test_an_explosion_with_a_loss_rising_but_not_climbing_is_only_held():
     # Spread 0.8: rising (2 > 1 + 1 * 0.8 = 1.8) but not climbing (2 > 1 +
     # 1.5 * 0.8 = 2.2 is false). n = 1e4 explodes: e = 0.4, the hold gives
-    # c' = c + 0.05 * min(0.4, 0) = c = -1, and no cut; d' = 0 + 0.05 * 0.4 =
+    # c' = c + 0.05 * min(0.4 + 0, 0) = c = -1 (d = 0), and no cut; d' = 0 + 0.05 * 0.4 =
     # 0.02; t' = exp(-1 + 0.02). The anchor stays (rising).
     state = _gate_state(-1.0, anchor=0.5, spread=0.8)
     _, state = ogt.update([torch.tensor([1e4])], state, value=2.0, config=HAND)
@@ -375,8 +381,9 @@ def test_an_explosion_with_a_loss_rising_but_not_climbing_is_only_held():
 
 
 def test_a_calm_step_with_the_gate_closed_does_not_raise_the_centre():
-    # hold = rising: c1 = c + 0.05 * min(e, 0); a norm above the threshold
-    # (e > 0) leaves c; one below lowers it as usual. The anchor stays.
+    # hold = rising: c1 = c + 0.05 * min(e + d, 0), d = 0 here; a norm above
+    # the threshold (e > 0) leaves c; one below lowers it as usual. The
+    # anchor stays.
     state = _gate_state(0.0, anchor=0.0)
     _, up = ogt.update([torch.tensor([2.0])], state, value=2.0, config=HAND)
     assert float(up["ema_mean"]) == 0.0 and _flag(up) == 1
@@ -424,13 +431,20 @@ def test_the_loss_gate_learns_running_means_during_the_first_steps():
     [
         # Loss centre = reference = 2, spread 0.2: Bc = max(10 * 0.2, 0.002) =
         # 2 (the centre's bound), B = max(3 * 0.2, 0.002) = 0.6 (the spread's).
-        # Calm (norm 1 = t), v = 12, gate open: centre = 2 + 0.05 * clip(10,
+        # Calm (norm 1 = t), v = 12, gate open (the unit max(0.2, 0.2 * 2) =
+        # 0.4, 2 > 2.4 is false): centre = 2 + 0.05 * clip(10,
         # -2, 2) = 2.1; gap = 0.1 > 0: reference = 2 + 0.005 * 0.1 = 2.0005;
         # dev = min(10, 0.6): spread = 0.2 + 0.05 * (0.6 - 0.2) = 0.22.
         (1.0, 2.0, 0.2, 12.0, 2.1, 2.0005, 0.22),
-        # The same loss on an explosion (norm 100 > 3): not calm, only the
-        # centre moves.
-        (100.0, 2.0, 0.2, 12.0, 2.1, 2.0, 0.2),
+        # The same loss on an explosion (norm 100 > 3): not calm, so the
+        # spread stays, and the reference moves at the rise rate: gap = 0.1,
+        # reference = 2 + 0.005 * 0.1 = 2.0005.
+        (100.0, 2.0, 0.2, 12.0, 2.1, 2.0005, 0.2),
+        # A falling loss on an explosion (v = 1.5): centre = 1.975 as on a calm
+        # step, but not calm, so the reference falls at the rise rate, not at
+        # r: gap = -0.025, reference = 2 - 0.005 * 0.025 = 1.999875; the
+        # spread stays.
+        (100.0, 2.0, 0.2, 1.5, 1.975, 1.999875, 0.2),
         # Calm, the loss falls (v = 1.5): centre = 2 + 0.05 * (-0.5) = 1.975;
         # gap = -0.025 <= 0: reference = 2 - 0.05 * 0.025 = 1.99875;
         # dev = min(0.5, 0.6) = 0.5: spread = 0.2 + 0.05 * 0.3 = 0.215.
@@ -453,6 +467,105 @@ def test_the_loss_gate_after_the_first_steps(
     assert float(state["loss_centre"]) == pytest.approx(centre, rel=1e-6)
     assert float(state["loss_reference"]) == pytest.approx(reference, rel=1e-6)
     assert float(state["loss_spread"]) == pytest.approx(spread, rel=1e-5)
+
+
+def test_a_hold_lets_the_centre_fall_only_beyond_its_spread():
+    # Spread on entry d = 0.3, c = 0, t = 1; the hold's step is r * min(e + d, 0).
+    # n = e^-0.2 (e = -0.2, e + d = 0.1): c' = 0.05 * min(0.1, 0) = 0;
+    #   d' = 0.3 + 0.05 * (0.2 - 0.3) = 0.295.
+    # n = e^-0.5 (e = -0.5, e + d = -0.2): c' = 0.05 * -0.2 = -0.01;
+    #   d' = 0.3 + 0.05 * (0.5 - 0.3) = 0.31.
+    # Without a hold (no loss, no emergency): c' = r * e = -0.01 and -0.025.
+    gate = {"loss_centre": 2.0, "loss_reference": 1.0, "loss_spread": 0.1}  # rising
+    holds = [gate, {"emergency_hold_left": 3}]
+    for e, held_c, d1, free_c in [(-0.2, 0.0, 0.295, -0.01), (-0.5, -0.01, 0.31, -0.025)]:
+        for hold in holds:
+            state = _late_state(ema_var=0.3, **hold)
+            _, state = ogt.update([torch.tensor([math.exp(e)])], state, config=HAND)
+            assert float(state["ema_mean"]) == pytest.approx(held_c, abs=1e-6), (e, hold)
+            assert float(state["ema_var"]) == pytest.approx(d1, rel=1e-5)
+            want = math.exp(held_c + d1)
+            assert float(state["clip_threshold"]) == pytest.approx(want, rel=1e-5)
+        _, free = ogt.update([torch.tensor([math.exp(e)])], _late_state(ema_var=0.3), config=HAND)
+        assert float(free["ema_mean"]) == pytest.approx(free_c, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "centre, rising",
+    # Spread 0, reference 1: the unit is max(0, 0.2 * |1|) = 0.2 and the gate
+    # closes above 1 + 1 * 0.2 = 1.2 (it would be above 1 + 0 were the unit
+    # the spread). Then the centre holds: n = 1.5 (e = 0.4) leaves c = 0
+    # instead of c' = 0.05 * 0.4 = 0.02.
+    [(1.15, False), (1.25, True)],
+)
+def test_the_loss_gate_unit_is_a_share_of_the_reference(centre, rising):
+    levels = (torch.tensor(centre), torch.tensor(1.0), torch.tensor(0.0))
+    assert bool(functional._loss_rising(*levels, HAND)) == rising
+    # Climbing needs 1 + 1.5 * 0.2 = 1.3: neither is.
+    assert not bool(functional._loss_climbing(*levels, HAND))
+    state = _late_state(loss_centre=centre, loss_reference=1.0, loss_spread=0.0)
+    _, state = ogt.update([torch.tensor([1.5])], state, config=HAND)
+    assert float(state["ema_mean"]) == pytest.approx(0.0 if rising else 0.02, abs=1e-6)
+    # track_loss_rel = 0: the unit is the spread, 0, and 1.15 is above 1.
+    rel0 = dataclasses.replace(HAND, track_loss_rel=0.0)
+    assert bool(functional._loss_rising(*levels, rel0))
+
+
+def test_an_unbroken_run_of_explosions_still_moves_the_reference():
+    # After the first N = 20 steps, loss centre = reference = 1, spread 0.1
+    # (Bc = max(10 * 0.1, 0.001) = 1), v = 2 on three explosions in a row
+    # (n = 1e4 > 3 t; three, under emergency_patience 5). The gate stays open
+    # (unit max(0.1, 0.2 * ~1) = ~0.2, the centre stays under 1.2). Not calm:
+    # the spread stays 0.1 and the reference moves at 0.005 (the rise rate):
+    #   centre 1 + 0.05 * min(1, 1) = 1.05, reference 1 + 0.005 * 0.05 = 1.00025;
+    #   centre 1.05 + 0.05 * 0.95 = 1.0975,
+    #     reference 1.00025 + 0.005 * (1.0975 - 1.00025) = 1.00073625;
+    #   centre 1.0975 + 0.05 * 0.9025 = 1.142625,
+    #     reference 1.00073625 + 0.005 * (1.142625 - 1.00073625) = 1.00144569375.
+    expected = [(1.05, 1.00025), (1.0975, 1.00073625), (1.142625, 1.00144569375)]
+    state = _late_state(loss_centre=1.0, loss_reference=1.0, loss_spread=0.1)
+    for k, (centre, reference) in enumerate(expected):
+        _, state = ogt.update([torch.tensor([1e4])], state, value=2.0, config=HAND)
+        assert int(state["explosion_count"]) == k + 1
+        assert float(state["loss_centre"]) == pytest.approx(centre, rel=1e-5)
+        assert float(state["loss_reference"]) == pytest.approx(reference, rel=1e-5)
+        assert float(state["loss_spread"]) == pytest.approx(0.1, rel=1e-5)
+    assert int(state["emergency_count"]) == 0
+
+
+def _rising_losses(shape: str, n: int, rng) -> np.ndarray:
+    """A loss that rises 10x over ``n`` steps with multiplicative noise."""
+    t = np.arange(n)
+    if shape == "geometric":
+        return (10.0 ** (t / n) * np.exp(rng.normal(0.0, 0.1, n))).astype(np.float32)
+    return ((1.0 + 9.0 * t / n) * (1.0 + 0.05 * rng.normal(size=n))).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", ["geometric", "linear"])
+@pytest.mark.parametrize("learning_rate", [None, 1e-3], ids=["data", "learning-rate"])
+def test_a_slowly_rising_loss_with_steady_norms_does_not_drag_the_threshold_down(
+    shape, learning_rate
+):
+    # Steady norms (5 e^N(0, 0.3^2)) while the loss rises 10x over 4000 steps
+    # (a TD loss as the returns grow): the gate may close, but its unit grows
+    # with the loss, its reference follows the loss on every step, and a hold
+    # lets the centre fall only past its spread, so the threshold stays with
+    # the norms: never under 0.3x their recent median after step 400, and at
+    # most 5% of the steps are explosions.
+    n = 4000
+    rng = np.random.default_rng(11)
+    norms = 5.0 * np.exp(rng.normal(0.0, 0.3, n)).astype(np.float32)
+    losses = _rising_losses(shape, n, rng)
+    state = ogt.init_state(learning_rate=learning_rate)
+    thresholds = []
+    for k in range(n):
+        grads = [torch.tensor([norms[k]], dtype=torch.float32)]
+        _, state = ogt.update(grads, state, value=float(losses[k]))
+        thresholds.append(float(state["clip_threshold"]))
+    for k in range(400, n):
+        median = float(np.median(norms[max(0, k - 99) : k + 1]))
+        assert thresholds[k] >= 0.3 * median, k
+    assert int(state["explosion_count"]) <= 0.05 * n
 
 
 def test_a_huge_outlier_loss_does_not_shut_the_gate():

@@ -334,18 +334,29 @@ def _diagnose(
 
 
 def _loss_above(
-    centre: torch.Tensor, reference: torch.Tensor, spread: torch.Tensor, k: float
+    centre: torch.Tensor, reference: torch.Tensor, spread: torch.Tensor, k: float, rel: float
 ) -> torch.Tensor:
-    """``centre > reference + k * spread``; false while either level is unknown (NaN)."""
+    """``centre > reference + k * max(spread, rel * |reference|)``; false while
+    either level is unknown (NaN)."""
+    device = centre.device
     known = _isfinite(centre) & _isfinite(reference)
-    return known & (centre > reference + spread * k)
+    unit = torch.maximum(spread, _f32_constant(rel, device) * torch.abs(reference))
+    return known & (centre > reference + _f32_constant(k, device) * unit)
 
 
 def _loss_rising(
     centre: torch.Tensor, reference: torch.Tensor, spread: torch.Tensor, config: StabilizerConfig
 ) -> torch.Tensor:
-    """The gate is closed: the loss centre above ``reference + track_loss_k * spread``."""
-    return _loss_above(centre, reference, spread, config.track_loss_k)
+    """The gate is closed: the loss centre above ``reference + track_loss_k * u``,
+    ``u = max(spread, track_loss_rel * |reference|)``."""
+    return _loss_above(centre, reference, spread, config.track_loss_k, config.track_loss_rel)
+
+
+def _loss_climbing(
+    centre: torch.Tensor, reference: torch.Tensor, spread: torch.Tensor, config: StabilizerConfig
+) -> torch.Tensor:
+    """The loss clearly climbing: above ``reference + track_loss_cut_k * u``."""
+    return _loss_above(centre, reference, spread, config.track_loss_cut_k, config.track_loss_rel)
 
 
 def _learning_steps(config: StabilizerConfig) -> int:
@@ -396,14 +407,15 @@ def _loss_gate(
         centre + rate * torch.clamp(diff, min=-centre_bound, max=centre_bound),
     )
     gap = new_centre - reference
-    # The reference falls with the loss at the centre's rate, rises slowly;
-    # after the first steps only calm steps move it.
+    # The reference falls with a calm loss at the centre's rate; otherwise
+    # (rising, or on an explosion or a non-finite norm) it moves at
+    # track_loss_rise_rate, every step.
     gap_rate = torch.where(
         early,
         a,
-        torch.where(gap <= 0, rate, _f32_constant(config.track_loss_rise_rate, device)),
+        torch.where(calm & (gap <= 0), rate, _f32_constant(config.track_loss_rise_rate, device)),
     )
-    new_reference = torch.where(calm | early, reference + gap_rate * gap, reference)
+    new_reference = reference + gap_rate * gap
     deviation = torch.abs(diff)
     deviation = torch.where(early, deviation, torch.minimum(deviation, bound))
     # The spread learns only while the gate is open (and always at first).
@@ -735,8 +747,7 @@ class TrackRule(_Rule):
         gate = (state["loss_centre"], state["loss_reference"], state["loss_spread"])
         # The gate is the state's on entry: rising (track_loss_k) holds the
         # centre's rise; climbing (track_loss_cut_k) with an explosion cuts it.
-        known = _isfinite(gate[0]) & _isfinite(gate[1])
-        rising = known & (gate[0] > gate[1] + gate[2] * config.track_loss_k)
+        rising = _loss_rising(*gate, config)
         rate = config.track_rate
         hold = (state["emergency_hold_left"] > 0) | rising
         # The bounds are computed in float64 and rounded to float32 once.
@@ -744,13 +755,15 @@ class TrackRule(_Rule):
         hi = _f32_constant(config.track_max_rise / rate, device)
         x = log_floored(m.norm)
         e = torch.clamp(x - centre, min=lo, max=hi)
-        moved = centre + torch.where(hold, torch.clamp(e, max=0.0), e) * rate
+        # During a hold the centre does not rise, and falls only towards a
+        # norm more than a spread under it.
+        moved = centre + torch.where(hold, torch.clamp(e + spread, max=0.0), e) * rate
         new_spread = spread + (torch.abs(e) - spread) * rate
         if config.explosion_factor != math.inf:
             # An explosion in progress (the loss climbing, this step an
             # explosion): the centre falls at the full rate, but not below
             # track_max_cut times under its anchor, nor does this raise it.
-            climbing = known & (gate[0] > gate[1] + gate[2] * config.track_loss_cut_k)
+            climbing = _loss_climbing(*gate, config)
             floor = state["centre_anchor"] - _log_constant(config.track_max_cut, device)
             tightened = torch.maximum(
                 torch.minimum(moved, centre - _f32_constant(config.track_max_fall, device)),

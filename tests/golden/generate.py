@@ -457,7 +457,11 @@ SCENARIOS = {
         f"explosions the centre falls by track_max_fall = {FALL} per step, never below "
         "anchor - ln(track_max_cut), and one emergency fires. After the explosion the loss "
         "falls back, the gate reopens and the tracker climbs back. The second run has loss "
-        "scaling on (the emergency also cuts the scale).",
+        "scaling on (the emergency also cuts the scale). Both set track_loss_rel = 0, so that "
+        "the gate's unit is the spread alone; the third run keeps the default track_loss_rel: "
+        "the unit is then 0.2 |reference|, about 15 spreads, so the gate closes only after the "
+        "first explosions, and on explosions the loss reference still rises at "
+        "track_loss_rise_rate.",
         "spec_sections": ["Tracking rule", "Loss gate", "Emergency intervention"],
         "runs": [
             run(
@@ -475,8 +479,9 @@ SCENARIOS = {
                 },
             )
             for label, config, steps in (
-                ("loss climbs with the norm", {}, 450),
-                ("with loss scaling", {"loss_scaling": True}, 260),
+                ("loss climbs with the norm", {"track_loss_rel": 0.0}, 450),
+                ("with loss scaling", {"loss_scaling": True, "track_loss_rel": 0.0}, 260),
+                ("default track_loss_rel", {}, 260),
             )
         ],
     },
@@ -564,7 +569,8 @@ SCENARIOS = {
         "not above); track_loss_k = inf with the default track_loss_cut_k: a climbing loss "
         "cuts the centre on explosions without ever holding it (the anchor follows the "
         "centre); adaptation_interval = 0 flags only the start; max_threshold and track_k = 0 "
-        "clamp the moving threshold.",
+        "clamp the moving threshold. The two climbing-loss runs set track_loss_rel = 0 (the "
+        "unit is the spread, 0 at first).",
         "spec_sections": ["Tracking rule", "Loss gate", "Boundary cases"],
         "runs": [
             run(
@@ -580,7 +586,12 @@ SCENARIOS = {
             run(
                 label,
                 seed=False,
-                config={"track_loss_k": INF, "emergency_patience": 3, **config},
+                config={
+                    "track_loss_k": INF,
+                    "track_loss_rel": 0.0,
+                    "emergency_patience": 3,
+                    **config,
+                },
                 init={"learning_rate": 4e-4},
                 inputs=formula("1.0 if k < 30 else 30.0", 45, base=BASE5),
                 values={"expr": "1.0 + 0.01 * (k % 2) + (0.2 * (k - 29) if k >= 30 else 0.0)"},

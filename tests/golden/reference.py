@@ -50,6 +50,7 @@ DEFAULTS: dict[str, object] = {
     "track_loss_k": 1.0,
     "track_loss_cut_k": 1.5,
     "track_loss_rise_rate": 0.002,
+    "track_loss_rel": 0.2,
     "track_max_cut": 10.0,
     "adaptation_percentile": 90.0,
     "adaptation_k": 3.0,
@@ -285,22 +286,25 @@ def track_threshold(c, d, cfg: dict) -> np.float32:
     return clamp(raw, cfg["min_threshold"], cfg["max_threshold"])
 
 
-def _loss_above(centre, reference, spread, k) -> bool:
-    """``isfinite(centre) and isfinite(reference) and centre > reference + k * spread``."""
+def _loss_above(centre, reference, spread, k, rel) -> bool:
+    """``isfinite(centre) and isfinite(reference) and centre > reference + k * u``,
+    the unit ``u = max(spread, rel * |reference|)``."""
     if not (np.isfinite(centre) and np.isfinite(reference)):
         return False
-    # inf * 0 is NaN (k = inf, no spread yet): never above it.
-    return bool(centre > f32(reference + f32(f32(k) * spread)))
+    share = f32(f32(rel) * f32(abs(reference)))
+    unit = spread if spread >= share else share
+    # inf * 0 is NaN (k = inf, a zero unit): never above it.
+    return bool(centre > f32(reference + f32(f32(k) * unit)))
 
 
 def loss_rising(centre, reference, spread, cfg: dict) -> bool:
-    """The loss gate is closed: the loss centre above reference + track_loss_k * spread."""
-    return _loss_above(centre, reference, spread, cfg["track_loss_k"])
+    """The loss gate is closed: the loss centre above reference + track_loss_k * u."""
+    return _loss_above(centre, reference, spread, cfg["track_loss_k"], cfg["track_loss_rel"])
 
 
 def loss_climbing(centre, reference, spread, cfg: dict) -> bool:
     """``rising`` with track_loss_cut_k in place of track_loss_k (the explosion cut)."""
-    return _loss_above(centre, reference, spread, cfg["track_loss_cut_k"])
+    return _loss_above(centre, reference, spread, cfg["track_loss_cut_k"], cfg["track_loss_rel"])
 
 
 def track_adapt(c, d, anchor, n, *, hold: bool, climbing: bool, explosion: bool, cfg: dict):
@@ -310,7 +314,8 @@ def track_adapt(c, d, anchor, n, *, hold: bool, climbing: bool, explosion: bool,
     lo = f32(-cfg["track_max_fall"] / cfg["track_rate"])
     hi = f32(cfg["track_max_rise"] / cfg["track_rate"])
     e = f32(min(max(f32(lnf(n) - c), lo), hi))
-    step = f32(min(e, f32(0.0))) if hold else e
+    # A hold: no rise, and a fall only past the spread on entry (d).
+    step = f32(min(f32(e + d), f32(0.0))) if hold else e
     c1 = f32(c + f32(r * step))
     d_new = f32(d + f32(r * f32(abs(e) - d)))
     # An explosion in progress: the loss climbing (track_loss_cut_k) and an explosion.
@@ -350,14 +355,15 @@ def loss_gate(st: dict, v, *, calm: bool, cfg: dict) -> tuple:
         clipped = f32(min(max(diff, f32(-centre_bound)), centre_bound))
         new_centre = f32(centre + f32(r * clipped))
     gap = f32(new_centre - reference)
-    if calm or early:
-        if early:
-            b = a
-        elif gap <= 0:
-            b = r
-        else:
-            b = f32(cfg["track_loss_rise_rate"])
-        reference = f32(reference + f32(b * gap))
+    # Every step moves the reference: at a early, at r for a calm fall,
+    # at track_loss_rise_rate otherwise (a rise, or a step that is not calm).
+    if early:
+        b = a
+    elif calm and gap <= 0:
+        b = r
+    else:
+        b = f32(cfg["track_loss_rise_rate"])
+    reference = f32(reference + f32(b * gap))
     dev = f32(abs(diff))
     if not early:
         dev = f32(min(dev, bound))
