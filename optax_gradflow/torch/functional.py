@@ -364,11 +364,16 @@ def _learning_steps(config: StabilizerConfig) -> int:
     return min(round(1.0 / config.track_rate), INT32_MAX)
 
 
-def _emergency_reference(
-    fire: torch.Tensor, centre: torch.Tensor, reference: torch.Tensor
+def _accepted_reference(
+    e: Emergency, centre: torch.Tensor, reference: torch.Tensor, config: StabilizerConfig
 ) -> torch.Tensor:
-    """The reference after an emergency: the loss centre, when there is one."""
-    return torch.where(fire & _isfinite(centre), centre, reference)
+    """The reference after an emergency, or after every ``track_accept_steps``-th
+    explosion of an unbroken run: the loss centre, when there is one."""
+    accept = e.fired
+    n = config.track_accept_steps
+    if n > 0:
+        accept = accept | ((e.consecutive > 0) & (torch.remainder(e.consecutive, n) == 0))
+    return torch.where(accept & _isfinite(centre), centre, reference)
 
 
 def _loss_gate(
@@ -574,7 +579,7 @@ class _Rule:
         )
 
     def gate_reference(
-        self, fired: torch.Tensor, centre: torch.Tensor, reference: torch.Tensor
+        self, e: Emergency, centre: torch.Tensor, reference: torch.Tensor
     ) -> torch.Tensor:
         """The loss reference after the gate moved (the track rule's emergency moves it)."""
         return reference
@@ -824,9 +829,9 @@ class TrackRule(_Rule):
             fire,
         )
 
-    def gate_reference(self, fired, centre, reference):
+    def gate_reference(self, e, centre, reference):
         # "Tracking rule", "Emergency": the loss centre becomes the reference.
-        return _emergency_reference(fired, centre, reference)
+        return _accepted_reference(e, centre, reference, self.config)
 
 
 def _log_constant(value: float, device: torch.device) -> torch.Tensor:
@@ -1145,7 +1150,7 @@ def record(
     loss, last_loss = _loss_value(value, state, device)
     # The loss gate moves under every rule (SPEC.md, "Per-step order" 10).
     loss_centre, loss_reference, loss_spread = _loss_gate(loss, c.calm, state, config)
-    loss_reference = rule.gate_reference(e.fired, loss_centre, loss_reference)
+    loss_reference = rule.gate_reference(e, loss_centre, loss_reference)
 
     adapted = false if a.adapted is None else a.adapted
     warned = false if d.warned is None else d.warned

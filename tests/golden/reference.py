@@ -51,6 +51,7 @@ DEFAULTS: dict[str, object] = {
     "track_loss_cut_k": 1.5,
     "track_loss_rise_rate": 0.002,
     "track_loss_rel": 0.2,
+    "track_accept_steps": 50,
     "track_max_cut": 10.0,
     "adaptation_percentile": 90.0,
     "adaptation_k": 3.0,
@@ -623,8 +624,11 @@ def _step(state, leaves, dtypes, cfg, value):
         st, v, calm=finite and not explosion, cfg=cfg
     )
     # "Tracking rule", "Emergency": the emergency takes the loss centre as the
-    # new reference.
-    if track and emergency and np.isfinite(st["loss_centre"]):
+    # new reference; so does each track_accept_steps-th explosion of a run.
+    run = st["consecutive_explosions"]
+    every = cfg["track_accept_steps"]
+    accept = emergency or (every > 0 and run > 0 and run % every == 0)
+    if track and accept and np.isfinite(st["loss_centre"]):
         st["loss_reference"] = st["loss_centre"]
     st["last_grad_norm"] = n
     if value is not None:
