@@ -8,6 +8,7 @@ event log and the wrapper form.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_gradflow import events, pipeline
+from optax_gradflow import learning_rate as learning_rate_lib
 from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import RINGS, STATE_VERSION, UPDATE_RATIO_HISTORY_SIZE
@@ -76,10 +78,27 @@ def init_state(
     return GradientFlowState(**fields)
 
 
+def _read_learning_rate(learning_rate) -> Any:
+    """The learning rate of rule 3 of "Initial threshold": a float, None, or a tracer.
+
+    Read once, when the transformation is built. A traced learning rate
+    (``inject_hyperparams`` under ``jit``) cannot be read and is used as is.
+    """
+    if learning_rate is None or isinstance(learning_rate, jax.core.Tracer):
+        return learning_rate
+    # Eagerly, even when the transformation is built inside a jitted function:
+    # a schedule of constants then still gives numbers.
+    with jax.ensure_compile_time_eval():
+        return learning_rate_lib.read(learning_rate)
+
+
 def _initial_threshold(
-    params, learning_rate, initial_threshold, store, label, config
+    params, learning_rate, lr, initial_threshold, store, label, config
 ) -> tuple[jax.Array, int]:
-    """(threshold, warm-up steps): explicit > stored > learning rate > data."""
+    """(threshold, warm-up steps): explicit > stored > learning rate > data.
+
+    ``lr`` is ``_read_learning_rate(learning_rate)``.
+    """
     rule = pipeline.rule_for(config)
     fixed = rule.fixed_start()
     if fixed is not None:
@@ -92,23 +111,20 @@ def _initial_threshold(
         stored = store.lookup(params, label=label)
         if stored is not None:
             return threshold_lib.clamp_threshold(stored, config), 0
-    if learning_rate is not None:
-        lr = threshold_lib.learning_rate_at_start(learning_rate)
+    if lr is not None:
         return threshold_lib.threshold_from_learning_rate(lr, config), 0
+    if learning_rate is not None:
+        warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=3)
     # Data mode: a placeholder threshold that no warm-up step uses.
     return jnp.float32(config.min_threshold), rule.data_warmup_steps()
 
 
-def _check_factory_args(learning_rate, config, initial_threshold) -> StabilizerConfig:
+def _check_factory_args(config, initial_threshold) -> StabilizerConfig:
     if config is None:
         config = StabilizerConfig()
     if not isinstance(config, StabilizerConfig):
         raise TypeError(
             f"config must be an optax_gradflow.StabilizerConfig, got {type(config).__name__}."
-        )
-    if learning_rate is not None:
-        threshold_lib.validate_positive(
-            "learning_rate", threshold_lib.learning_rate_at_start(learning_rate)
         )
     threshold_lib.validate_positive("initial_threshold", initial_threshold, allow_inf=True)
     if (
@@ -158,9 +174,11 @@ def stabilize(
   The initial threshold is, first match wins: ``initial_threshold``; the
   record ``store.lookup(params, label=label)`` finds at ``init`` (one host
   read of the store file, at init only; under ``jax.jit(init)`` at trace
-  time); ``lr_threshold_scale * sqrt(1 / learning_rate)`` when
-  ``learning_rate`` (a float or a schedule, read at step 0) is given;
-  otherwise the first finite norm. It only starts the tracker.
+  time); ``lr_threshold_scale * sqrt(1 / lr)`` when ``learning_rate`` is
+  given, with ``lr`` the number itself or, for a schedule, its largest value
+  over its first 10,000 steps (the peak after a warm-up from 0, see
+  :func:`optax_gradflow.learning_rate.read`); otherwise, or when that ``lr``
+  is 0 (with a warning), the first finite norm. It only starts the tracker.
 
   No step transfers anything to the host (with ``log_events``, only steps
   with an event do). A non-finite step outputs zeros:
@@ -168,8 +186,9 @@ def stabilize(
   :func:`stabilized` to leave an inner optimizer's state untouched.
 
   Args:
-    learning_rate: the optimizer's learning rate or schedule, used only for
-      the initial threshold.
+    learning_rate: the optimizer's learning rate (a number >= 0) or schedule
+      (any optax schedule, warm-ups from 0 included), used only for the
+      initial threshold; read once, here.
     config: a :class:`StabilizerConfig`; the defaults of SPEC.md if None.
     initial_threshold: an explicit initial threshold; wins over the rest.
     store: an object with ``lookup(params, label=...) -> float | None``, such
@@ -216,7 +235,8 @@ def stabilize(
     Micikevicius et al., `Mixed precision training
     <https://arxiv.org/abs/1710.03740>`_, 2018.
   """
-    config = _check_factory_args(learning_rate, config, initial_threshold)
+    config = _check_factory_args(config, initial_threshold)
+    lr = _read_learning_rate(learning_rate)
     rule = pipeline.rule_for(config)
     emitter = events.InGraphEmitter(config, name=label) if log_events else None
 
@@ -225,7 +245,7 @@ def stabilize(
     # sub-trees to it; a notebook may re-run init on another model).
     def init_fn(params):
         thr, warmup = _initial_threshold(
-            params, learning_rate, initial_threshold, store, label, config
+            params, learning_rate, lr, initial_threshold, store, label, config
         )
         return init_state(thr, warmup, config)
 

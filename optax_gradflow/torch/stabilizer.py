@@ -90,7 +90,14 @@ class GradientFlowStabilizer:
     it, else ``"sync"``; it never copies the model or the optimizer state.
 
     Args:
-      learning_rate: as in :func:`optax_gradflow.stabilize` (initial threshold).
+      learning_rate: as in :func:`optax_gradflow.stabilize` (initial threshold):
+        a number, or a schedule ``step -> lr`` read where it is positive.
+      optimizer: when ``learning_rate`` is None, the learning rate is read from
+        this optimizer's param groups (:func:`optimizer_learning_rate`): the
+        base rate a ``torch.optim.lr_scheduler`` scales, so a warm-up from 0
+        reads the rate it warms up to. Used at construction only; ``step``
+        still takes the optimizer to step. (Reading it at the first ``step``
+        would be too late: the first step's gradients are clipped before.)
       config: a :class:`~optax_gradflow.StabilizerConfig`; the defaults if None.
       initial_threshold: an explicit initial threshold.
       skip_mode: how ``step`` skips a non-finite step, see above.
@@ -124,9 +131,12 @@ class GradientFlowStabilizer:
         initial_threshold: float | None = None,
         skip_mode: SkipMode = "auto",
         process_group: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         if skip_mode not in _SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {_SKIP_MODES}, got {skip_mode!r}.")
+        if learning_rate is None and optimizer is not None:
+            learning_rate = optimizer_learning_rate(optimizer)
         self.config = _check_config(config)
         self.skip_mode = skip_mode
         self.process_group = process_group
@@ -419,6 +429,38 @@ class GradientFlowStabilizer:
         self._processed_step = None
         self._pending_loss = None
         self._gate_entry = None
+
+
+def optimizer_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate an initial threshold is derived from, read from ``optimizer``.
+
+    The largest over its param groups of ``lr``, ``initial_lr`` (the base rate
+    that a ``torch.optim.lr_scheduler`` scales, set when the scheduler is
+    built: a warm-up that starts at 0 has set ``lr`` to 0 already) and
+    ``max_lr`` (``OneCycleLR``'s peak). SPEC.md, "Initial threshold" 3.
+
+    Example:
+      >>> import torch
+      >>> from optax_gradflow.torch import optimizer_learning_rate
+      >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1e-2)
+      >>> warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 20))
+      >>> opt.param_groups[0]["lr"], optimizer_learning_rate(opt)
+      (0.0, 0.01)
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer with param groups, got "
+            f"{type(optimizer).__name__}."
+        )
+    rates = [
+        float(group[key]) for group in groups for key in _LR_KEYS if group.get(key) is not None
+    ]
+    return max(rates)
+
+
+# Param-group keys that hold a learning rate (torch.optim and its schedulers).
+_LR_KEYS = ("lr", "initial_lr", "max_lr")
 
 
 # What the loss gate reads from the state on entry (SPEC.md, "Loss gate").
