@@ -112,11 +112,14 @@ class GradientFlowStabilizer:
       >>> import torch
       >>> from optax_gradflow.torch import GradientFlowStabilizer
       >>> model = torch.nn.Linear(3, 1)
+      >>> _ = torch.nn.init.constant_(model.weight, 0.1), torch.nn.init.zeros_(model.bias)
       >>> opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-      >>> stab = GradientFlowStabilizer(1e-2)
+      >>> stab = GradientFlowStabilizer(1e-2)  # threshold 0.1 * sqrt(1 / 1e-2) = 1
       >>> loss = model(torch.ones(2, 3)).pow(2).mean()
       >>> stab.get_scaled_loss(loss).backward()
-      >>> norm = stab.clip_gradients(model.parameters(), loss=loss)
+      >>> norm = stab.clip_gradients(model.parameters(), loss=loss)  # 1.2: clipped to 1
+      >>> round(norm.item(), 4)
+      1.2
       >>> stab.step(opt)
       >>> report = stab.get_stability_report()
       >>> report.step, report.status
