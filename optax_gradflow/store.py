@@ -117,7 +117,8 @@ class ThresholdStore:
     than ``max_explosions`` explosions happened since the previous check.
 
     Args:
-      path: the JSON file; its directory is created on the first save.
+      path: the JSON file (not a directory: ValueError); its directory is
+        created on the first save.
       save_every: steps between two policy checks (and device reads).
       min_stable_steps: least ``stable_streak`` to save.
       min_score: the stability score must be above this to save.
@@ -157,6 +158,11 @@ class ThresholdStore:
         if not 0.0 <= float(min_score) <= 1.0:
             raise ValueError(f"min_score must lie in [0, 1], got {min_score!r}.")
         self.path = pathlib.Path(path)
+        if self.path.is_dir():
+            raise ValueError(
+                f"ThresholdStore needs a file path, but {str(self.path)!r} is a directory: "
+                f"give a file in it, e.g. {str(self.path / 'thresholds.json')!r}."
+            )
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.save_every = save_every
         self.min_stable_steps = min_stable_steps

@@ -8,6 +8,7 @@ event log and the wrapper form.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -26,20 +27,87 @@ from optax_gradflow.state import GradientFlowState, Ring, check_state
 __all__ = ("StabilizedState", "init_state", "stabilize", "stabilized", "step", "sum_of_squares")
 
 
-def _is_float_leaf(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+def _check_floating(tree: Any, what: str) -> None:
+    """Raises TypeError naming the first leaf of ``tree`` that is not floating point.
+
+    optax's optimizers cannot update an integer or boolean parameter (their
+    moments are floats), and a float0 gradient (``jax.grad`` of an integer
+    input) has nothing to clip: such leaves belong outside the optimized tree.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            name = "float0" if dtype == jax.dtypes.float0 else str(dtype)
+            raise TypeError(
+                f"The {what} at {jax.tree_util.keystr(path) or '(the root)'} has dtype "
+                f"{name}: the stabilizer, like optax's optimizers, handles floating-point "
+                "parameters only. Keep integer and boolean values out of the optimized tree "
+                "(e.g. in a separate state), or give them optax.set_to_zero() with "
+                "optax.partition."
+            )
 
 
-def _structure_signature(tree: Any) -> tuple[tuple[int, ...], ...]:
+def _check_value(value: Any) -> None:
+    """Raises unless ``value`` (the loss, ``value=``) is one real number; shapes only."""
+    if value is None:
+        return
+    shape = jnp.shape(value)
+    if math.prod(shape) != 1:
+        raise ValueError(
+            f"value= must be the loss, one number; got an array of shape {shape} (pass the "
+            "mean loss, e.g. jnp.mean(losses))."
+        )
+    dtype = jnp.result_type(value)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"value= must be a real number, got dtype {dtype}.")
+
+
+def _leaf_shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
     # Leaf shapes, not the treedef: frameworks such as flax.nnx initialise with
     # wrapped parameters (nnx.Param) and update with plain arrays.
-    return tuple(tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
+    return [
+        (jax.tree_util.keystr(path), tuple(jnp.shape(leaf)))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
-def _same_structure(got, expected, *, sharded: bool) -> bool:
-    # With axis_name, update sees per-device shards of the parameters init saw
-    # (init usually runs outside shard_map / pmap): only the leaf count must match.
-    return len(got) == len(expected) if sharded else got == expected
+def _check_matching(updates: Any, params: Any, *, sharded: bool) -> None:
+    """Raises ValueError, naming the paths, unless the gradients match ``params``.
+
+    The leaf shapes are compared in tree order; with ``sharded`` (``axis_name``:
+    ``update`` sees per-device shards of the parameters ``init`` saw) only the
+    leaf count.
+    """
+    got, expected = _leaf_shapes(updates), _leaf_shapes(params)
+    if len(got) != len(expected):
+        got_paths, expected_paths = [p for p, _ in got], [p for p, _ in expected]
+        extra = [p for p in got_paths if p not in expected_paths]
+        missing = [p for p in expected_paths if p not in got_paths]
+        detail = "; ".join(
+            part
+            for part in (
+                f"gradients without a parameter: {', '.join(extra)}" if extra else "",
+                f"parameters without a gradient: {', '.join(missing)}" if missing else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"The gradients' tree structure does not match the parameters passed to update: "
+            f"{len(got)} gradient leaves, {len(expected)} parameters"
+            f"{'; ' + detail if detail else ''}."
+        )
+    if sharded:
+        return
+    for (g_path, g_shape), (p_path, p_shape) in zip(got, expected, strict=True):
+        if g_shape != p_shape:
+            where = g_path if g_path == p_path else f"{g_path} (parameter {p_path})"
+            raise ValueError(
+                f"The gradients' tree structure does not match the parameters passed to "
+                f"update: the gradient at {where} has shape {g_shape}, the parameter "
+                f"{p_shape}."
+            )
 
 
 def init_state(
@@ -244,6 +312,7 @@ def stabilize(
     # number of parameter trees and init calls (optax.partition may route two
     # sub-trees to it; a notebook may re-run init on another model).
     def init_fn(params):
+        _check_floating(params, "parameter")
         thr, warmup = _initial_threshold(
             params, learning_rate, lr, initial_threshold, store, label, config
         )
@@ -252,18 +321,13 @@ def stabilize(
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
         check_state(state, config)
+        _check_value(value)
+        _check_floating(updates, "gradient")
         # What can be checked comes from this call's arguments: the gradients
         # must match the parameters passed along with them.
-        if params is not None and not _same_structure(
-            _structure_signature(updates),
-            _structure_signature(params),
-            sharded=axis_name is not None,
-        ):
-            raise ValueError(
-                "The gradients' tree structure does not match the parameters passed to "
-                f"update: leaf shapes {list(_structure_signature(updates))}, expected "
-                f"{list(_structure_signature(params))}."
-            )
+        if params is not None:
+            _check_floating(params, "parameter")
+            _check_matching(updates, params, sharded=axis_name is not None)
         new_updates, new_state, threshold = pipeline.step(
             updates, state, config, rule, value=value, axis_name=axis_name
         )
@@ -378,6 +442,7 @@ def stabilized(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        _check_floating(params, "parameter")  # before the inner optimizer sees them
         return StabilizedState(
             inner_state=inner.init(params),
             flow=flow.init(params),

@@ -27,6 +27,7 @@ from optax_gradflow.torch.functional import (
     _gather,
     _is_float,
     _loss_gate,
+    check_value,
     rule_for,
     update,
 )
@@ -488,6 +489,7 @@ def _fired(state: State) -> torch.Tensor:
 
 
 def _as_f32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    check_value(value)
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=torch.float32).reshape(())
     return torch.full((), value, dtype=torch.float32, device=device)
