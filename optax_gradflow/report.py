@@ -277,8 +277,46 @@ def classify(score: float, window: EventCounts, window_steps: int, early_warning
     return "healthy"
 
 
-def recommend(status: str, median_ratio: float | None) -> tuple[str, float, str]:
-    """(recommendation, factor, reason), first match wins (SPEC.md, "Stability report")."""
+def nonfinite_cause(flags: np.ndarray, early_warning: bool) -> bool:
+    """Whether the window of event ``flags`` is unstable only because of non-finite steps.
+
+    True when it has non-finite steps and would be stable without them: its
+    explosions alone leave a score above ``STABLE_SCORE``, the diagnostics
+    raised no warning, and each emergency in it ends a run of unstable steps
+    (explosion or non-finite, going back from the emergency's own step) that
+    holds no explosion: an emergency that non-finite steps in a row fired.
+    """
+    flags = np.asarray(flags)
+    if early_warning or not np.any(flags & FLAG_NONFINITE):
+        return False
+    if 1.0 - np.count_nonzero(flags & FLAG_EXPLOSION) / flags.size <= STABLE_SCORE:
+        return False
+    for j in np.flatnonzero(flags & FLAG_EMERGENCY):
+        k = int(j)
+        while k >= 0 and flags[k] & _UNSTABLE_FLAGS:
+            if flags[k] & FLAG_EXPLOSION:
+                return False
+            k -= 1
+    return True
+
+
+def recommend(
+    status: str, median_ratio: float | None, *, nonfinite_only: bool = False, nonfinite: int = 0
+) -> tuple[str, float, str]:
+    """(recommendation, factor, reason), first match wins (SPEC.md, "Stability report").
+
+    ``nonfinite_only`` (see :func:`nonfinite_cause`): the instability is
+    non-finite gradients, which a smaller learning rate does not cure, so no
+    cut is advised for it.
+    """
+    if status in ("critical", "unstable") and nonfinite_only:
+        return (
+            "keep",
+            1.0,
+            f"status is {status} because of {nonfinite} non-finite gradient steps (skipped); "
+            "a smaller learning rate does not cure non-finite gradients: look for their cause "
+            "(a bad batch, an overflow in the loss; in float16, loss scaling)",
+        )
     if status in ("critical", "unstable"):
         return "decrease", 1.0 / LR_FACTOR, f"status is {status}"
     if median_ratio is not None and median_ratio > HIGH_UPDATE_RATIO:
@@ -337,7 +375,12 @@ def build_report(
     else:
         ratio_last = float(ratios[-1])
         ratio_median = float(np.median(ratios.astype(np.float64)))
-    recommendation, factor, reason = recommend(status, ratio_median)
+    recommendation, factor, reason = recommend(
+        status,
+        ratio_median,
+        nonfinite_only=nonfinite_cause(flags, early_warning),
+        nonfinite=window.nonfinite,
+    )
 
     def floats(values: np.ndarray) -> tuple[float, ...]:
         return tuple(float(v) for v in values)

@@ -465,7 +465,10 @@ def stabilized(
                 param_sq, update_sq = jax.lax.psum((param_sq, update_sq), axis_name)
             param_norm = jnp.sqrt(param_sq)
             ratio = jnp.sqrt(update_sq) / param_norm
-            return state.update_ratio_history.push(ratio, (param_norm > 0) & jnp.isfinite(ratio))
+            # A zero update moved nothing (optax.MultiSteps between its emitting
+            # steps, a learning rate of 0): it is not a ratio of a step.
+            moved = (param_norm > 0) & jnp.isfinite(ratio) & (ratio > 0)
+            return state.update_ratio_history.push(ratio, moved)
 
         def step_inner():
             new_updates, inner_state = inner.update(clean, state.inner_state, params, **extra_args)
