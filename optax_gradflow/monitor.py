@@ -281,6 +281,7 @@ class Monitor:
         )
         self.calls = 0
         self.reads = 0
+        self._calls_at_read = 0
         self._tracks: dict[str, _Track] = {}
 
     # --- Reading ---------------------------------------------------------------
@@ -299,16 +300,33 @@ class Monitor:
         """Reads the device now (one transfer) and closes an interval per stabilizer."""
         found = _read_host(opt_state)
         self.reads += 1
+        self._calls_at_read = self.calls
         for path, state in found:
             self._record(path, state)
         if self.events is not None:
             self.events.log_host_states(found)
 
     def flush(self, opt_state: Any = None) -> None:
-        """Reads ``opt_state`` now if given (closing the last interval), then writes
-        the pending event fold summaries."""
+        """Reads ``opt_state`` now (closing the last interval), then writes the
+        pending event fold summaries. Call it once after the training loop.
+
+        ``opt_state`` may be left out only when no call since the last read
+        is pending (the monitor keeps no reference to a state: a donated one
+        would be gone by then).
+
+        Raises:
+          ValueError: no ``opt_state`` while calls since the last read are
+            not recorded yet.
+        """
         if opt_state is not None:
             self.read(opt_state)
+        elif self.calls > self._calls_at_read:
+            pending = self.calls - self._calls_at_read
+            raise ValueError(
+                f"Monitor.flush() needs the optimizer state: the {pending} call(s) since the "
+                "last read are not recorded yet. Call monitor.flush(opt_state) after the "
+                "training loop; it reads the state once and closes the last interval."
+            )
         if self.events is not None:
             self.events.flush()
 
@@ -443,6 +461,7 @@ class Monitor:
         monitor = cls(every=int(data["every"]), max_records=int(data["max_records"]))
         monitor.calls = int(data["calls"])
         monitor.reads = int(data["reads"])
+        monitor._calls_at_read = monitor.calls
         for path, saved in data["stabilizers"].items():
             origin = saved["origin"]
             monitor._tracks[path] = _Track(

@@ -304,6 +304,20 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["run.json"]
 
 
+def test_flush_without_the_state_is_an_error_while_calls_are_pending():
+    state0, states = states_for(clip_chain(1.0), [0.5, 2.0, 0.3])
+    monitor = Monitor(every=10)
+    monitor.update(state0)  # read: nothing pending
+    monitor.flush()
+    for state in states:  # three calls, none read
+        monitor.update(state)
+    with pytest.raises(ValueError, match=r"3 call\(s\) since the last read.*flush\(opt_state\)"):
+        monitor.flush()
+    monitor.flush(states[-1])
+    assert [(r.start, r.stop) for r in monitor.records[monitor.paths[0]]] == [(0, 3)]
+    monitor.flush()  # nothing pending any more
+
+
 # --- Events -----------------------------------------------------------------------
 
 
