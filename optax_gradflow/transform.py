@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_gradflow import events, pipeline
@@ -318,6 +319,20 @@ def stabilize(
         )
         return init_state(thr, warmup, config)
 
+    def traced_step(updates, state, value):
+        new_updates, new_state, threshold = pipeline.step(
+            updates, state, config, rule, value=value, axis_name=axis_name
+        )
+        if emitter is not None:
+            events.emit_in_graph(state, new_state, emitter, threshold, axis_name)
+        return new_updates, new_state
+
+    # Called outside jit, the step would run op by op and compile each of its
+    # conditionals again on every call (a second per call); compiled once
+    # per input structure instead. A cache of compiled code, not a memory of
+    # earlier calls: any number of models and inits share it.
+    eager_step = jax.jit(traced_step)
+
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
         check_state(state, config)
@@ -328,14 +343,23 @@ def stabilize(
         if params is not None:
             _check_floating(params, "parameter")
             _check_matching(updates, params, sharded=axis_name is not None)
-        new_updates, new_state, threshold = pipeline.step(
-            updates, state, config, rule, value=value, axis_name=axis_name
-        )
-        if emitter is not None:
-            events.emit_in_graph(state, new_state, emitter, threshold, axis_name)
-        return new_updates, new_state
+        eager = axis_name is None and not _any_tracer((updates, state, value))
+        return (eager_step if eager else traced_step)(updates, state, value)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _any_tracer(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is being traced (the call is inside ``jit``, ``vmap``...)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def _jittable(tree: Any) -> bool:
+    """Whether every leaf of ``tree`` can be a jitted function's argument."""
+    return all(
+        isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex))
+        for leaf in jax.tree.leaves(tree)
+    )
 
 
 def step(
@@ -450,6 +474,13 @@ def stabilized(
         )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        if not _any_tracer((updates, state, params, value, extra_args)) and _jittable(extra_args):
+            # Outside jit: one compiled step instead of a compilation of each
+            # conditional on every call (see stabilize).
+            return eager_update(updates, state, params, value, extra_args)
+        return traced_update(updates, state, params, value, extra_args)
+
+    def traced_update(updates, state, params, value, extra_args):
         clean, flow_state = flow.update(updates, state.flow, params, value=value)
         finite = jnp.isfinite(flow_state.last_grad_norm)
         if value is not None:
@@ -501,5 +532,7 @@ def stabilized(
         return new_updates, StabilizedState(
             inner_state=inner_state, flow=flow_state, update_ratio_history=ratios
         )
+
+    eager_update = jax.jit(traced_update)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
