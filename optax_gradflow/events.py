@@ -352,7 +352,7 @@ class EventLogger:
       fold_window: see the module docstring, burst folding.
       log: the ``logging.Logger`` to write to; ``"optax_gradflow"`` by default.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> from optax_gradflow.events import EventLogger
       >>> opt = optax.chain(optax_gradflow.stabilize(1e-2), optax.sgd(1e-2))

@@ -93,7 +93,7 @@ def read(learning_rate: Any, *, steps: int = SCHEDULE_STEPS) -> float | None:
       ValueError: a negative, NaN or infinite value (for a schedule, the first
         step where it has one is named).
 
-    Example:
+    Examples:
       >>> import optax
       >>> from optax_gradflow import learning_rate
       >>> peak = learning_rate.read(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 20, 300))

@@ -238,7 +238,7 @@ class Monitor:
       log: the ``logging.Logger`` for the event lines; ``"optax_gradflow"`` by
         default.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> opt = optax_gradflow.stabilized(optax.sgd(1e-2), 1e-2)
       >>> params = {"w": jnp.ones(3)}

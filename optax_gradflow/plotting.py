@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optax_gradflow.monitor import Interval, Monitor
 from optax_gradflow.report import StabilityReport, stability_reports
@@ -22,6 +22,9 @@ from optax_gradflow.state import (
     FLAG_NONFINITE,
     FLAG_VANISHING,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _EXCLUDED = FLAG_EXPLOSION | FLAG_NONFINITE  # steps that push no norm (SPEC.md, step 6)
 _THRESHOLD_PUSH = FLAG_ADAPTED | FLAG_EMERGENCY
@@ -83,7 +86,7 @@ def threshold_path(report: StabilityReport, start: int) -> tuple[list[int], list
     return xs, ys
 
 
-def plot(source: Any, ax: Any = None):
+def plot(source: Any, ax: Any = None) -> Figure:
     """Draws a stabilizer's gradient norms, threshold, events and loss scale.
 
     Given a :class:`~optax_gradflow.Monitor`, the whole run it recorded, with

@@ -523,7 +523,7 @@ def stability_report(opt_state: Any) -> StabilityReport:
       ValueError: no stabilizer state in ``opt_state``, or several of them
         (the message names their paths).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> from optax_gradflow.report import stability_report
       >>> opt = optax_gradflow.stabilized(optax.sgd(1e-2), 1e-2)
@@ -606,7 +606,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     ``stability_score``, ``flow_efficiency`` and, in the wrapper form,
     ``update_ratio`` (latest ``|update| / |params|``, NaN before the first).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, optax_gradflow
       >>> from optax_gradflow.report import metrics
       >>> opt = optax.chain(optax_gradflow.stabilize(1e-2), optax.sgd(1e-2))

@@ -60,7 +60,7 @@ def fingerprint(params: Any, label: str | None = None) -> str:
     (``jax.ShapeDtypeStruct``) or traced parameters. Use ``label`` to tell
     apart models of the same architecture trained on different data.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from optax_gradflow.store import fingerprint
       >>> fingerprint({"w": jnp.ones(3)}) == fingerprint({"w": jnp.zeros(3)})
@@ -124,7 +124,7 @@ class ThresholdStore:
       min_score: the stability score must be above this to save.
       max_explosions: explosions since the previous check must be fewer.
 
-    Example:
+    Examples:
       >>> import tempfile, os, jax.numpy as jnp, optax, optax_gradflow
       >>> from optax_gradflow.store import ThresholdStore
       >>> store = ThresholdStore(os.path.join(tempfile.mkdtemp(), "thresholds.json"))

@@ -280,7 +280,7 @@ def stabilize(
     :class:`GradientFlowState`. ``update`` accepts the loss as ``value=``
     (optional, recorded as ``last_loss``) and ignores other extra args.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_gradflow
     >>> tx = optax_gradflow.stabilize(1e-2)  # starts at t = 0.1 * sqrt(1 / 1e-2) = 1
     >>> params = {"w": jnp.ones(3)}
@@ -444,7 +444,7 @@ def stabilized(
       An ``optax.GradientTransformationExtraArgs`` with a :class:`StabilizedState`.
       Extra args (``value=`` included) are passed on to ``inner``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> opt = optax_gradflow.stabilized(optax.adam(1e-2), 1e-2)
       >>> params = {"w": jnp.ones(3)}

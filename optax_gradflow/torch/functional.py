@@ -54,6 +54,7 @@ from optax_gradflow.torch.state import (
     log_floored,
 )
 
+# The stage names are STAGES (test_torch_pipeline checks that all are here).
 __all__ = (
     "STAGES",
     "Due",
@@ -61,9 +62,18 @@ __all__ = (
     "Ring",
     "TrackRule",
     "ZScoreRule",
+    "adapt",
+    "classify",
+    "diagnose",
+    "emergency",
+    "history",
+    "loss_scale",
+    "measure",
+    "record",
+    "rescale",
     "rule_for",
+    "threshold",
     "update",
-    *STAGES,
 )
 
 _F32 = torch.float32

@@ -109,7 +109,7 @@ class GradientFlowStabilizer:
         their mesh) and wrong for DDP (its gradients are already all-reduced:
         they would be counted once per rank). SPEC.md, "Distributed".
 
-    Example:
+    Examples:
       >>> import torch
       >>> from optax_gradflow.torch import GradientFlowStabilizer
       >>> model = torch.nn.Linear(3, 1)
@@ -443,7 +443,7 @@ def optimizer_learning_rate(optimizer: torch.optim.Optimizer) -> float:
     built: a warm-up that starts at 0 has set ``lr`` to 0 already) and
     ``max_lr`` (``OneCycleLR``'s peak). SPEC.md, "Initial threshold" 3.
 
-    Example:
+    Examples:
       >>> import torch
       >>> from optax_gradflow.torch import optimizer_learning_rate
       >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1e-2)
