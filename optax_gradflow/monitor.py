@@ -12,18 +12,17 @@ million-step run is covered whole, at a coarser resolution.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from optax_gradflow import files
 from optax_gradflow.constants import FLAT_FIELDS, VERSION_FIELD
 from optax_gradflow.events import (
     DEFAULT_FOLD_WINDOW,
@@ -432,22 +431,10 @@ class Monitor:
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
         """Writes :meth:`as_dict` as strict JSON, atomically (a temporary file in the
-        same directory, then ``os.replace``)."""
-        target = os.fspath(path)
+        same directory, then ``os.replace``), with the mode a new file gets (0666
+        less the umask: usually 0644)."""
         text = json.dumps(self.as_dict(), allow_nan=False, indent=1)
-        fd, tmp = tempfile.mkstemp(
-            dir=os.path.dirname(os.path.abspath(target)), prefix=".monitor-", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        files.write_atomically(path, text, prefix=".monitor-")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Monitor:

@@ -62,8 +62,9 @@ _UNSTABLE_FLAGS = FLAG_EXPLOSION | FLAG_NONFINITE
 class EventCounts:
     """Counts of each kind of event.
 
-    ``adaptations`` is None for the totals: the state counts adaptations only
-    in the event window.
+    ``adaptations`` is None for the totals (and left out of
+    :meth:`StabilityReport.as_dict`): the state counts adaptations only in the
+    event window.
     """
 
     explosions: int
@@ -175,10 +176,15 @@ class StabilityReport:
     lr_reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python values only: ints, floats, bools, str, None, lists, dicts.
+        """Plain Python values only: ints, floats, bools, str, lists, dicts.
 
-        Non-finite floats become None, so ``json.dumps(report.as_dict(),
-        allow_nan=False)`` succeeds.
+        Every field has a value or is left out: a field that is None (the
+        totals' ``adaptations``, which the state does not count; the update
+        ratio outside :func:`optax_gradflow.stabilized`; the norm statistics of
+        an empty history) or a non-finite float (``last_loss`` before any loss,
+        ``last_grad_norm`` of a skipped step) is omitted. A non-finite entry of
+        a list (a history) becomes None, so that the list keeps its length.
+        ``json.dumps(report.as_dict(), allow_nan=False)`` succeeds.
         """
         return _plain(dataclasses.asdict(self))
 
@@ -202,9 +208,13 @@ class StabilityReport:
         )
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: _plain(item) for key, item in value.items() if not _missing(item)}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):

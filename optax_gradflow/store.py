@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +27,7 @@ import filelock
 import jax
 import numpy as np
 
+from optax_gradflow import files
 from optax_gradflow.loss_scaling import find_state
 from optax_gradflow.report import host_chronological, norm_statistics, score_of_flags
 from optax_gradflow.state import GradientFlowState
@@ -356,26 +356,7 @@ class ThresholdStore:
 
     def _replace(self, document: dict[str, Any]) -> None:
         text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # make the rename durable where possible
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        files.write_atomically(self.path, text, prefix=f".{self.path.name}.")
 
 
 def _newer(version: Any) -> bool:

@@ -376,3 +376,18 @@ def test_importing_the_monitor_imports_neither_torch_nor_matplotlib():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
+    # 0666 less the umask, as open() gives: the monitor's export and the store alike.
+    old = os.umask(umask)
+    try:
+        recorded_monitor().to_json(tmp_path / "run.json")
+        store = og.ThresholdStore(tmp_path / "thresholds.json")
+        params = {"w": jnp.ones(3)}
+        store.save(og.stabilize(initial_threshold=2.0).init(params), params)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "thresholds.json").stat().st_mode & 0o777 == mode
