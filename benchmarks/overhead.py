@@ -351,6 +351,188 @@ def run_jax(sizes: list[int], repeats: int, warmup: int) -> tuple[list[dict[str,
 
 
 # ----------------------------------------------------------------------------
+# The whole jitted train step: what a user pays.
+
+TRAIN_INPUTS = 256
+TRAIN_BATCH = 64
+# Hidden width -> about 1M and 10M parameters: 256 h + h^2 + h (weights and
+# biases of three dense layers, 256 -> h -> h -> 1).
+TRAIN_WIDTHS = {"1M": 896, "10M": 3072}
+
+
+def _mlp_params(width: int, seed: int) -> dict[str, jax.Array]:
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+
+    def dense(key, n_in, n_out):
+        return jax.random.normal(key, (n_in, n_out), jnp.float32) / np.sqrt(n_in)
+
+    return {
+        "w1": dense(k1, TRAIN_INPUTS, width),
+        "b1": jnp.zeros((width,), jnp.float32),
+        "w2": dense(k2, width, width),
+        "b2": jnp.zeros((width,), jnp.float32),
+        "w3": dense(k3, width, 1),
+        "b3": jnp.zeros((1,), jnp.float32),
+    }
+
+
+def _mlp_loss(params, x, y):
+    h = jax.nn.relu(x @ params["w1"] + params["b1"])
+    h = jax.nn.relu(h @ params["w2"] + params["b2"])
+    return jnp.mean((h @ params["w3"] + params["b3"] - y) ** 2)
+
+
+def _train_step(tx: optax.GradientTransformation, with_value: bool):
+    """``(params, state, x, y) -> (params, state)``: loss, gradient, update, apply.
+
+    Params and state come back in the order they come in, so that donating
+    both pairs each buffer with its own output (no copies).
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def step(params, state, x, y):
+        loss, grads = jax.value_and_grad(_mlp_loss)(params, x, y)
+        extra = {"value": loss} if with_value else {}
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def train_step_variants() -> dict[str, tuple[Callable[[], Any], bool]]:
+    """name -> (transformation factory, whether the loss is passed as value=)."""
+    adam = lambda: optax.adam(LEARNING_RATE)
+    clip = lambda: optax.clip_by_global_norm(THRESHOLD)
+    return {
+        "adam (no clipping)": (adam, False),
+        "clip_by_global_norm + adam": (lambda: optax.chain(clip(), adam()), False),
+        "chain(stabilize, adam)": (
+            lambda: optax.chain(optax_gradflow.stabilize(LEARNING_RATE), adam()),
+            True,
+        ),
+        "stabilized(adam)": (lambda: optax_gradflow.stabilized(adam(), LEARNING_RATE), True),
+        "apply_if_finite(clip + adam)": (
+            lambda: optax.apply_if_finite(optax.chain(clip(), adam()), 10**9),
+            False,
+        ),
+    }
+
+
+def _interleave_carried(carry: dict[str, list[Any]], extra: tuple, warmup: int, repeats: int):
+    """Times ``carry[name][0](*carry[name][1:3], *extra)`` round-robin, carrying
+    the returned (params, state) into the next call (their buffers are donated)."""
+
+    def make_call(name):
+        def call():
+            compiled, params, state = carry[name]
+            params, state = compiled(params, state, *extra)
+            jax.block_until_ready((params, state))
+            carry[name][1:] = [params, state]
+
+        return call
+
+    return interleaved({name: make_call(name) for name in carry}, warmup, repeats)
+
+
+def _time_train_step(label: str, width: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
+    reference = "clip_by_global_norm + adam"
+    x = jax.random.normal(jax.random.PRNGKey(7), (TRAIN_BATCH, TRAIN_INPUTS), jnp.float32)
+    y = jnp.sin(x[:, :1])
+    carry: dict[str, list[Any]] = {}
+    compile_s: dict[str, float] = {}
+    size = 0
+    for name, (make, with_value) in train_step_variants().items():
+        tx = make()
+        params = _mlp_params(width, seed=3)
+        size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+        state = _fresh_copy(tx.init(params))
+        t0 = time.perf_counter()
+        compiled = (
+            jax.jit(_train_step(tx, with_value), donate_argnums=(0, 1))
+            .lower(params, state, x, y)
+            .compile()
+        )
+        compile_s[name] = time.perf_counter() - t0
+        carry[name] = [compiled, params, state]
+    print(f"[jax] train step at {label} ({size:,} parameters)", flush=True)
+    times = _interleave_carried(carry, (x, y), warmup, repeats)
+    summary = summarize(times, reference)
+    return [
+        {
+            "framework": "jax",
+            "group": "train step",
+            "size": size,
+            "variant": name,
+            "reference": reference,
+            **summary[name],
+            "compile_s": compile_s[name],
+        }
+        for name in carry
+    ]
+
+
+def run_train_step(widths: dict[str, int], repeats: int, warmup: int) -> list[dict[str, Any]]:
+    """The whole jitted train step of an MLP, params and optimizer state donated."""
+    rows = []
+    for label, width in widths.items():
+        rows += _time_train_step(label, width, repeats, warmup)
+        gc.collect()
+    return rows
+
+
+def _time_eager(members: dict[str, Any], reference: str, grads, params, repeats, warmup):
+    states = {name: tx.init(params) for name, tx in members.items()}
+
+    def make_call(name):
+        def call():
+            updates, states[name] = members[name].update(grads, states[name], params)
+            jax.block_until_ready((updates, states[name]))
+
+        return call
+
+    times = interleaved({name: make_call(name) for name in members}, warmup, repeats)
+    summary = summarize(times, reference)
+    size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return [
+        {
+            "framework": "jax",
+            "group": "eager",
+            "size": size,
+            "variant": name,
+            "reference": reference,
+            **summary[name],
+        }
+        for name in members
+    ]
+
+
+def run_eager(size: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
+    """``update`` called outside ``jit``, as a notebook or a debugging session does."""
+    grads = _tree(size, seed=1, norm=GRAD_NORM)
+    params = _tree(size, seed=2, norm=None)
+    adam = lambda: optax.adam(LEARNING_RATE)
+    clip = lambda: optax.clip_by_global_norm(THRESHOLD)
+    groups = {
+        "clip_by_global_norm": {
+            "clip_by_global_norm": clip(),
+            "stabilize": optax_gradflow.stabilize(initial_threshold=THRESHOLD),
+        },
+        "clip_by_global_norm + adam": {
+            "clip_by_global_norm + adam": optax.chain(clip(), adam()),
+            "chain(stabilize, adam)": optax.chain(
+                optax_gradflow.stabilize(initial_threshold=THRESHOLD), adam()
+            ),
+            "stabilized(adam)": optax_gradflow.stabilized(adam(), initial_threshold=THRESHOLD),
+        },
+    }
+    rows = []
+    for reference, members in groups.items():
+        print(f"[jax] eager calls at {size:.0e}, against {reference}", flush=True)
+        rows += _time_eager(members, reference, grads, params, repeats, warmup)
+    return rows
+
+
+# ----------------------------------------------------------------------------
 # PyTorch variants.
 
 
@@ -541,6 +723,21 @@ def format_table(rows: list[dict[str, Any]], framework: str) -> str:
     return "\n".join(lines)
 
 
+def format_step_table(rows: list[dict[str, Any]]) -> str:
+    """The train-step or eager rows: median time and the paired ratio to the reference."""
+    lines = [
+        "| size | variant | median ms | vs reference (IQR) | reference |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {_fmt_size(r['size'])} | {r['variant']} | {r['median_s'] * 1e3:.3f} "
+            f"| {r['ratio']:.3f}x ({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f}) "
+            f"| {r['reference']} |"
+        )
+    return "\n".join(lines)
+
+
 def targets(jax_rows, torch_rows) -> list[dict[str, Any]]:
     """The benchmark's targets, each with the measured value and whether it is met."""
     out = []
@@ -611,6 +808,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="1e6 only, 10 rounds: a smoke run")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     parser.add_argument("--only-torch", action="store_true", help="only the PyTorch rows")
+    parser.add_argument(
+        "--train-widths",
+        default="1M,10M",
+        help="whole train steps: MLP sizes among " + ",".join(TRAIN_WIDTHS) + " ('' for none)",
+    )
+    parser.add_argument(
+        "--eager-size", default="1e6", help="size of the eager (un-jitted) rows ('' for none)"
+    )
+    parser.add_argument(
+        "--only-steps", action="store_true", help="only the train-step and eager rows"
+    )
     args = parser.parse_args(argv)
 
     unit = NUM_LEAVES * LEAF_COLUMNS
@@ -619,13 +827,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         sizes, torch_sizes, repeats = [min(sizes)], [min(torch_sizes)], 10
 
+    widths = {k: TRAIN_WIDTHS[k] for k in args.train_widths.split(",") if k.strip()}
+    eager_size = parse(args.eager_size)[0] if args.eager_size.strip() else None
+    if args.quick:
+        widths, eager_size = {"small": 128}, sizes[0]
+    if args.only_steps:
+        args.no_torch = args.only_torch = True
+
     start = time.perf_counter()
+    step_rows = run_train_step(widths, repeats, args.warmup) if widths else []
+    eager_rows = run_eager(eager_size, repeats, args.warmup) if eager_size else []
     # PyTorch first: after the JAX rows, XLA's CPU thread pool and the freed
     # 100M-parameter buffers disturbed the PyTorch timings.
     torch_rows, torch_skipped = [], ["--no-torch"]
     if not args.no_torch:
         torch_rows, torch_skipped = run_torch(torch_sizes, repeats, args.warmup)
-    jax_rows, jax_skipped = [], ["--only-torch"]
+    jax_rows, jax_skipped = [], ["--only-torch or --only-steps"]
     if not args.only_torch:
         jax_rows, jax_skipped = run_jax(sizes, repeats, args.warmup)
     result = {
@@ -642,6 +859,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "adam_learning_rate": LEARNING_RATE,
             "agc_clipping": AGC_CLIPPING,
         },
+        "train_step": step_rows,
+        "train_step_settings": {
+            "widths": widths,
+            "inputs": TRAIN_INPUTS,
+            "batch": TRAIN_BATCH,
+            "reference": "clip_by_global_norm + adam",
+        },
+        "eager": eager_rows,
         "jax": jax_rows,
         "jax_skipped": jax_skipped,
         "torch": torch_rows,
@@ -649,6 +874,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": targets(jax_rows, torch_rows),
         "wall_s": time.perf_counter() - start,
     }
+    if step_rows:
+        print("\nWhole jitted train step (params and optimizer state donated):")
+        print(format_step_table(step_rows))
+    if eager_rows:
+        print("\nEager update calls (no jit):")
+        print(format_step_table(eager_rows))
     print()
     print(format_table(jax_rows, "jax"))
     if torch_rows:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from optax_gradflow.constants import INT32_MAX, Event  # noqa: F401  (re-exported)
 
@@ -36,9 +36,11 @@ class StabilizerConfig:
     All fields are plain Python numbers, strings or bools. Sizes of buffers and
     windows are structural: they fix the shapes of the state. The config is
     frozen and hashable; derive variants with :func:`dataclasses.replace`, which
-    validates again.
+    validates again. Each field below gives its meaning, its unit ("norm": an
+    unscaled global L2 gradient norm; "entries": slots of a ring), its default,
+    its valid range and the SPEC.md section that uses it.
 
-    Example:
+    Examples:
       >>> import dataclasses
       >>> from optax_gradflow import StabilizerConfig
       >>> cfg = dataclasses.replace(StabilizerConfig(), explosion_factor=4.0)
@@ -282,3 +284,377 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_float(cfg, "variance_limit", above=0.0, allow_inf=True)
     _check_int(cfg, "variance_history_size", 1)
     _check_int(cfg, "event_history_size", 1)
+
+
+# --- What each field means ------------------------------------------------------
+
+
+class FieldDoc(NamedTuple):
+    """The description of one config field (SPEC.md, "Hyperparameters")."""
+
+    meaning: str
+    unit: str
+    valid: str
+    section: str
+
+
+# One entry per field: the meaning and the valid range are SPEC.md's
+# "Hyperparameters" table word for word (tests/test_config_docs.py checks
+# both); the class docstring's Attributes section is generated from it.
+FIELD_DOCS: dict[str, FieldDoc] = {
+    "initial_threshold": FieldDoc(
+        "an explicit initial threshold carried by the config (presets use it); `inf` never clips",
+        "norm",
+        "None, or > 0 within [min, max]; may be inf",
+        "Initial threshold",
+    ),
+    "min_threshold": FieldDoc(
+        "floor of the clip threshold; it only protects the arithmetic (`presets.seed()`: 0.1)",
+        "norm",
+        "> 0, finite",
+        "Initial threshold",
+    ),
+    "max_threshold": FieldDoc(
+        "ceiling of the clip threshold",
+        "norm",
+        ">= `min_threshold`",
+        "Initial threshold",
+    ),
+    "lr_threshold_scale": FieldDoc(
+        "`c` in `c * sqrt(1 / lr)`",
+        "norm x sqrt(lr)",
+        "> 0",
+        "Initial threshold",
+    ),
+    "warmup_steps": FieldDoc(
+        "length of the data warm-up",
+        "steps",
+        "int >= 0",
+        "Warm-up threshold",
+    ),
+    "warmup_multiplier": FieldDoc(
+        "warm-up threshold is this times the history median",
+        "x median norm",
+        ">= 1",
+        "Warm-up threshold",
+    ),
+    "adaptation_interval": FieldDoc(
+        "steps between adaptations; 0 disables (`track`: steps between records of the moving "
+        "threshold)",
+        "steps",
+        "int >= 0",
+        "Per-step order",
+    ),
+    "adaptation_rule": FieldDoc(
+        '`"track"`, `"percentile"`, `"median_mad"`, `"mean_std"` or `"zscore"`',
+        "name",
+        "one of those; `zscore` needs `1 <= warmup_steps <= H`",
+        "Threshold adaptation",
+    ),
+    "track_rate": FieldDoc(
+        "`r`, EMA rate of the `track` rule's centre, spread and loss levels",
+        "EMA weight per step",
+        "(0, 1]",
+        "Tracking rule",
+    ),
+    "track_max_rise": FieldDoc(
+        "most the centre rises in one step (log units: x1.02)",
+        "log-norm per step",
+        "> 0",
+        "Tracking rule",
+    ),
+    "track_max_fall": FieldDoc(
+        "most the centre falls in one step (log units: x0.905)",
+        "log-norm per step",
+        "> 0",
+        "Tracking rule",
+    ),
+    "track_k": FieldDoc(
+        "threshold = `exp(centre + track_k * spread)`",
+        "spreads (log-norm)",
+        ">= 0",
+        "Tracking rule",
+    ),
+    "track_loss_k": FieldDoc(
+        "the gate closes (the centre may not rise) when the loss centre exceeds its reference by "
+        "this many units (see Loss gate)",
+        "loss gate units",
+        ">= 0, may be inf",
+        "Loss gate",
+    ),
+    "track_loss_cut_k": FieldDoc(
+        "an explosion cuts the centre when the loss centre exceeds its reference by this many "
+        "units (see Loss gate)",
+        "loss gate units",
+        ">= 0, may be inf",
+        "Tracking rule",
+    ),
+    "track_loss_rise_rate": FieldDoc(
+        "rate at which the loss reference moves, except towards a lower calm loss",
+        "EMA weight per step",
+        "(0, 1]",
+        "Loss gate",
+    ),
+    "track_loss_rel": FieldDoc(
+        "the loss gate's smallest unit, a share of the reference's magnitude",
+        "share of |loss reference|",
+        "[0, inf)",
+        "Loss gate",
+    ),
+    "track_accept_steps": FieldDoc(
+        "every this many explosions of an unbroken run, the loss gate accepts the loss level "
+        "(0: never)",
+        "steps",
+        ">= 0",
+        "Tracking rule",
+    ),
+    "track_max_cut": FieldDoc(
+        "an explosion in progress may lower the centre at most this factor under its anchor",
+        "x (ratio of thresholds)",
+        ">= 1",
+        "Tracking rule",
+    ),
+    "adaptation_percentile": FieldDoc(
+        "`q` of the `percentile` rule",
+        "percent",
+        "[0, 100]",
+        "Threshold adaptation",
+    ),
+    "adaptation_k": FieldDoc(
+        "`k` of the `median_mad` and `mean_std` rules",
+        "standard deviations",
+        ">= 0",
+        "Threshold adaptation",
+    ),
+    "norm_history_size": FieldDoc(
+        "`H`, ring of norms",
+        "entries",
+        "int >= 1",
+        "State",
+    ),
+    "zscore_alpha": FieldDoc(
+        "EMA weight of the `zscore` rule",
+        "EMA weight",
+        "(0, 1)",
+        "Z-score rule",
+    ),
+    "zscore_threshold": FieldDoc(
+        "z-score above which a norm is a spike",
+        "standard deviations",
+        "> 0",
+        "Z-score rule",
+    ),
+    "zscore_eps": FieldDoc(
+        "added to the std in the z-score",
+        "norm",
+        ">= 0",
+        "Z-score rule",
+    ),
+    "zscore_clip": FieldDoc(
+        '`"adaptive_scaling"`, `"mean"` or `"percentile"` (see "Z-score rule")',
+        "name",
+        "one of those",
+        "Z-score rule",
+    ),
+    "zscore_clip_factor": FieldDoc(
+        "multiplies the adaptive-scaling target",
+        "x target",
+        "> 0",
+        "Z-score rule",
+    ),
+    "zscore_skip_spikes": FieldDoc(
+        "a spike does not move the EMA",
+        "flag",
+        "bool",
+        "Z-score rule",
+    ),
+    "zscore_reference_variance": FieldDoc(
+        "the variance uses the updated mean, as the zclip package",
+        "flag",
+        "bool",
+        "Z-score rule",
+    ),
+    "threshold_history_size": FieldDoc(
+        "`T`, ring of thresholds",
+        "entries",
+        "int >= 1",
+        "State",
+    ),
+    "explosion_factor": FieldDoc(
+        "explosion when norm > this times the threshold; `inf` disables the class",
+        "x threshold",
+        "> 1, may be inf",
+        "Per-step order",
+    ),
+    "vanishing_norm": FieldDoc(
+        "vanishing when norm < this",
+        "norm",
+        ">= 0",
+        "Per-step order",
+    ),
+    "exact_clip": FieldDoc(
+        "clip as `(x / r) * t`, the form of `optax.clip_by_global_norm`, instead of `x * (t / "
+        'r)` ("Per-step order" 4)',
+        "flag",
+        "bool",
+        "Per-step order",
+    ),
+    "loss_scaling": FieldDoc(
+        "opt-in: the gradients must then come from `scale_loss`; false: the scale stays 1 and no "
+        "rule touches it",
+        "flag",
+        "bool",
+        "Loss scale rule",
+    ),
+    "initial_loss_scale": FieldDoc(
+        "scale at init",
+        "x loss",
+        "in [min, max]; 1.0 if `loss_scaling` is false",
+        "Loss scale rule",
+    ),
+    "min_loss_scale": FieldDoc(
+        "floor of the scale",
+        "x loss",
+        "> 0",
+        "Loss scale rule",
+    ),
+    "max_loss_scale": FieldDoc(
+        "ceiling of the scale",
+        "x loss",
+        ">= `min_loss_scale`, may be inf",
+        "Loss scale rule",
+    ),
+    "nonfinite_backoff": FieldDoc(
+        "scale factor on a non-finite step",
+        "x scale",
+        "(0, 1)",
+        "Loss scale rule",
+    ),
+    "explosion_backoff": FieldDoc(
+        "scale factor on an explosion",
+        "x scale",
+        "(0, 1]",
+        "Loss scale rule",
+    ),
+    "vanishing_growth": FieldDoc(
+        "scale factor on a vanishing step",
+        "x scale",
+        ">= 1",
+        "Loss scale rule",
+    ),
+    "growth_interval": FieldDoc(
+        "grow by `growth_factor` after this many finite steps in a row; 0 disables",
+        "steps",
+        "int >= 0",
+        "Loss scale rule",
+    ),
+    "growth_factor": FieldDoc(
+        "interval growth factor",
+        "x scale",
+        "> 1",
+        "Loss scale rule",
+    ),
+    "loss_scale_history_size": FieldDoc(
+        "`L`, ring of loss scales",
+        "entries",
+        "int >= 1",
+        "State",
+    ),
+    "emergency_patience": FieldDoc(
+        "consecutive explosions that trigger an emergency; 0 disables",
+        "steps",
+        "int >= 0",
+        "Emergency intervention",
+    ),
+    "emergency_threshold_factor": FieldDoc(
+        "threshold factor of an emergency",
+        "x threshold",
+        "(0, 1]",
+        "Emergency intervention",
+    ),
+    "emergency_loss_scale_factor": FieldDoc(
+        "scale factor of an emergency",
+        "x scale",
+        "(0, 1]",
+        "Emergency intervention",
+    ),
+    "emergency_history_size": FieldDoc(
+        "`M`, ring of emergency steps",
+        "entries",
+        "int >= 1",
+        "State",
+    ),
+    "emergency_hold_steps": FieldDoc(
+        "`track`: steps an emergency keeps the centre from rising",
+        "steps",
+        "int >= 0",
+        "Tracking rule",
+    ),
+    "emergency_rearm_steps": FieldDoc(
+        "`track`: steps after an emergency before another may fire",
+        "steps",
+        "int >= 0",
+        "Tracking rule",
+    ),
+    "diagnostics_interval": FieldDoc(
+        "steps between diagnostics; 0 disables",
+        "steps",
+        "int >= 0",
+        "Diagnostics",
+    ),
+    "diagnostics_window": FieldDoc(
+        "`W`, most recent history entries the diagnostics read",
+        "entries",
+        "2 <= W <= H",
+        "Diagnostics",
+    ),
+    "trend_limit": FieldDoc(
+        "early warning when the log-norm slope exceeds this",
+        "log-norm per history entry",
+        "> 0",
+        "Diagnostics",
+    ),
+    "variance_limit": FieldDoc(
+        "early warning when variance / mean^2 exceeds this",
+        "variance / mean^2",
+        "> 0",
+        "Diagnostics",
+    ),
+    "variance_history_size": FieldDoc(
+        "`V`, ring of windowed variances",
+        "entries",
+        "int >= 1",
+        "State",
+    ),
+    "event_history_size": FieldDoc(
+        '`E`, ring of per-step event flags (the "recent window")',
+        "steps",
+        "int >= 1",
+        "Event flags",
+    ),
+}
+
+
+_UNDESCRIBED = FieldDoc("(not described yet)", "?", "?", "Hyperparameters")
+
+
+def field_descriptions() -> str:
+    """The ``Attributes:`` section of :class:`StabilizerConfig`'s docstring."""
+    lines = ["Attributes:"]
+    for field in dataclasses.fields(StabilizerConfig):
+        doc = FIELD_DOCS.get(field.name, _UNDESCRIBED)
+        lines.append(
+            f"  {field.name}: {doc.meaning}. Unit: {doc.unit}. Default: {field.default!r}. "
+            f'Valid: {doc.valid}. SPEC.md, "{doc.section}".'
+        )
+    return "\n".join(lines)
+
+
+def _with_attributes(doc: str) -> str:
+    # The section goes before the Examples, in the docstring's indentation.
+    head, example = doc.split("    Examples:", 1)
+    section = "\n".join(f"    {line}" for line in field_descriptions().splitlines())
+    return f"{head}{section}\n\n    Examples:{example}"
+
+
+StabilizerConfig.__doc__ = _with_attributes(StabilizerConfig.__doc__ or "")

@@ -30,9 +30,10 @@ Two ways to get these lines:
 Both fold bursts: at most ``max_lines`` lines per kind of event in each window
 of ``fold_window`` steps (windows aligned to multiples of ``fold_window``); the
 rest is counted and summarised in one line ("... 995 more explosions folded
-(steps 5-999)") when an event of a later window arrives, on :meth:`flush`, or
-at interpreter exit. Each record carries ``gradflow_kind``, ``gradflow_step``
-and ``gradflow_folded`` attributes for structured handlers.
+(steps 5-999)", the first and last folded steps) when an event of a later
+window arrives, on :meth:`flush`, or at interpreter exit. Each record carries
+``gradflow_kind``, ``gradflow_step`` and ``gradflow_folded`` attributes for
+structured handlers.
 """
 
 from __future__ import annotations
@@ -155,8 +156,11 @@ class BurstFolder:
         if state.lines < self.max_lines:
             state.lines += 1
             if state.lines == self.max_lines:
-                end = (window_id + 1) * self.window - 1
-                message += f" [further {KINDS[kind][1]} up to step {end} are folded]"
+                # No step is named: the window may end after the run does.
+                message += (
+                    f" [further {KINDS[kind][1]} in this {self.window}-step window are "
+                    "folded into one summary line]"
+                )
             self._write(kind, step, message, folded=0)
         else:
             state.folded += 1
@@ -352,7 +356,7 @@ class EventLogger:
       fold_window: see the module docstring, burst folding.
       log: the ``logging.Logger`` to write to; ``"optax_gradflow"`` by default.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> from optax_gradflow.events import EventLogger
       >>> opt = optax.chain(optax_gradflow.stabilize(1e-2), optax.sgd(1e-2))
@@ -458,7 +462,7 @@ class EventLogger:
                 thr_before, thr_after = next(pushes)
             else:
                 thr_before = thr_after = in_force
-            self._log_step(folder, cur, k, f, thr_before, thr_after, k == step - 1)
+            self._log_step(folder, cur, k, f, thr_before, thr_after, flags[offset + 1 :])
             in_force = thr_after
 
         if prev is not None and float(cur.loss_scale) != float(prev.loss_scale):
@@ -493,9 +497,21 @@ class EventLogger:
         f: int,
         thr_before: float,
         thr_after: float,
-        latest: bool,
+        later: list[int],
     ) -> None:
+        """Logs step ``k`` (flags ``f``) from the state ``cur`` read after it.
+
+        ``later`` are the flags of the steps between ``k`` and the read: a
+        total as it stood after step ``k`` is the state's total less their
+        events, and the values only the latest step has (its norm, the loss
+        scale) are given for the latest step only.
+        """
+        latest = not later
         norm = f", norm {float(cur.last_grad_norm):.4g}" if latest else ""
+
+        def total_at_k(field: str, flag: int) -> int:
+            return int(getattr(cur, field)) - sum(1 for g in later if g & flag)
+
         if f & FLAG_EXPLOSION:
             folder.emit(
                 "explosion",
@@ -513,14 +529,15 @@ class EventLogger:
                 f"clip threshold adapted at step {k}: {_fmt(thr_before)} -> {_fmt(thr_after)}",
             )
         if f & FLAG_EMERGENCY:
+            scale = f", loss scale {float(cur.loss_scale):.4g}" if latest else ""
             folder.emit(
                 "emergency",
                 k,
                 f"emergency intervention at step {k}: threshold {_fmt(thr_before)} -> "
-                f"{_fmt(thr_after)}; now: loss scale {float(cur.loss_scale):.4g}, "
-                f"{int(cur.emergency_count)} emergencies, {int(cur.explosion_count)} "
-                f"explosions, {int(cur.nonfinite_count)} non-finite steps, "
-                f"{int(cur.consecutive_explosions)} consecutive explosions",
+                f"{_fmt(thr_after)}{scale}; totals after step {k}: "
+                f"{total_at_k('emergency_count', FLAG_EMERGENCY)} emergencies, "
+                f"{total_at_k('explosion_count', FLAG_EXPLOSION)} explosions, "
+                f"{total_at_k('nonfinite_count', FLAG_NONFINITE)} non-finite steps",
             )
         if f & FLAG_WARNING:
             var = host_chronological(*cur.variance_history)

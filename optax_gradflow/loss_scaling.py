@@ -115,7 +115,7 @@ def loss_scale(opt_state: Any) -> jax.Array:
     A float32 scalar array; reading it on the host is one device-to-host
     transfer, which this function does not do.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> opt = optax.chain(optax_gradflow.stabilize(1e-2), optax.sgd(1e-2))
       >>> float(optax_gradflow.loss_scale(opt.init({"w": jnp.ones(3)})))

@@ -12,18 +12,17 @@ million-step run is covered whole, at a coarser resolution.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from optax_gradflow import files
 from optax_gradflow.constants import FLAT_FIELDS, VERSION_FIELD
 from optax_gradflow.events import (
     DEFAULT_FOLD_WINDOW,
@@ -238,7 +237,7 @@ class Monitor:
       log: the ``logging.Logger`` for the event lines; ``"optax_gradflow"`` by
         default.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> opt = optax_gradflow.stabilized(optax.sgd(1e-2), 1e-2)
       >>> params = {"w": jnp.ones(3)}
@@ -281,6 +280,7 @@ class Monitor:
         )
         self.calls = 0
         self.reads = 0
+        self._calls_at_read = 0
         self._tracks: dict[str, _Track] = {}
 
     # --- Reading ---------------------------------------------------------------
@@ -299,16 +299,33 @@ class Monitor:
         """Reads the device now (one transfer) and closes an interval per stabilizer."""
         found = _read_host(opt_state)
         self.reads += 1
+        self._calls_at_read = self.calls
         for path, state in found:
             self._record(path, state)
         if self.events is not None:
             self.events.log_host_states(found)
 
     def flush(self, opt_state: Any = None) -> None:
-        """Reads ``opt_state`` now if given (closing the last interval), then writes
-        the pending event fold summaries."""
+        """Reads ``opt_state`` now (closing the last interval), then writes the
+        pending event fold summaries. Call it once after the training loop.
+
+        ``opt_state`` may be left out only when no call since the last read
+        is pending (the monitor keeps no reference to a state: a donated one
+        would be gone by then).
+
+        Raises:
+          ValueError: no ``opt_state`` while calls since the last read are
+            not recorded yet.
+        """
         if opt_state is not None:
             self.read(opt_state)
+        elif self.calls > self._calls_at_read:
+            pending = self.calls - self._calls_at_read
+            raise ValueError(
+                f"Monitor.flush() needs the optimizer state: the {pending} call(s) since the "
+                "last read are not recorded yet. Call monitor.flush(opt_state) after the "
+                "training loop; it reads the state once and closes the last interval."
+            )
         if self.events is not None:
             self.events.flush()
 
@@ -414,22 +431,10 @@ class Monitor:
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
         """Writes :meth:`as_dict` as strict JSON, atomically (a temporary file in the
-        same directory, then ``os.replace``)."""
-        target = os.fspath(path)
+        same directory, then ``os.replace``), with the mode a new file gets (0666
+        less the umask: usually 0644)."""
         text = json.dumps(self.as_dict(), allow_nan=False, indent=1)
-        fd, tmp = tempfile.mkstemp(
-            dir=os.path.dirname(os.path.abspath(target)), prefix=".monitor-", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        files.write_atomically(path, text, prefix=".monitor-")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Monitor:
@@ -443,6 +448,7 @@ class Monitor:
         monitor = cls(every=int(data["every"]), max_records=int(data["max_records"]))
         monitor.calls = int(data["calls"])
         monitor.reads = int(data["reads"])
+        monitor._calls_at_read = monitor.calls
         for path, saved in data["stabilizers"].items():
             origin = saved["origin"]
             monitor._tracks[path] = _Track(

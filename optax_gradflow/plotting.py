@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optax_gradflow.monitor import Interval, Monitor
 from optax_gradflow.report import StabilityReport, stability_reports
@@ -22,6 +22,9 @@ from optax_gradflow.state import (
     FLAG_NONFINITE,
     FLAG_VANISHING,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _EXCLUDED = FLAG_EXPLOSION | FLAG_NONFINITE  # steps that push no norm (SPEC.md, step 6)
 _THRESHOLD_PUSH = FLAG_ADAPTED | FLAG_EMERGENCY
@@ -58,11 +61,16 @@ def norm_steps(report: StabilityReport) -> list[int]:
     return steps[::-1]
 
 
-def threshold_path(report: StabilityReport, start: int) -> tuple[list[int], list[float]]:
-    """A step function (``where="post"``) of the threshold from ``start`` to the last step.
+def threshold_path(report: StabilityReport) -> tuple[list[int], list[float]]:
+    """The thresholds whose steps the state knows, as ``(steps, values)``.
 
-    Pushes in the event window line up with the newest entries of the
-    threshold history; a threshold set by step ``k`` is used from ``k + 1``.
+    Each push onto the threshold history in the event window (an adaptation or
+    an emergency at step ``k``, SPEC.md, "Per-step order" 10) is the threshold
+    from step ``k + 1`` on; the threshold in force before the window's first
+    push, when the history holds it, is placed at the window's start; the
+    current ``clip_threshold`` is placed at ``report.step``, the next step.
+    Older pushes carry no step and are left out. Under the ``track`` rule the
+    threshold moves every step and these are samples of it.
     """
     pushes = [
         report.window_start_step + offset
@@ -72,18 +80,26 @@ def threshold_path(report: StabilityReport, start: int) -> tuple[list[int], list
     history = list(report.threshold_history)
     pushes = pushes[len(pushes) - min(len(pushes), len(history)) :]
     values = history[len(history) - len(pushes) :]
-    before = history[len(history) - len(pushes) - 1] if len(history) > len(pushes) else None
-    first = before if before is not None else (values[0] if values else report.clip_threshold)
-    xs, ys = [start], [first]
+    xs: list[int] = []
+    ys: list[float] = []
+    if len(history) > len(pushes) and report.window_steps:
+        xs.append(report.window_start_step)
+        ys.append(history[len(history) - len(pushes) - 1])
     for step, value in zip(pushes, values, strict=True):
         xs.append(step + 1)
         ys.append(value)
-    xs.append(max(report.step, start))
-    ys.append(ys[-1])
+    if not xs or xs[-1] < report.step:
+        xs.append(report.step)
+        ys.append(report.clip_threshold)
     return xs, ys
 
 
-def plot(source: Any, ax: Any = None):
+def loss_scale_used(report: StabilityReport) -> bool:
+    """Whether the loss scale ever left 1 (loss scaling on and at work)."""
+    return report.loss_scale != 1.0 or any(v != 1.0 for v in report.loss_scale_history)
+
+
+def plot(source: Any, ax: Any = None) -> Figure:
     """Draws a stabilizer's gradient norms, threshold, events and loss scale.
 
     Given a :class:`~optax_gradflow.Monitor`, the whole run it recorded, with
@@ -91,27 +107,33 @@ def plot(source: Any, ax: Any = None):
     sub-tree under ``optax.partition``). Rows: the norm band (median and
     maximum of each interval's norms) with the clip threshold as a step line;
     the clipped, exploding, skipped (non-finite) and emergency steps of each
-    interval; the loss scale; the loss (``value=`` given to update). No device
-    read: the monitor holds host values.
+    interval; the loss scale, only when loss scaling is at work (some scale
+    left 1); the loss (``value=`` given to update). No device read: the
+    monitor holds host values.
 
     Given an optimizer state holding one stabilizer, a PyTorch
     ``GradientFlowStabilizer`` (its report) or a :class:`StabilityReport`,
-    the recent window only (the last
-    ``event_history_size`` steps the state keeps): the norm history against
-    the step, the clip threshold as a step line, clipped steps (orange dots),
-    vanishing steps (blue triangles), and vertical lines at explosions (red),
+    what the state keeps, each over the steps it covers (the title and the
+    x label say which): the norm history (its last ``norm_history_size``
+    finite, non-exploding norms; their steps are exact within the event
+    window and estimated before it), the event window (the last
+    ``event_history_size`` steps, shaded) with clipped steps (orange dots),
+    vanishing steps (blue triangles) and vertical lines at explosions (red),
     non-finite steps (black, dashed) and emergency interventions (purple,
-    thick); below, the loss-scale history, one point per change. Costs one
-    device read when given an optimizer state (see :func:`stability_reports`).
+    thick), and the clip threshold at the steps the state records it
+    (:func:`threshold_path`); below, when loss scaling is at work, the
+    loss-scale history, one point per change. Costs one device read when
+    given an optimizer state (see :func:`stability_reports`).
 
     Args:
       source: a ``Monitor``, an optimizer state holding one stabilizer, a
         PyTorch ``GradientFlowStabilizer``, or a ``StabilityReport``.
       ax: None (a new figure). For a monitor: a ``Figure`` or ``SubFigure`` to
         draw in, four Axes (norms, events, loss scale, loss) with one
-        stabilizer, or one such sequence per stabilizer. For a state or
-        report: a pair of Axes (norms, loss scale), or one Axes (norms only;
-        the loss scale goes in its title).
+        stabilizer, or one such sequence per stabilizer (a row that is not
+        drawn is hidden). For a state or report: a pair of Axes (norms, loss
+        scale; the second is hidden when loss scaling is not at work), or one
+        Axes (norms only; the loss scale, if at work, goes in its title).
 
     Returns:
       The matplotlib ``Figure`` drawn on.
@@ -136,36 +158,54 @@ def plot(source: Any, ax: Any = None):
                 "the whole run with an optax_gradflow.Monitor."
             )
         (report,) = reports.values()
+    show_scale = loss_scale_used(report)
     if ax is None:
-        fig, (ax_norm, ax_scale) = plt.subplots(
-            2, 1, figsize=(9, 6), gridspec_kw={"height_ratios": [3, 1]}, layout="constrained"
-        )
+        if show_scale:
+            fig, (ax_norm, ax_scale) = plt.subplots(
+                2, 1, figsize=(9, 6), gridspec_kw={"height_ratios": [3, 1]}, layout="constrained"
+            )
+        else:
+            fig, ax_norm = plt.subplots(figsize=(9, 4.5), layout="constrained")
+            ax_scale = None
     elif isinstance(ax, (tuple, list)):
         ax_norm, ax_scale = ax
         fig = ax_norm.figure
+        if not show_scale:
+            ax_scale.set_visible(False)  # loss scaling is off: nothing to draw
+            ax_scale = None
     else:
         ax_norm, ax_scale, fig = ax, None, ax.figure
 
-    _draw_norms(ax_norm, report)
-    title = (
-        f"{report.path or 'stabilizer'}: {report.status}, score {report.stability_score:.2f}, "
-        f"step {report.step}; recent window: last {report.window_steps} steps"
-    )
-    if ax_scale is None:
-        title += f", loss scale {report.loss_scale:.4g}"
-    else:
+    span = _draw_norms(ax_norm, report)
+    title = f"{report.path or 'stabilizer'}: {report.status}, score {report.stability_score:.2f}"
+    title += f", step {report.step}; {span}"
+    if ax_scale is not None:
         _draw_loss_scale(ax_scale, report)
+    elif show_scale:
+        title += f", loss scale {report.loss_scale:.4g}"
     ax_norm.set_title(title)
     return fig
 
 
-def _draw_norms(ax: Any, report: StabilityReport) -> None:
+def _draw_norms(ax: Any, report: StabilityReport) -> str:
+    """Draws the norm panel; returns what its x axis covers, in words."""
     norms = list(report.norm_history)
     steps = norm_steps(report)
-    start = min([report.window_start_step, *steps])
-    xs, ys = threshold_path(report, start)
+    window = (report.window_start_step, report.step - 1)
     ax.plot(steps, norms, color="tab:gray", linewidth=1.0, label="gradient norm")
-    ax.step(xs, ys, where="post", color="tab:green", linewidth=1.5, label="clip threshold")
+    if report.window_steps:
+        ax.axvspan(window[0] - 0.5, window[1] + 0.5, color="tab:blue", alpha=0.06, lw=0)
+    xs, ys = threshold_path(report)
+    ax.plot(
+        xs,
+        ys,
+        color="tab:green",
+        linewidth=1.5,
+        marker="o",
+        markersize=3,
+        drawstyle="steps-post",
+        label="clip threshold (where the state records it)",
+    )
 
     norm_at = dict(zip(steps, norms, strict=True))
 
@@ -204,12 +244,21 @@ def _draw_norms(ax: Any, report: StabilityReport) -> None:
         ax.set_yscale("log")
     if not norms and report.window_steps == 0:
         ax.text(0.5, 0.5, "no steps yet", transform=ax.transAxes, ha="center")
-    ax.set_xlabel(
-        f"step (recent window: the last {report.window_steps} steps; a Monitor records the "
-        "whole run)"
+    events = f"events: steps {window[0]}-{window[1]} (shaded)" if report.window_steps else ""
+    if not steps:
+        ax.set_xlabel(f"step ({events or 'no steps yet'})")
+        return events or "no steps yet"
+    estimated = steps[0] < report.window_start_step
+    first, last = min(steps[0], window[0]), max(steps[-1], window[1])
+    ax.set_xlim(first - 0.5, max(last, report.step) + 0.5)
+    norms_text = (
+        f"norms: the last {len(norms)} finite, non-exploding steps, {steps[0]}-{steps[-1]}"
+        + (f" (before step {report.window_start_step}: estimated)" if estimated else "")
     )
+    ax.set_xlabel(f"step ({norms_text}; {events})" if events else f"step ({norms_text})")
     ax.set_ylabel("unscaled gradient norm")
     ax.legend(loc="best", fontsize="small")
+    return f"steps {first}-{last}"
 
 
 def _draw_loss_scale(ax: Any, report: StabilityReport) -> None:
@@ -223,6 +272,7 @@ def _draw_loss_scale(ax: Any, report: StabilityReport) -> None:
 # --- A whole run, from a Monitor --------------------------------------------------
 
 _ROWS = ("norm", "events", "loss scale", "loss")
+_ROW_HEIGHTS = {"norm": 3, "events": 2, "loss scale": 1, "loss": 2}
 _EVENT_STYLES = (
     ("clipped", "clipped", {"color": "tab:orange"}),
     ("explosions", "explosions", {"color": "tab:red"}),
@@ -231,23 +281,41 @@ _EVENT_STYLES = (
 )
 
 
-def _monitor_axes(ax: Any, columns: int, plt: Any) -> tuple[Any, list[list[Any]]]:
-    """(figure, one list of four Axes per column) for ``plot(monitor, ax=...)``."""
-    ratios = {"height_ratios": [3, 2, 1, 2]}
+def _monitor_rows(monitor: Monitor, paths: Sequence[str]) -> tuple[str, ...]:
+    """The rows to draw: the loss-scale row only when some stabilizer's scale left 1."""
+
+    def scaled(path: str) -> bool:
+        origin = monitor.origin(path)[2]
+        moved_at_origin = math.isfinite(origin) and origin != 1.0
+        return moved_at_origin or any(r.loss_scale != 1.0 for r in monitor.records[path])
+
+    if any(scaled(path) for path in paths):
+        return _ROWS
+    return tuple(row for row in _ROWS if row != "loss scale")
+
+
+def _monitor_axes(
+    ax: Any, columns: int, rows: tuple[str, ...], plt: Any
+) -> tuple[Any, list[dict[str, Any]]]:
+    """(figure, one dict row -> Axes per column) for ``plot(monitor, ax=...)``.
+
+    Given Axes for all four rows, the rows not drawn are hidden.
+    """
+    ratios = {"height_ratios": [_ROW_HEIGHTS[row] for row in rows]}
     if ax is None:
         fig, grid = plt.subplots(
-            len(_ROWS),
+            len(rows),
             columns,
-            figsize=(4 + 5 * columns, 9),
+            figsize=(4 + 5 * columns, 2.25 * sum(ratios["height_ratios"]) / 2),
             sharex="col",
             squeeze=False,
             gridspec_kw=ratios,
             layout="constrained",
         )
-        return fig, [list(grid[:, c]) for c in range(columns)]
+        return fig, [dict(zip(rows, grid[:, c], strict=True)) for c in range(columns)]
     if hasattr(ax, "subplots") and not hasattr(ax, "plot"):  # a Figure or SubFigure
-        grid = ax.subplots(len(_ROWS), columns, sharex="col", squeeze=False, gridspec_kw=ratios)
-        return ax.figure, [list(grid[:, c]) for c in range(columns)]
+        grid = ax.subplots(len(rows), columns, sharex="col", squeeze=False, gridspec_kw=ratios)
+        return ax.figure, [dict(zip(rows, grid[:, c], strict=True)) for c in range(columns)]
     if isinstance(ax, Sequence) and len(ax) and not isinstance(ax[0], Sequence):
         ax = [ax]
     if (
@@ -259,7 +327,14 @@ def _monitor_axes(ax: Any, columns: int, plt: Any) -> tuple[Any, list[list[Any]]
             f"plot(monitor, ax=...) takes a Figure, a SubFigure, or {len(_ROWS)} Axes "
             f"({', '.join(_ROWS)}) for each of the monitor's {columns} stabilizer(s)."
         )
-    return ax[0][0].figure, [list(col) for col in ax]
+    out = []
+    for col in ax:
+        by_row = dict(zip(_ROWS, col, strict=True))
+        for row, axes in by_row.items():
+            if row not in rows:
+                axes.set_visible(False)  # a feature that is off: nothing to draw
+        out.append({row: by_row[row] for row in rows})
+    return ax[0][0].figure, out
 
 
 def _plot_monitor(monitor: Monitor, ax: Any):
@@ -270,7 +345,8 @@ def _plot_monitor(monitor: Monitor, ax: Any):
             "The monitor has no records yet: call monitor.update(opt_state) once per step; "
             "each read after the first closes an interval."
         )
-    fig, columns = _monitor_axes(ax, len(paths), plt)
+    rows = _monitor_rows(monitor, paths)
+    fig, columns = _monitor_axes(ax, len(paths), rows, plt)
     for path, axes in zip(paths, columns, strict=True):
         _draw_run(axes, monitor, path)
     return fig
@@ -292,8 +368,9 @@ def _at_reads(
     return xs, ys
 
 
-def _draw_run(axes: list[Any], monitor: Monitor, path: str) -> None:
-    ax_norm, ax_events, ax_scale, ax_loss = axes
+def _draw_run(axes: dict[str, Any], monitor: Monitor, path: str) -> None:
+    ax_norm, ax_events, ax_loss = axes["norm"], axes["events"], axes["loss"]
+    ax_scale = axes.get("loss scale")
     records = monitor.records[path]
     origin_step, origin_threshold, origin_scale = monitor.origin(path)
     first, last = records[0].start, records[-1].stop
@@ -331,12 +408,14 @@ def _draw_run(axes: list[Any], monitor: Monitor, path: str) -> None:
     ax_events.set_ylabel("steps per interval")
     ax_events.legend(loc="best", fontsize="small")
 
-    # Loss scale.
-    sxs, sys_ = _at_reads(records, [r.loss_scale for r in records], (origin_step, origin_scale))
-    ax_scale.step(sxs, sys_, where="post", color="tab:brown", label="loss scale")
-    if all(math.isfinite(v) and v > 0 for v in sys_):
-        ax_scale.set_yscale("log", base=2)
-    ax_scale.set_ylabel("loss scale")
+    # Loss scale, when loss scaling is at work.
+    sxs: list[int] = []
+    if ax_scale is not None:
+        sxs, sys_ = _at_reads(records, [r.loss_scale for r in records], (origin_step, origin_scale))
+        ax_scale.step(sxs, sys_, where="post", color="tab:brown", label="loss scale")
+        if all(math.isfinite(v) and v > 0 for v in sys_):
+            ax_scale.set_yscale("log", base=2)
+        ax_scale.set_ylabel("loss scale")
 
     # Loss.
     losses = [r.loss for r in records]
@@ -361,5 +440,5 @@ def _draw_run(axes: list[Any], monitor: Monitor, path: str) -> None:
         ax_loss.set_yscale("log")
     ax_loss.set_ylabel("loss (at each read)")
     ax_loss.set_xlabel("step")
-    for ax in axes:
+    for ax in axes.values():
         ax.set_xlim(min(first, *txs, *sxs), last)

@@ -37,7 +37,7 @@ def clip_only(max_norm: float) -> StabilizerConfig:
     ``norm >= max_norm`` / ``norm > max_norm`` boundary up to the identity at
     equality).
 
-    Example:
+    Examples:
       >>> import optax_gradflow
       >>> from optax_gradflow import presets
       >>> tx = optax_gradflow.stabilize(config=presets.clip_only(1.0))
@@ -205,7 +205,7 @@ def seed() -> StabilizerConfig:
     :func:`optax_gradflow.scale_loss`: a gradient of the plain loss would be
     divided by a scale it never got.
 
-    Example:
+    Examples:
       >>> import optax_gradflow
       >>> from optax_gradflow import presets
       >>> cfg = presets.seed()

@@ -62,8 +62,9 @@ _UNSTABLE_FLAGS = FLAG_EXPLOSION | FLAG_NONFINITE
 class EventCounts:
     """Counts of each kind of event.
 
-    ``adaptations`` is None for the totals: the state counts adaptations only
-    in the event window.
+    ``adaptations`` is None for the totals (and left out of
+    :meth:`StabilityReport.as_dict`): the state counts adaptations only in the
+    event window.
     """
 
     explosions: int
@@ -175,10 +176,15 @@ class StabilityReport:
     lr_reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python values only: ints, floats, bools, str, None, lists, dicts.
+        """Plain Python values only: ints, floats, bools, str, lists, dicts.
 
-        Non-finite floats become None, so ``json.dumps(report.as_dict(),
-        allow_nan=False)`` succeeds.
+        Every field has a value or is left out: a field that is None (the
+        totals' ``adaptations``, which the state does not count; the update
+        ratio outside :func:`optax_gradflow.stabilized`; the norm statistics of
+        an empty history) or a non-finite float (``last_loss`` before any loss,
+        ``last_grad_norm`` of a skipped step) is omitted. A non-finite entry of
+        a list (a history) becomes None, so that the list keeps its length.
+        ``json.dumps(report.as_dict(), allow_nan=False)`` succeeds.
         """
         return _plain(dataclasses.asdict(self))
 
@@ -202,9 +208,13 @@ class StabilityReport:
         )
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: _plain(item) for key, item in value.items() if not _missing(item)}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
@@ -277,8 +287,46 @@ def classify(score: float, window: EventCounts, window_steps: int, early_warning
     return "healthy"
 
 
-def recommend(status: str, median_ratio: float | None) -> tuple[str, float, str]:
-    """(recommendation, factor, reason), first match wins (SPEC.md, "Stability report")."""
+def nonfinite_cause(flags: np.ndarray, early_warning: bool) -> bool:
+    """Whether the window of event ``flags`` is unstable only because of non-finite steps.
+
+    True when it has non-finite steps and would be stable without them: its
+    explosions alone leave a score above ``STABLE_SCORE``, the diagnostics
+    raised no warning, and each emergency in it ends a run of unstable steps
+    (explosion or non-finite, going back from the emergency's own step) that
+    holds no explosion: an emergency that non-finite steps in a row fired.
+    """
+    flags = np.asarray(flags)
+    if early_warning or not np.any(flags & FLAG_NONFINITE):
+        return False
+    if 1.0 - np.count_nonzero(flags & FLAG_EXPLOSION) / flags.size <= STABLE_SCORE:
+        return False
+    for j in np.flatnonzero(flags & FLAG_EMERGENCY):
+        k = int(j)
+        while k >= 0 and flags[k] & _UNSTABLE_FLAGS:
+            if flags[k] & FLAG_EXPLOSION:
+                return False
+            k -= 1
+    return True
+
+
+def recommend(
+    status: str, median_ratio: float | None, *, nonfinite_only: bool = False, nonfinite: int = 0
+) -> tuple[str, float, str]:
+    """(recommendation, factor, reason), first match wins (SPEC.md, "Stability report").
+
+    ``nonfinite_only`` (see :func:`nonfinite_cause`): the instability is
+    non-finite gradients, which a smaller learning rate does not cure, so no
+    cut is advised for it.
+    """
+    if status in ("critical", "unstable") and nonfinite_only:
+        return (
+            "keep",
+            1.0,
+            f"status is {status} because of {nonfinite} non-finite gradient steps (skipped); "
+            "a smaller learning rate does not cure non-finite gradients: look for their cause "
+            "(a bad batch, an overflow in the loss; in float16, loss scaling)",
+        )
     if status in ("critical", "unstable"):
         return "decrease", 1.0 / LR_FACTOR, f"status is {status}"
     if median_ratio is not None and median_ratio > HIGH_UPDATE_RATIO:
@@ -337,7 +385,12 @@ def build_report(
     else:
         ratio_last = float(ratios[-1])
         ratio_median = float(np.median(ratios.astype(np.float64)))
-    recommendation, factor, reason = recommend(status, ratio_median)
+    recommendation, factor, reason = recommend(
+        status,
+        ratio_median,
+        nonfinite_only=nonfinite_cause(flags, early_warning),
+        nonfinite=window.nonfinite,
+    )
 
     def floats(values: np.ndarray) -> tuple[float, ...]:
         return tuple(float(v) for v in values)
@@ -480,7 +533,7 @@ def stability_report(opt_state: Any) -> StabilityReport:
       ValueError: no stabilizer state in ``opt_state``, or several of them
         (the message names their paths).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> from optax_gradflow.report import stability_report
       >>> opt = optax_gradflow.stabilized(optax.sgd(1e-2), 1e-2)
@@ -563,7 +616,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     ``stability_score``, ``flow_efficiency`` and, in the wrapper form,
     ``update_ratio`` (latest ``|update| / |params|``, NaN before the first).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, optax_gradflow
       >>> from optax_gradflow.report import metrics
       >>> opt = optax.chain(optax_gradflow.stabilize(1e-2), optax.sgd(1e-2))

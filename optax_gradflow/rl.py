@@ -7,7 +7,7 @@
 The ad-auction simulator that notebook 03 trains on lives with the examples
 that use it (``examples/auction.py``), not in the library.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp
   >>> from optax_gradflow.rl import periodic_target_update
   >>> online, target = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
@@ -96,7 +96,7 @@ def periodic_target_update(
     Returns:
       ``(new_target, divergence)``, ``divergence`` a float32 scalar array.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from optax_gradflow.rl import periodic_target_update
       >>> online, target = {"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([3.0, 0.0])}

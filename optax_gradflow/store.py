@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +27,7 @@ import filelock
 import jax
 import numpy as np
 
+from optax_gradflow import files
 from optax_gradflow.loss_scaling import find_state
 from optax_gradflow.report import host_chronological, norm_statistics, score_of_flags
 from optax_gradflow.state import GradientFlowState
@@ -60,7 +60,7 @@ def fingerprint(params: Any, label: str | None = None) -> str:
     (``jax.ShapeDtypeStruct``) or traced parameters. Use ``label`` to tell
     apart models of the same architecture trained on different data.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from optax_gradflow.store import fingerprint
       >>> fingerprint({"w": jnp.ones(3)}) == fingerprint({"w": jnp.zeros(3)})
@@ -117,13 +117,14 @@ class ThresholdStore:
     than ``max_explosions`` explosions happened since the previous check.
 
     Args:
-      path: the JSON file; its directory is created on the first save.
+      path: the JSON file (not a directory: ValueError); its directory is
+        created on the first save.
       save_every: steps between two policy checks (and device reads).
       min_stable_steps: least ``stable_streak`` to save.
       min_score: the stability score must be above this to save.
       max_explosions: explosions since the previous check must be fewer.
 
-    Example:
+    Examples:
       >>> import tempfile, os, jax.numpy as jnp, optax, optax_gradflow
       >>> from optax_gradflow.store import ThresholdStore
       >>> store = ThresholdStore(os.path.join(tempfile.mkdtemp(), "thresholds.json"))
@@ -157,6 +158,11 @@ class ThresholdStore:
         if not 0.0 <= float(min_score) <= 1.0:
             raise ValueError(f"min_score must lie in [0, 1], got {min_score!r}.")
         self.path = pathlib.Path(path)
+        if self.path.is_dir():
+            raise ValueError(
+                f"ThresholdStore needs a file path, but {str(self.path)!r} is a directory: "
+                f"give a file in it, e.g. {str(self.path / 'thresholds.json')!r}."
+            )
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.save_every = save_every
         self.min_stable_steps = min_stable_steps
@@ -350,26 +356,7 @@ class ThresholdStore:
 
     def _replace(self, document: dict[str, Any]) -> None:
         text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # make the rename durable where possible
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        files.write_atomically(self.path, text, prefix=f".{self.path.name}.")
 
 
 def _newer(version: Any) -> bool:

@@ -24,13 +24,6 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def learning_rate_at_start(learning_rate) -> jax.Array | float:
-    """The learning rate at step 0: a number, or an optax schedule called at 0."""
-    if callable(learning_rate):
-        return learning_rate(0)
-    return learning_rate
-
-
 def validate_positive(name: str, value, *, allow_inf: bool = False) -> None:
     """Raises if a concrete ``value`` is not a positive, finite number.
 

@@ -8,13 +8,17 @@ event log and the wrapper form.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_gradflow import events, pipeline
+from optax_gradflow import learning_rate as learning_rate_lib
 from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import RINGS, STATE_VERSION, UPDATE_RATIO_HISTORY_SIZE
@@ -24,20 +28,87 @@ from optax_gradflow.state import GradientFlowState, Ring, check_state
 __all__ = ("StabilizedState", "init_state", "stabilize", "stabilized", "step", "sum_of_squares")
 
 
-def _is_float_leaf(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+def _check_floating(tree: Any, what: str) -> None:
+    """Raises TypeError naming the first leaf of ``tree`` that is not floating point.
+
+    optax's optimizers cannot update an integer or boolean parameter (their
+    moments are floats), and a float0 gradient (``jax.grad`` of an integer
+    input) has nothing to clip: such leaves belong outside the optimized tree.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            name = "float0" if dtype == jax.dtypes.float0 else str(dtype)
+            raise TypeError(
+                f"The {what} at {jax.tree_util.keystr(path) or '(the root)'} has dtype "
+                f"{name}: the stabilizer, like optax's optimizers, handles floating-point "
+                "parameters only. Keep integer and boolean values out of the optimized tree "
+                "(e.g. in a separate state), or give them optax.set_to_zero() with "
+                "optax.partition."
+            )
 
 
-def _structure_signature(tree: Any) -> tuple[tuple[int, ...], ...]:
+def _check_value(value: Any) -> None:
+    """Raises unless ``value`` (the loss, ``value=``) is one real number; shapes only."""
+    if value is None:
+        return
+    shape = jnp.shape(value)
+    if math.prod(shape) != 1:
+        raise ValueError(
+            f"value= must be the loss, one number; got an array of shape {shape} (pass the "
+            "mean loss, e.g. jnp.mean(losses))."
+        )
+    dtype = jnp.result_type(value)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"value= must be a real number, got dtype {dtype}.")
+
+
+def _leaf_shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
     # Leaf shapes, not the treedef: frameworks such as flax.nnx initialise with
     # wrapped parameters (nnx.Param) and update with plain arrays.
-    return tuple(tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
+    return [
+        (jax.tree_util.keystr(path), tuple(jnp.shape(leaf)))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
-def _same_structure(got, expected, *, sharded: bool) -> bool:
-    # With axis_name, update sees per-device shards of the parameters init saw
-    # (init usually runs outside shard_map / pmap): only the leaf count must match.
-    return len(got) == len(expected) if sharded else got == expected
+def _check_matching(updates: Any, params: Any, *, sharded: bool) -> None:
+    """Raises ValueError, naming the paths, unless the gradients match ``params``.
+
+    The leaf shapes are compared in tree order; with ``sharded`` (``axis_name``:
+    ``update`` sees per-device shards of the parameters ``init`` saw) only the
+    leaf count.
+    """
+    got, expected = _leaf_shapes(updates), _leaf_shapes(params)
+    if len(got) != len(expected):
+        got_paths, expected_paths = [p for p, _ in got], [p for p, _ in expected]
+        extra = [p for p in got_paths if p not in expected_paths]
+        missing = [p for p in expected_paths if p not in got_paths]
+        detail = "; ".join(
+            part
+            for part in (
+                f"gradients without a parameter: {', '.join(extra)}" if extra else "",
+                f"parameters without a gradient: {', '.join(missing)}" if missing else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"The gradients' tree structure does not match the parameters passed to update: "
+            f"{len(got)} gradient leaves, {len(expected)} parameters"
+            f"{'; ' + detail if detail else ''}."
+        )
+    if sharded:
+        return
+    for (g_path, g_shape), (p_path, p_shape) in zip(got, expected, strict=True):
+        if g_shape != p_shape:
+            where = g_path if g_path == p_path else f"{g_path} (parameter {p_path})"
+            raise ValueError(
+                f"The gradients' tree structure does not match the parameters passed to "
+                f"update: the gradient at {where} has shape {g_shape}, the parameter "
+                f"{p_shape}."
+            )
 
 
 def init_state(
@@ -76,10 +147,27 @@ def init_state(
     return GradientFlowState(**fields)
 
 
+def _read_learning_rate(learning_rate) -> Any:
+    """The learning rate of rule 3 of "Initial threshold": a float, None, or a tracer.
+
+    Read once, when the transformation is built. A traced learning rate
+    (``inject_hyperparams`` under ``jit``) cannot be read and is used as is.
+    """
+    if learning_rate is None or isinstance(learning_rate, jax.core.Tracer):
+        return learning_rate
+    # Eagerly, even when the transformation is built inside a jitted function:
+    # a schedule of constants then still gives numbers.
+    with jax.ensure_compile_time_eval():
+        return learning_rate_lib.read(learning_rate)
+
+
 def _initial_threshold(
-    params, learning_rate, initial_threshold, store, label, config
+    params, learning_rate, lr, initial_threshold, store, label, config
 ) -> tuple[jax.Array, int]:
-    """(threshold, warm-up steps): explicit > stored > learning rate > data."""
+    """(threshold, warm-up steps): explicit > stored > learning rate > data.
+
+    ``lr`` is ``_read_learning_rate(learning_rate)``.
+    """
     rule = pipeline.rule_for(config)
     fixed = rule.fixed_start()
     if fixed is not None:
@@ -92,23 +180,20 @@ def _initial_threshold(
         stored = store.lookup(params, label=label)
         if stored is not None:
             return threshold_lib.clamp_threshold(stored, config), 0
-    if learning_rate is not None:
-        lr = threshold_lib.learning_rate_at_start(learning_rate)
+    if lr is not None:
         return threshold_lib.threshold_from_learning_rate(lr, config), 0
+    if learning_rate is not None:
+        warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=3)
     # Data mode: a placeholder threshold that no warm-up step uses.
     return jnp.float32(config.min_threshold), rule.data_warmup_steps()
 
 
-def _check_factory_args(learning_rate, config, initial_threshold) -> StabilizerConfig:
+def _check_factory_args(config, initial_threshold) -> StabilizerConfig:
     if config is None:
         config = StabilizerConfig()
     if not isinstance(config, StabilizerConfig):
         raise TypeError(
             f"config must be an optax_gradflow.StabilizerConfig, got {type(config).__name__}."
-        )
-    if learning_rate is not None:
-        threshold_lib.validate_positive(
-            "learning_rate", threshold_lib.learning_rate_at_start(learning_rate)
         )
     threshold_lib.validate_positive("initial_threshold", initial_threshold, allow_inf=True)
     if (
@@ -158,9 +243,11 @@ def stabilize(
   The initial threshold is, first match wins: ``initial_threshold``; the
   record ``store.lookup(params, label=label)`` finds at ``init`` (one host
   read of the store file, at init only; under ``jax.jit(init)`` at trace
-  time); ``lr_threshold_scale * sqrt(1 / learning_rate)`` when
-  ``learning_rate`` (a float or a schedule, read at step 0) is given;
-  otherwise the first finite norm. It only starts the tracker.
+  time); ``lr_threshold_scale * sqrt(1 / lr)`` when ``learning_rate`` is
+  given, with ``lr`` the number itself or, for a schedule, its largest value
+  over its first 10,000 steps (the peak after a warm-up from 0, see
+  :func:`optax_gradflow.learning_rate.read`); otherwise, or when that ``lr``
+  is 0 (with a warning), the first finite norm. It only starts the tracker.
 
   No step transfers anything to the host (with ``log_events``, only steps
   with an event do). A non-finite step outputs zeros:
@@ -168,8 +255,9 @@ def stabilize(
   :func:`stabilized` to leave an inner optimizer's state untouched.
 
   Args:
-    learning_rate: the optimizer's learning rate or schedule, used only for
-      the initial threshold.
+    learning_rate: the optimizer's learning rate (a number >= 0) or schedule
+      (any optax schedule, warm-ups from 0 included), used only for the
+      initial threshold; read once, here.
     config: a :class:`StabilizerConfig`; the defaults of SPEC.md if None.
     initial_threshold: an explicit initial threshold; wins over the rest.
     store: an object with ``lookup(params, label=...) -> float | None``, such
@@ -192,7 +280,7 @@ def stabilize(
     :class:`GradientFlowState`. ``update`` accepts the loss as ``value=``
     (optional, recorded as ``last_loss``) and ignores other extra args.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_gradflow
     >>> tx = optax_gradflow.stabilize(1e-2)  # starts at t = 0.1 * sqrt(1 / 1e-2) = 1
     >>> params = {"w": jnp.ones(3)}
@@ -216,7 +304,8 @@ def stabilize(
     Micikevicius et al., `Mixed precision training
     <https://arxiv.org/abs/1710.03740>`_, 2018.
   """
-    config = _check_factory_args(learning_rate, config, initial_threshold)
+    config = _check_factory_args(config, initial_threshold)
+    lr = _read_learning_rate(learning_rate)
     rule = pipeline.rule_for(config)
     emitter = events.InGraphEmitter(config, name=label) if log_events else None
 
@@ -224,26 +313,13 @@ def stabilize(
     # number of parameter trees and init calls (optax.partition may route two
     # sub-trees to it; a notebook may re-run init on another model).
     def init_fn(params):
+        _check_floating(params, "parameter")
         thr, warmup = _initial_threshold(
-            params, learning_rate, initial_threshold, store, label, config
+            params, learning_rate, lr, initial_threshold, store, label, config
         )
         return init_state(thr, warmup, config)
 
-    def update_fn(updates, state, params=None, *, value=None, **extra_args):
-        del extra_args
-        check_state(state, config)
-        # What can be checked comes from this call's arguments: the gradients
-        # must match the parameters passed along with them.
-        if params is not None and not _same_structure(
-            _structure_signature(updates),
-            _structure_signature(params),
-            sharded=axis_name is not None,
-        ):
-            raise ValueError(
-                "The gradients' tree structure does not match the parameters passed to "
-                f"update: leaf shapes {list(_structure_signature(updates))}, expected "
-                f"{list(_structure_signature(params))}."
-            )
+    def traced_step(updates, state, value):
         new_updates, new_state, threshold = pipeline.step(
             updates, state, config, rule, value=value, axis_name=axis_name
         )
@@ -251,7 +327,39 @@ def stabilize(
             events.emit_in_graph(state, new_state, emitter, threshold, axis_name)
         return new_updates, new_state
 
+    # Called outside jit, the step would run op by op and compile each of its
+    # conditionals again on every call (a second per call); compiled once
+    # per input structure instead. A cache of compiled code, not a memory of
+    # earlier calls: any number of models and inits share it.
+    eager_step = jax.jit(traced_step)
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        del extra_args
+        check_state(state, config)
+        _check_value(value)
+        _check_floating(updates, "gradient")
+        # What can be checked comes from this call's arguments: the gradients
+        # must match the parameters passed along with them.
+        if params is not None:
+            _check_floating(params, "parameter")
+            _check_matching(updates, params, sharded=axis_name is not None)
+        eager = axis_name is None and not _any_tracer((updates, state, value))
+        return (eager_step if eager else traced_step)(updates, state, value)
+
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _any_tracer(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is being traced (the call is inside ``jit``, ``vmap``...)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def _jittable(tree: Any) -> bool:
+    """Whether every leaf of ``tree`` can be a jitted function's argument."""
+    return all(
+        isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex))
+        for leaf in jax.tree.leaves(tree)
+    )
 
 
 def step(
@@ -336,7 +444,7 @@ def stabilized(
       An ``optax.GradientTransformationExtraArgs`` with a :class:`StabilizedState`.
       Extra args (``value=`` included) are passed on to ``inner``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, optax_gradflow
       >>> opt = optax_gradflow.stabilized(optax.adam(1e-2), 1e-2)
       >>> params = {"w": jnp.ones(3)}
@@ -358,6 +466,7 @@ def stabilized(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        _check_floating(params, "parameter")  # before the inner optimizer sees them
         return StabilizedState(
             inner_state=inner.init(params),
             flow=flow.init(params),
@@ -365,6 +474,13 @@ def stabilized(
         )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        if not _any_tracer((updates, state, params, value, extra_args)) and _jittable(extra_args):
+            # Outside jit: one compiled step instead of a compilation of each
+            # conditional on every call (see stabilize).
+            return eager_update(updates, state, params, value, extra_args)
+        return traced_update(updates, state, params, value, extra_args)
+
+    def traced_update(updates, state, params, value, extra_args):
         clean, flow_state = flow.update(updates, state.flow, params, value=value)
         finite = jnp.isfinite(flow_state.last_grad_norm)
         if value is not None:
@@ -380,7 +496,10 @@ def stabilized(
                 param_sq, update_sq = jax.lax.psum((param_sq, update_sq), axis_name)
             param_norm = jnp.sqrt(param_sq)
             ratio = jnp.sqrt(update_sq) / param_norm
-            return state.update_ratio_history.push(ratio, (param_norm > 0) & jnp.isfinite(ratio))
+            # A zero update moved nothing (optax.MultiSteps between its emitting
+            # steps, a learning rate of 0): it is not a ratio of a step.
+            moved = (param_norm > 0) & jnp.isfinite(ratio) & (ratio > 0)
+            return state.update_ratio_history.push(ratio, moved)
 
         def step_inner():
             new_updates, inner_state = inner.update(clean, state.inner_state, params, **extra_args)
@@ -413,5 +532,7 @@ def stabilized(
         return new_updates, StabilizedState(
             inner_state=inner_state, flow=flow_state, update_ratio_history=ratios
         )
+
+    eager_update = jax.jit(traced_update)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

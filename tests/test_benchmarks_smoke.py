@@ -429,6 +429,15 @@ def test_overhead_quick_runs_and_writes_json(tmp_path):
     assert rows[("alone", "stabilize")]["state_bytes"] < 10_000
     assert rows[("chained", "no clipping + adam")]["state_bytes"] >= 2 * 4 * 40_000
     assert result["machine"]["versions"]["jax"]
+    # The whole train step and the eager calls, each against its reference.
+    steps = {r["variant"]: r for r in result["train_step"]}
+    assert steps["clip_by_global_norm + adam"]["ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert {"chain(stabilize, adam)", "stabilized(adam)"} <= set(steps)
+    # 256 * 128 + 128 + 128 * 128 + 128 + 128 + 1 parameters in the quick MLP.
+    assert steps["stabilized(adam)"]["size"] == 256 * 128 + 128 * 128 + 128 + 128 + 128 + 1
+    eager = {(r["reference"], r["variant"]): r for r in result["eager"]}
+    assert eager[("clip_by_global_norm", "clip_by_global_norm")]["ratio"] == pytest.approx(1.0)
+    assert ("clip_by_global_norm", "stabilize") in eager
 
 
 def test_stabilizer_config_from_the_command_line(suite):

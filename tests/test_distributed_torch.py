@@ -37,12 +37,19 @@ RTOL = 1e-6
 PARAM_ATOL = 1e-7
 
 
-# The track rule's log-domain fields (SPEC.md, "Tracking rule") can sit near
-# 0, where a relative tolerance means nothing: the norm's last-bit difference
-# becomes an absolute one of about 1e-8 in the log. Compared with this
-# absolute tolerance too (log units: a relative 1e-7 of the norm).
-LOG_FIELDS = ("ema_mean", "ema_var", "centre_anchor")
+# The track rule's log-domain fields (SPEC.md, "Tracking rule") and the
+# diagnostics' log-norm slope can sit near 0, where a relative tolerance
+# means nothing: the norm's last-bit difference becomes an absolute one of
+# about 1e-8 in the log. Compared with this absolute tolerance too (log
+# units: a relative 1e-7 of the norm).
+LOG_FIELDS = ("ema_mean", "ema_var", "centre_anchor", "norm_trend")
 LOG_ATOL = 1e-7
+# The loss gate's spread is an average of |loss - centre|, a difference of two
+# nearly equal losses: a last-bit difference of the (all-reduced) loss is an
+# absolute one of about 3e-8 in it (the losses here are about 0.5), far more
+# than 1e-6 of a spread of 0.02. Compared with this absolute tolerance too.
+DIFFERENCE_FIELDS = ("loss_spread",)
+DIFFERENCE_ATOL = 1e-7
 
 
 def assert_same(got, want, context: str, *, rtol: float = RTOL, atol: float = 0.0) -> None:
@@ -54,6 +61,8 @@ def assert_same(got, want, context: str, *, rtol: float = RTOL, atol: float = 0.
         return
     if context.endswith(tuple(f": {name}" for name in LOG_FIELDS)):
         atol = max(atol, LOG_ATOL)
+    if context.endswith(tuple(f": {name}" for name in DIFFERENCE_FIELDS)):
+        atol = max(atol, DIFFERENCE_ATOL)
     g, w = np.asarray(got), np.asarray(want)
     assert g.shape == w.shape, context
     if w.dtype.kind == "f":

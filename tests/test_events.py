@@ -224,7 +224,7 @@ def test_in_graph_burst_of_a_thousand_explosions_is_folded(caplog):
     recs = records(caplog, "explosion")
     assert len(recs) == 7
     assert [r.gradflow_step for r in recs[:5]] == [0, 1, 2, 3, 4]
-    assert "further explosions up to step 999 are folded" in recs[4].getMessage()
+    assert "further explosions in this 1000-step window are folded" in recs[4].getMessage()
     assert recs[5].getMessage() == "... 995 more explosions folded (steps 5-999)"
     assert recs[5].gradflow_folded == 995
     assert recs[6].gradflow_step == 1000
@@ -241,7 +241,7 @@ def test_burst_folder_counts_and_flushes(caplog):
     folder.emit("adaptation", 3, "adapted")  # its own budget
     assert [r.getMessage() for r in records(caplog)] == [
         "explosion 0",
-        "explosion 1 [further explosions up to step 9 are folded]",
+        "explosion 1 [further explosions in this 10-step window are folded into one summary line]",
         "adapted",
     ]
     folder.flush()
@@ -315,7 +315,27 @@ def test_event_logger_emergency_context(caplog):
     assert rec.levelno == logging.CRITICAL
     msg = rec.getMessage()
     assert "step 5" in msg and "threshold 1 -> 0.5" in msg
-    assert "1 emergencies, 3 explosions, 0 non-finite steps, 0 consecutive" in msg
+    assert "totals after step 5: 1 emergencies, 3 explosions, 0 non-finite steps" in msg
+
+
+def test_event_logger_emergency_line_reads_the_state_of_its_step(caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    # Patience 3: explosions at 3, 4, 5 fire at step 5; then a calm step, a
+    # NaN at 7 and one more explosion at 8 (two in a row: no second
+    # emergency). Read after step 9: the state then counts 4 explosions and 1
+    # non-finite step, but after step 5 there were 3 and 0.
+    opt = og.stabilize(config=config(emergency_patience=3), initial_threshold=1.0)
+    states = run(opt, [0.5, 0.5, 0.5, 10.0, 10.0, 10.0, 0.2, float("nan"), 10.0, 0.2])
+    assert int(states[-1].explosion_count) == 4 and int(states[-1].nonfinite_count) == 1
+    assert int(states[-1].emergency_count) == 1
+    logger = EventLogger(every=9)
+    for s in states:  # reads after steps 0 (baseline) and 9
+        logger(s)
+    (rec,) = records(caplog, "emergency")
+    msg = rec.getMessage()
+    assert "totals after step 5: 1 emergencies, 3 explosions, 0 non-finite steps" in msg
+    # The loss scale read after step 9 is not step 5's: not given.
+    assert "loss scale" not in msg
 
 
 def test_event_logger_threshold_adaptation_and_loss_scale(caplog):

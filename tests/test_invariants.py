@@ -209,15 +209,14 @@ def test_vmap_over_independent_runs():
     np.testing.assert_array_equal(state.nonfinite_count, [0, 0, 1])
 
 
-def test_none_leaves_empty_trees_scalars_and_integers():
+def test_none_leaves_empty_trees_and_scalars():
     opt = og.stabilize(initial_threshold=1.0)
-    params = {"a": None, "n": jnp.arange(3), "s": jnp.float32(0.0), "w": jnp.zeros(2)}
+    params = {"a": None, "s": jnp.float32(0.0), "w": jnp.zeros(2)}
     state = opt.init(params)
-    grads = {"a": None, "n": jnp.arange(3), "s": jnp.float32(3.0), "w": jnp.array([4.0, 0.0])}
+    grads = {"a": None, "s": jnp.float32(3.0), "w": jnp.array([4.0, 0.0])}
     out, state = jax.jit(opt.update)(grads, state)
     assert out["a"] is None
-    np.testing.assert_array_equal(out["n"], [0, 1, 2])  # untouched, not in the norm
-    # Norm 5 (integers excluded) > 1: clipped by 1 / 5.
+    # Norm 5 > 1: clipped by 1 / 5.
     np.testing.assert_allclose(out["s"], 0.6, rtol=1e-6)
     np.testing.assert_allclose(out["w"], [0.8, 0.0], rtol=1e-6)
     assert float(state.last_grad_norm) == pytest.approx(5.0, rel=1e-6)

@@ -304,6 +304,20 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["run.json"]
 
 
+def test_flush_without_the_state_is_an_error_while_calls_are_pending():
+    state0, states = states_for(clip_chain(1.0), [0.5, 2.0, 0.3])
+    monitor = Monitor(every=10)
+    monitor.update(state0)  # read: nothing pending
+    monitor.flush()
+    for state in states:  # three calls, none read
+        monitor.update(state)
+    with pytest.raises(ValueError, match=r"3 call\(s\) since the last read.*flush\(opt_state\)"):
+        monitor.flush()
+    monitor.flush(states[-1])
+    assert [(r.start, r.stop) for r in monitor.records[monitor.paths[0]]] == [(0, 3)]
+    monitor.flush()  # nothing pending any more
+
+
 # --- Events -----------------------------------------------------------------------
 
 
@@ -362,3 +376,18 @@ def test_importing_the_monitor_imports_neither_torch_nor_matplotlib():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
+    # 0666 less the umask, as open() gives: the monitor's export and the store alike.
+    old = os.umask(umask)
+    try:
+        recorded_monitor().to_json(tmp_path / "run.json")
+        store = og.ThresholdStore(tmp_path / "thresholds.json")
+        params = {"w": jnp.ones(3)}
+        store.save(og.stabilize(initial_threshold=2.0).init(params), params)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "thresholds.json").stat().st_mode & 0o777 == mode

@@ -55,11 +55,12 @@ def test_plot_renders_a_png(tmp_path):
     fig.savefig(out)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    ax_norm, ax_scale = fig.axes
+    # Loss scaling is off: no loss-scale panel.
+    (ax_norm,) = fig.axes
     labels = set(ax_norm.get_legend_handles_labels()[1])
     assert {
         "gradient norm",
-        "clip threshold",
+        "clip threshold (where the state records it)",
         "clipped",
         "vanishing",
         "explosion",
@@ -73,11 +74,36 @@ def test_plot_renders_a_png(tmp_path):
     # Vertical lines: 3 explosions, 1 non-finite step, 1 emergency.
     vertical = [line for line in ax_norm.get_lines() if len(set(line.get_xdata())) == 1]
     assert len(vertical) == 5
-    # An emergency in the window: critical; score 1 - (3 + 1) / 9 = 0.56.
-    # The state keeps a recent window only (E = 100 steps, 9 so far): said so.
-    assert ax_norm.get_title() == "[0]: critical, score 0.56, step 9; recent window: last 9 steps"
-    assert "recent window" in ax_norm.get_xlabel()
-    assert ax_scale.get_ylabel() == "loss scale"
+    # An emergency in the window: critical; score 1 - (3 + 1) / 9 = 0.56. The
+    # panel covers steps 0-8: the norms and the events (all 9 steps in the window).
+    assert ax_norm.get_title() == "[0]: critical, score 0.56, step 9; steps 0-8"
+    assert "norms: the last 5 finite, non-exploding steps, 0-8" in ax_norm.get_xlabel()
+    assert "events: steps 0-8" in ax_norm.get_xlabel()
+    assert "estimated" not in ax_norm.get_xlabel()
+
+
+def test_plot_of_a_long_run_says_what_each_part_covers():
+    # 300 calm steps, default config (E = 100, H = 1000, a threshold record
+    # every 100 steps): the norms cover steps 0-299 (those before the event
+    # window 200-299 placed one per step: estimated), the threshold is drawn
+    # at the steps the state knows: the record before the window at its
+    # start (200), the one of step 299 from step 300 on.
+    opt = optax.chain(og.stabilize(1e-2), optax.sgd(0.01))
+    _, states = run_steps(opt, [vec(0.5 + 0.001 * k) for k in range(300)], params=vec(1.0))
+    rep = stability_report(states[-1])
+    fig = plot(rep)
+    (ax,) = fig.axes
+    assert ax.get_title().endswith("step 300; steps 0-299")
+    label = ax.get_xlabel()
+    assert "the last 300 finite, non-exploding steps, 0-299 (before step 200: estimated)" in label
+    assert "events: steps 200-299" in label
+    (line,) = [li for li in ax.get_lines() if li.get_label().startswith("clip threshold")]
+    assert list(line.get_xdata()) == [200, 300]
+    history = rep.threshold_history
+    assert list(line.get_ydata()) == [history[-2], history[-1]]
+    assert history[-1] == rep.clip_threshold
+    # The track rule moved the threshold: the two records differ.
+    assert history[-2] != history[-1]
 
 
 def test_plot_accepts_a_report_and_one_axes():
@@ -85,7 +111,19 @@ def test_plot_accepts_a_report_and_one_axes():
     fig, ax = plt.subplots()
     assert plot(rep, ax=ax) is fig
     assert len(fig.axes) == 1
-    assert "loss scale 1" in ax.get_title()
+    assert "loss scale" not in ax.get_title()  # loss scaling is off
+
+
+def test_the_loss_scale_panel_only_when_loss_scaling_works():
+    # presets.seed(): loss scaling on; an explosion multiplies the scale by 0.8.
+    opt = optax.chain(og.stabilize(1e-2, config=presets.seed()), optax.sgd(0.1))
+    _, states = run_steps(opt, [vec(0.5), vec(50.0), vec(0.5)], params=vec(1.0))
+    fig = plot(states[-1])
+    assert [ax.get_ylabel() for ax in fig.axes] == ["unscaled gradient norm", "loss scale"]
+    # A pair of Axes given for a run without loss scaling: the second is hidden.
+    fig, pair = plt.subplots(2, 1)
+    plot(eventful_state(), ax=list(pair))
+    assert pair[0].get_visible() and not pair[1].get_visible()
 
 
 def test_norm_steps_by_hand():
@@ -109,12 +147,11 @@ def test_norm_steps_by_hand():
 
 
 def test_threshold_path_follows_pushes():
-    # The emergency at step 5 pushed 0.5, the only push: used from step 6 on. The
-    # threshold before it is not in the state, so the line starts at 0.5 too.
+    # The emergency at step 5 pushed 0.5, the only push: used from step 6 on,
+    # and still in force at step 9. The threshold before it is not in the
+    # state: no point is drawn for it.
     rep = stability_report(eventful_state())
-    xs, ys = threshold_path(rep, 0)
-    assert xs == [0, 6, 9]
-    assert ys == [0.5, 0.5, 0.5]
+    assert threshold_path(rep) == ([6, 9], [0.5, 0.5])
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch):
@@ -133,7 +170,7 @@ def test_several_stabilizers_must_be_picked():
         plot(state)
     reports = stability_reports(state)
     fig = plot(next(iter(reports.values())))
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 1  # no loss-scale panel: loss scaling is off
 
 
 # --- plot(monitor): the whole run ------------------------------------------------
@@ -161,15 +198,16 @@ def test_plot_monitor_draws_the_whole_run_against_steps():
     opt = optax.chain(og.stabilize(1e-2), optax.sgd(0.1))
     monitor = monitored_run(opt, vec(1.0), grads, steps=150, every=7)
     fig = plot(monitor)
-    assert len(fig.axes) == 4
+    assert len(fig.axes) == 3  # no loss-scale row: loss scaling is off
     for ax in fig.axes:
         assert ax.get_xlim() == (0, 150)
         for line in ax.get_lines():
             assert min(line.get_xdata()) >= 0 and max(line.get_xdata()) <= 150
-    ax_norm, ax_events, ax_scale, ax_loss = fig.axes
+    ax_norm, ax_events, ax_loss = fig.axes
     lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    assert "loss scale" not in lines
     # The norm band, the events and the threshold span steps 0 to 150.
-    for label in ("norm median", "norm max", "clip threshold", "loss scale"):
+    for label in ("norm median", "norm max", "clip threshold"):
         xs = list(lines[label].get_xdata())
         assert (xs[0], xs[-1]) == (0, 150), label
     assert lines["norm median"].axes is ax_norm and lines["loss"].axes is ax_loss
@@ -181,7 +219,12 @@ def test_plot_monitor_draws_the_whole_run_against_steps():
     assert len({round(float(v), 6) for v in lines["clip threshold"].get_ydata()}) > 1
     assert "whole run, steps 0-150" in ax_norm.get_title()
     assert ax_loss.get_xlabel() == "step"
-    assert ax_scale.get_ylabel() == "loss scale"
+    # With loss scaling at work (explosions back the scale off): four rows.
+    scaled = optax.chain(
+        og.stabilize(1e-2, config=StabilizerConfig(loss_scaling=True)), optax.sgd(0.1)
+    )
+    fig = plot(monitored_run(scaled, vec(1.0), grads, steps=150, every=7))
+    assert len(fig.axes) == 4 and fig.axes[2].get_ylabel() == "loss scale"
 
 
 def test_plot_monitor_one_column_per_stabilizer(tmp_path):
@@ -196,7 +239,7 @@ def test_plot_monitor_one_column_per_stabilizer(tmp_path):
 
     monitor = monitored_run(opt, params, grads, steps=30, every=5)
     fig = plot(monitor)
-    assert len(fig.axes) == 8
+    assert len(fig.axes) == 6  # three rows each: no loss scaling
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert len(titles) == 2
     for path, title in zip(monitor.paths, titles, strict=True):
@@ -212,9 +255,10 @@ def test_plot_monitor_into_given_axes_and_subfigures():
     assert plot(monitor, ax=list(axes)) is fig
     (threshold,) = [line for line in axes[0].get_lines() if line.get_label() == "clip threshold"]
     assert set(threshold.get_ydata()) == {1.0}  # a fixed threshold: one value
+    assert not axes[2].get_visible()  # the loss-scale row: loss scaling is off
     outer = plt.figure()
     assert plot(monitor, ax=outer.subfigures(2, 1)[1]) is outer
-    assert len(outer.axes) == 4
+    assert len(outer.axes) == 3
     with pytest.raises(ValueError, match="4 Axes"):
         plot(monitor, ax=list(axes)[:2])
 
@@ -236,6 +280,6 @@ def test_plot_draws_a_pytorch_stabilizer():
         p.grad = torch.tensor(g)
         stab.clip_gradients([p])
     fig = plot(stab)
-    assert "recent window" in fig.axes[0].get_title() or any(
-        "recent window" in ax.get_xlabel() for ax in fig.axes
-    )
+    # Three steps, the second an explosion (kept out of the norm history).
+    assert fig.axes[0].get_title() == "torch: unstable, score 0.67, step 3; steps 0-2"
+    assert "the last 2 finite, non-exploding steps" in fig.axes[0].get_xlabel()

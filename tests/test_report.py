@@ -284,6 +284,48 @@ def test_learning_rate_recommendation(ratios, flags, expected):
     assert rep.lr_reason
 
 
+# Flags: 8 non-finite, 2 explosion (+ clipped: 3), 16 emergency.
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        # Every step non-finite; the fifth fired an emergency (critical): the
+        # cause is the NaN gradients, which a smaller rate does not cure.
+        ([8, 8, 8, 8, 24, 8, 8, 8, 8, 8], ("keep", 1.0)),
+        # Three non-finite steps (score 0.7: unstable), no explosion.
+        ([8, 0, 8, 0, 8, 0, 0, 0, 0, 0], ("keep", 1.0)),
+        # Two non-finite and two explosions: the explosions alone leave
+        # 1 - 2/10 = 0.8, not above 0.8, so they make it unstable: decrease.
+        ([8, 3, 8, 3, 0, 0, 0, 0, 0, 0], ("decrease", 0.5)),
+        # One non-finite, one explosion (0.9 without the NaN): keep.
+        ([8, 0, 3, 0, 0, 0, 0, 0, 0, 0], ("keep", 1.0)),
+        # An emergency after a run of explosions and NaN, plus NaN elsewhere:
+        # the explosions took part in the emergency: decrease.
+        ([8, 8, 8, 3, 8, 24, 0, 0, 0, 0], ("decrease", 0.5)),
+        # Explosions only (score 0.4): decrease.
+        ([3] * 6 + [0] * 4, ("decrease", 0.5)),
+    ],
+)
+def test_no_learning_rate_cut_for_non_finite_gradients(flags, expected):
+    rep = stability_report(wrapper_state([1e-3], flow=hand_state(**window(flags))))
+    assert rep.status in ("critical", "unstable")
+    assert (rep.lr_recommendation, rep.lr_factor) == expected
+    if expected[0] == "keep":
+        assert "non-finite" in rep.lr_reason and "does not cure" in rep.lr_reason
+        assert "x0.5" not in rep.summary()
+
+
+def test_a_run_of_nan_batches_advises_no_cut():
+    # The stabilizer itself, every step NaN: the track rule's emergency
+    # fires on the fifth (critical), but the advice is not a cut.
+    opt = og.stabilized(optax.adam(1e-2), 1e-2)
+    grads = [{"w": jnp.full(3, jnp.nan)}] * 12
+    _, states = run_steps(opt, grads, params={"w": jnp.ones(3)})
+    rep = stability_report(states[-1])
+    assert rep.status == "critical" and rep.window.nonfinite == 12
+    assert rep.lr_recommendation == "keep"
+    assert "12 non-finite gradient steps" in rep.lr_reason
+
+
 def test_update_ratio_last_and_median():
     # Ratios pushed in order 3, 1, 2 (x 1e-3): last 2e-3, median 2e-3.
     rep = stability_report(wrapper_state([3e-3, 1e-3, 2e-3]))
@@ -371,7 +413,7 @@ def test_no_stabilizer_is_an_error():
 # --- JSON ---------------------------------------------------------------------
 
 
-def test_as_dict_is_strict_json_with_nan_as_none():
+def test_as_dict_is_strict_json_without_null_fields():
     # A fresh state: last_grad_norm and last_loss are NaN, the history empty.
     rep = stability_report(hand_state(last_grad_norm=jnp.inf))
     assert isinstance(rep, StabilityReport)
@@ -381,9 +423,20 @@ def test_as_dict_is_strict_json_with_nan_as_none():
     plain = rep.as_dict()
     text = json.dumps(plain, allow_nan=False)
     back = json.loads(text)
-    assert back["last_grad_norm"] is None
-    assert back["last_loss"] is None
-    assert back["grad_norm"]["mean"] is None
+    # Every field has a value or is left out (SPEC.md, "Stability report").
+    assert "last_grad_norm" not in back  # inf
+    assert "last_loss" not in back  # NaN: no loss given
+    assert back["grad_norm"] == {"count": 0}  # empty history: only the count
+    assert "adaptations" not in back["total"]  # not counted by the state
+    assert back["window"]["adaptations"] == 0
+    assert "update_ratio_median" not in back and "variance_trend" not in back
+
+    def nulls(value):
+        if isinstance(value, dict):
+            return sum(nulls(v) for v in value.values()) + sum(v is None for v in value.values())
+        return 0
+
+    assert nulls(back) == 0
     assert back["total"]["explosions"] == 0
     assert back["loss_scale_history"] == [1.0]
     assert back["status"] == "healthy"

@@ -163,7 +163,7 @@ def test_initial_track_state():
         ({"learning_rate": 1.0}, float(F32(0.1)), 0),
         ({"learning_rate": 10.0}, float(F32(0.1)), 0),  # 0.0316 floored
         ({"learning_rate": 1e-4}, 10.0, 0),
-        ({"learning_rate": lambda step: 1e-4 * 0.5**step}, 10.0, 0),  # schedule read at 0
+        ({"learning_rate": lambda step: 1e-4 * 0.5**step}, 10.0, 0),  # a decay: its peak, step 0
         ({"learning_rate": 1e-2, "initial_threshold": 7.0}, 7.0, 0),  # explicit wins
         ({}, float(F32(0.1)), 100),  # data mode: placeholder and the default warm-up
     ],
@@ -218,8 +218,9 @@ def test_store_between_explicit_and_learning_rate():
     assert unread.calls == []
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
 def test_bad_learning_rate_raises(bad):
+    # 0 starts from the data, with a warning (tests/test_learning_rate.py).
     with pytest.raises(ValueError, match="learning_rate"):
         ogt.init_state(bad)
 

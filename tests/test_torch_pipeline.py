@@ -75,6 +75,8 @@ def test_stage_names_are_the_shared_ones_in_spec_order():
         "diagnose",
         "record",
     )
+    # Exported.
+    assert set(constants.STAGES) <= set(functional.__all__)
     lines = []
     for name in constants.STAGES:
         stage = getattr(functional, name)

@@ -7,6 +7,8 @@ JAX transformation:
 * :func:`init_state` and :func:`update`: the functional core, a dict of
   tensors in, a dict of tensors out, no host synchronisation;
 * :class:`GradientFlowStabilizer`: a ``torch.amp.GradScaler``-shaped class;
+  :func:`optimizer_learning_rate` reads the learning rate it starts from out
+  of an optimizer (and its ``lr_scheduler``);
 * :func:`from_jax_state` and :func:`to_jax_state`: exact state interchange.
 
 This subpackage does not import JAX (``to_jax_state`` does, when called).
@@ -14,7 +16,7 @@ This subpackage does not import JAX (``to_jax_state`` does, when called).
 
 from optax_gradflow.torch.functional import update
 from optax_gradflow.torch.interchange import from_jax_state, to_jax_state
-from optax_gradflow.torch.stabilizer import GradientFlowStabilizer
+from optax_gradflow.torch.stabilizer import GradientFlowStabilizer, optimizer_learning_rate
 from optax_gradflow.torch.state import FIELDS, check_state, init_state
 
 __all__ = (
@@ -23,6 +25,7 @@ __all__ = (
     "check_state",
     "from_jax_state",
     "init_state",
+    "optimizer_learning_rate",
     "to_jax_state",
     "update",
 )

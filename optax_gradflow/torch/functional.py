@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -53,6 +54,7 @@ from optax_gradflow.torch.state import (
     log_floored,
 )
 
+# The stage names are STAGES (test_torch_pipeline checks that all are here).
 __all__ = (
     "STAGES",
     "Due",
@@ -60,9 +62,18 @@ __all__ = (
     "Ring",
     "TrackRule",
     "ZScoreRule",
+    "adapt",
+    "classify",
+    "diagnose",
+    "emergency",
+    "history",
+    "loss_scale",
+    "measure",
+    "record",
+    "rescale",
     "rule_for",
+    "threshold",
     "update",
-    *STAGES,
 )
 
 _F32 = torch.float32
@@ -97,6 +108,29 @@ def _device_of(grads: Sequence[torch.Tensor | None], state: State) -> torch.devi
             "the state first: {k: v.to(device) for k, v in state.items()}."
         )
     return device
+
+
+def check_value(value: Any) -> None:
+    """Raises unless ``value`` (the loss given as ``value=``) is one real number.
+
+    Shapes are metadata: nothing is read from the device.
+    """
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"value= must be the loss, one number; got a tensor of shape "
+                f"{tuple(value.shape)} (pass the mean loss, e.g. losses.mean())."
+            )
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"value= must be a real number, got a tensor of dtype {value.dtype}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"value= must be the loss, a number or a one-element tensor; got {value!r} "
+            f"(a {type(value).__name__})."
+        )
 
 
 # --- Constants and small helpers -----------------------------------------------
@@ -1247,9 +1281,9 @@ def update(
       state: a dict from :func:`init_state` (or :func:`from_jax_state`), on the
         gradients' device. It is not modified.
       params: unused; accepted for symmetry with optax.
-      value: the loss, recorded as ``last_loss`` and fed to the loss gate
-        (SPEC.md, "Loss gate"); a missing or non-finite loss leaves the gate as
-        it is.
+      value: the loss, one number (a float or a one-element tensor), recorded
+        as ``last_loss`` and fed to the loss gate (SPEC.md, "Loss gate"); a
+        missing or non-finite loss leaves the gate as it is.
       config: the :class:`~optax_gradflow.StabilizerConfig` the state was built
         with; the defaults if None.
       process_group: the ``torch.distributed`` group over which plain-tensor
@@ -1271,7 +1305,8 @@ def update(
 
     Raises:
       ValueError: gradients on several devices, or not on the state's device;
-        a state whose keys, shapes or dtypes do not match ``config``.
+        a state whose keys, shapes or dtypes do not match ``config``; a
+        ``value`` of more than one element.
       StateVersionError: a state of another layout (one without
         ``"state_version"``: layout 1).
     """
@@ -1279,6 +1314,7 @@ def update(
     config = _check_config(config)
     if validate:
         check_state(state, config, read_version=False)
+    check_value(value)
     device = _device_of(grads, state)
     due = ALL_DUE if due is None else due
     rule = rule_for(config)

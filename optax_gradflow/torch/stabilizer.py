@@ -27,6 +27,7 @@ from optax_gradflow.torch.functional import (
     _gather,
     _is_float,
     _loss_gate,
+    check_value,
     rule_for,
     update,
 )
@@ -90,7 +91,14 @@ class GradientFlowStabilizer:
     it, else ``"sync"``; it never copies the model or the optimizer state.
 
     Args:
-      learning_rate: as in :func:`optax_gradflow.stabilize` (initial threshold).
+      learning_rate: as in :func:`optax_gradflow.stabilize` (initial threshold):
+        a number, or a schedule ``step -> lr`` read where it is positive.
+      optimizer: when ``learning_rate`` is None, the learning rate is read from
+        this optimizer's param groups (:func:`optimizer_learning_rate`): the
+        base rate a ``torch.optim.lr_scheduler`` scales, so a warm-up from 0
+        reads the rate it warms up to. Used at construction only; ``step``
+        still takes the optimizer to step. (Reading it at the first ``step``
+        would be too late: the first step's gradients are clipped before.)
       config: a :class:`~optax_gradflow.StabilizerConfig`; the defaults if None.
       initial_threshold: an explicit initial threshold.
       skip_mode: how ``step`` skips a non-finite step, see above.
@@ -101,15 +109,18 @@ class GradientFlowStabilizer:
         their mesh) and wrong for DDP (its gradients are already all-reduced:
         they would be counted once per rank). SPEC.md, "Distributed".
 
-    Example:
+    Examples:
       >>> import torch
       >>> from optax_gradflow.torch import GradientFlowStabilizer
       >>> model = torch.nn.Linear(3, 1)
+      >>> _ = torch.nn.init.constant_(model.weight, 0.1), torch.nn.init.zeros_(model.bias)
       >>> opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-      >>> stab = GradientFlowStabilizer(1e-2)
+      >>> stab = GradientFlowStabilizer(1e-2)  # threshold 0.1 * sqrt(1 / 1e-2) = 1
       >>> loss = model(torch.ones(2, 3)).pow(2).mean()
       >>> stab.get_scaled_loss(loss).backward()
-      >>> norm = stab.clip_gradients(model.parameters(), loss=loss)
+      >>> norm = stab.clip_gradients(model.parameters(), loss=loss)  # 1.2: clipped to 1
+      >>> round(norm.item(), 4)
+      1.2
       >>> stab.step(opt)
       >>> report = stab.get_stability_report()
       >>> report.step, report.status
@@ -124,9 +135,12 @@ class GradientFlowStabilizer:
         initial_threshold: float | None = None,
         skip_mode: SkipMode = "auto",
         process_group: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         if skip_mode not in _SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {_SKIP_MODES}, got {skip_mode!r}.")
+        if learning_rate is None and optimizer is not None:
+            learning_rate = optimizer_learning_rate(optimizer)
         self.config = _check_config(config)
         self.skip_mode = skip_mode
         self.process_group = process_group
@@ -421,6 +435,38 @@ class GradientFlowStabilizer:
         self._gate_entry = None
 
 
+def optimizer_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate an initial threshold is derived from, read from ``optimizer``.
+
+    The largest over its param groups of ``lr``, ``initial_lr`` (the base rate
+    that a ``torch.optim.lr_scheduler`` scales, set when the scheduler is
+    built: a warm-up that starts at 0 has set ``lr`` to 0 already) and
+    ``max_lr`` (``OneCycleLR``'s peak). SPEC.md, "Initial threshold" 3.
+
+    Examples:
+      >>> import torch
+      >>> from optax_gradflow.torch import optimizer_learning_rate
+      >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1e-2)
+      >>> warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 20))
+      >>> opt.param_groups[0]["lr"], optimizer_learning_rate(opt)
+      (0.0, 0.01)
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer with param groups, got "
+            f"{type(optimizer).__name__}."
+        )
+    rates = [
+        float(group[key]) for group in groups for key in _LR_KEYS if group.get(key) is not None
+    ]
+    return max(rates)
+
+
+# Param-group keys that hold a learning rate (torch.optim and its schedulers).
+_LR_KEYS = ("lr", "initial_lr", "max_lr")
+
+
 # What the loss gate reads from the state on entry (SPEC.md, "Loss gate").
 _GATE_FIELDS = ("loss_centre", "loss_reference", "loss_spread", "stabilizer_step")
 
@@ -443,6 +489,7 @@ def _fired(state: State) -> torch.Tensor:
 
 
 def _as_f32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    check_value(value)
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=torch.float32).reshape(())
     return torch.full((), value, dtype=torch.float32, device=device)

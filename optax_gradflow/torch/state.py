@@ -9,12 +9,14 @@ This module imports neither JAX nor anything that does.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from optax_gradflow import constants
+from optax_gradflow import learning_rate as learning_rate_lib
 from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
     FLAG_ADAPTED,
     FLAG_CLIPPED,
@@ -153,8 +155,13 @@ def threshold_at_init(
 
     First match wins: an explicit threshold (the argument, else the config's
     ``initial_threshold`` where the config has one; ``inf`` never clips), a
-    stored one, one from the learning rate, else a data warm-up.
+    stored one, one from the learning rate, else a data warm-up. The learning
+    rate is read by :func:`optax_gradflow.learning_rate.read` (a schedule: its
+    largest value over its first 10,000 steps); one that reads 0 gives the data
+    warm-up, with a warning.
     """
+    # Read (and checked) first, whichever rule wins, as the JAX factory does.
+    lr = None if learning_rate is None else learning_rate_lib.read(learning_rate)
     if config.adaptation_rule == "zscore":
         # ZClip's warm-up always runs (SPEC.md, "Z-score rule").
         return _clamp_threshold(_f32(config.max_threshold), config), config.warmup_steps
@@ -172,12 +179,12 @@ def threshold_at_init(
         stored = store.lookup(params, label=label)
         if stored is not None:
             return _clamp_threshold(_f32(float(stored)), config), 0
-    if learning_rate is not None:
-        lr = learning_rate(0) if callable(learning_rate) else learning_rate
-        lr = _positive("learning_rate", lr)
+    if lr is not None:
         # clamp(c * sqrt(1 / lr)), every operation in float32.
         raw = _f32(config.lr_threshold_scale) * torch.sqrt(_f32(1.0) / _f32(lr))
         return _clamp_threshold(raw, config), 0
+    if learning_rate is not None:
+        warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=4)
     if config.adaptation_rule == "track":
         # The tracker waits for the first finite, positive norm, whatever warmup_steps
         # says (SPEC.md, "Initial threshold" 4 and "Tracking rule").
@@ -198,7 +205,8 @@ def init_state(
     """A fresh state (SPEC.md, "State" and "Initial threshold").
 
     Args:
-      learning_rate: a positive float, or a schedule ``step -> lr`` read at 0.
+      learning_rate: a float >= 0, or a schedule ``step -> lr`` (read over its
+        first 10,000 steps, see :func:`optax_gradflow.learning_rate.read`).
       config: a :class:`~optax_gradflow.StabilizerConfig`; the defaults if None.
       initial_threshold: an explicit initial threshold; wins over the rest.
       store: an object with ``lookup(params, label=...) -> float | None``, read
