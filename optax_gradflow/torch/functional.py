@@ -399,14 +399,19 @@ def _learning_steps(config: StabilizerConfig) -> int:
 
 
 def _accepted_reference(
-    e: Emergency, centre: torch.Tensor, reference: torch.Tensor, config: StabilizerConfig
+    fired: torch.Tensor,
+    consecutive: torch.Tensor,
+    centre: torch.Tensor,
+    reference: torch.Tensor,
+    config: StabilizerConfig,
 ) -> torch.Tensor:
     """The reference after an emergency, or after every ``track_accept_steps``-th
-    explosion of an unbroken run: the loss centre, when there is one."""
-    accept = e.fired
+    explosion of an unbroken run (``consecutive``, after the step): the loss
+    centre, when there is one."""
+    accept = fired
     n = config.track_accept_steps
     if n > 0:
-        accept = accept | ((e.consecutive > 0) & (torch.remainder(e.consecutive, n) == 0))
+        accept = accept | ((consecutive > 0) & (torch.remainder(consecutive, n) == 0))
     return torch.where(accept & _isfinite(centre), centre, reference)
 
 
@@ -613,7 +618,11 @@ class _Rule:
         )
 
     def gate_reference(
-        self, e: Emergency, centre: torch.Tensor, reference: torch.Tensor
+        self,
+        fired: torch.Tensor,
+        consecutive: torch.Tensor,
+        centre: torch.Tensor,
+        reference: torch.Tensor,
     ) -> torch.Tensor:
         """The loss reference after the gate moved (the track rule's emergency moves it)."""
         return reference
@@ -863,9 +872,9 @@ class TrackRule(_Rule):
             fire,
         )
 
-    def gate_reference(self, e, centre, reference):
+    def gate_reference(self, fired, consecutive, centre, reference):
         # "Tracking rule", "Emergency": the loss centre becomes the reference.
-        return _accepted_reference(e, centre, reference, self.config)
+        return _accepted_reference(fired, consecutive, centre, reference, self.config)
 
 
 def _log_constant(value: float, device: torch.device) -> torch.Tensor:
@@ -1184,7 +1193,7 @@ def record(
     loss, last_loss = _loss_value(value, state, device)
     # The loss gate moves under every rule (SPEC.md, "Per-step order" 10).
     loss_centre, loss_reference, loss_spread = _loss_gate(loss, c.calm, state, config)
-    loss_reference = rule.gate_reference(e, loss_centre, loss_reference)
+    loss_reference = rule.gate_reference(e.fired, e.consecutive, loss_centre, loss_reference)
 
     adapted = false if a.adapted is None else a.adapted
     warned = false if d.warned is None else d.warned

@@ -294,7 +294,9 @@ class GradientFlowStabilizer:
                 if self._gate_entry is not None:
                     entry, after = self._gate_entry
                     centre, reference, spread = _loss_gate(value, _calm(after), entry, self.config)
-                    reference = self._rule.gate_reference(_fired(after), centre, reference)
+                    reference = self._rule.gate_reference(
+                        _fired(after), after["consecutive_explosions"], centre, reference
+                    )
                     self._state["loss_centre"] = centre
                     self._state["loss_reference"] = reference
                     self._state["loss_spread"] = spread
