@@ -219,7 +219,11 @@ class Rule:
         )
 
     def gate_reference(
-        self, e: Emergency, loss_centre: jax.Array, loss_reference: jax.Array
+        self,
+        fire: jax.Array,
+        consecutive: jax.Array,
+        loss_centre: jax.Array,
+        loss_reference: jax.Array,
     ) -> jax.Array:
         """The loss gate's reference after the emergency (the track rule moves it)."""
         return loss_reference
@@ -443,7 +447,7 @@ class TrackRule(Rule):
             fire=fire,
         )
 
-    def gate_reference(self, e, loss_centre, loss_reference) -> jax.Array:
+    def gate_reference(self, fire, consecutive, loss_centre, loss_reference) -> jax.Array:
         # An emergency accepts the loss level it fires at as the new
         # reference: a loss that keeps climbing closes the gate again within
         # a few steps, while a loss that only settled higher no longer holds
@@ -451,10 +455,10 @@ class TrackRule(Rule):
         # unbroken run of explosions: a loss that keeps climbing while every
         # step is clipped is not climbing because of the steps (a TD loss
         # whose targets grow), and an emergency fires at most once per run.
-        accept = e.fire
+        accept = fire
         n = self.config.track_accept_steps
         if n > 0:
-            accept = accept | ((e.consecutive > 0) & (e.consecutive % n == 0))
+            accept = accept | ((consecutive > 0) & (consecutive % n == 0))
         return jnp.where(accept & jnp.isfinite(loss_centre), loss_centre, loss_reference)
 
 
@@ -713,7 +717,7 @@ def record(
         m.finite & ~c.explosion,
         config,
     )
-    loss_reference = rule.gate_reference(e, loss_centre, loss_reference)
+    loss_reference = rule.gate_reference(e.fire, e.consecutive, loss_centre, loss_reference)
     unstable = c.nonfinite | c.explosion
     flags = event_flags(c, e.fire, a.adapted, warned)
     # A diagnostics run pushes its variance even when it raises no flag.
