@@ -55,6 +55,7 @@ class StabilizerConfig:
     min_threshold: float = 1e-30
     max_threshold: float = math.inf
     lr_threshold_scale: float = 0.1
+    param_threshold_scale: float = 0.05
     warmup_steps: int = 100
     warmup_multiplier: float = 2.0
     adaptation_interval: int = 100
@@ -197,6 +198,7 @@ def _validate(cfg: StabilizerConfig) -> None:
             f"[{cfg.min_threshold}, {cfg.max_threshold}]",
         )
     _check_float(cfg, "lr_threshold_scale", above=0.0)
+    _check_float(cfg, "param_threshold_scale", at_least=0.0)
     _check_int(cfg, "warmup_steps", 0)
     _check_float(cfg, "warmup_multiplier", at_least=1.0)
     _check_int(cfg, "adaptation_interval", 0)
@@ -325,6 +327,13 @@ FIELD_DOCS: dict[str, FieldDoc] = {
         "norm x sqrt(lr)",
         "> 0",
         "Initial threshold",
+    ),
+    "param_threshold_scale": FieldDoc(
+        "`track`, data mode: the first threshold is at most this times the parameters' global "
+        "norm (0: no cap)",
+        "share of the parameters' norm",
+        ">= 0, finite",
+        "Tracking rule",
     ),
     "warmup_steps": FieldDoc(
         "length of the data warm-up",

@@ -164,6 +164,11 @@ class Rule:
         """``warmup_steps_left`` of a fresh state in data mode."""
         return self.config.warmup_steps
 
+    def data_threshold(self, params: Any) -> jax.Array:
+        """``clip_threshold`` of a fresh state in data mode: a placeholder."""
+        del params
+        return jnp.float32(self.config.min_threshold)
+
     def fixed_start(self) -> tuple[jax.Array, int] | None:
         """A start that ignores explicit / stored / learning-rate thresholds."""
         return None
@@ -355,12 +360,29 @@ class TrackRule(Rule):
         # The tracker waits for the first finite norm.
         return 1
 
+    def data_threshold(self, params: Any) -> jax.Array:
+        """The parameters' cap on the first threshold (SPEC.md, "Initial
+        threshold" 4): ``clamp(param_threshold_scale * P)``, ``P`` the
+        parameters' global norm, or ``max_threshold`` where that is not
+        finite and positive."""
+        config = self.config
+        cap = jnp.float32(config.param_threshold_scale) * jnp.sqrt(sum_of_squares(params))
+        usable = jnp.isfinite(cap) & (cap > 0)
+        return jnp.where(
+            usable,
+            threshold_lib.clamp_threshold(cap, config),
+            jnp.float32(config.max_threshold),
+        )
+
     def step_threshold(self, m: Measured, state: GradientFlowState) -> StepThreshold:
         in_warmup = state.warmup_steps_left > 0
         # Waiting for the first finite, positive norm: it has nothing to be
-        # compared with and is not clipped; it starts the tracker.
+        # compared with but the parameters' cap (held in clip_threshold) and
+        # is clipped only above it; it starts the tracker.
         first = jnp.where(
-            m.finite, threshold_lib.clamp_threshold(m.norm, self.config), state.clip_threshold
+            m.finite,
+            jnp.minimum(threshold_lib.clamp_threshold(m.norm, self.config), state.clip_threshold),
+            state.clip_threshold,
         )
         thr = jnp.where(in_warmup, first, state.clip_threshold)
         return StepThreshold(thr, thr, in_warmup, jnp.zeros((), jnp.bool_), jnp.float32(0.0))
@@ -390,14 +412,19 @@ class TrackRule(Rule):
         # A zero norm (an all-zero gradient) has no level to start from.
         start = t.in_warmup & m.finite & (m.norm > 0)
         move = m.finite & ~t.in_warmup
-        ema_mean = jnp.where(start, x, jnp.where(move, moved_centre, ema_mean))
+        x_start = threshold_lib.log_norm(jnp.minimum(m.norm, state.clip_threshold))
+        ema_mean = jnp.where(start, x_start, jnp.where(move, moved_centre, ema_mean))
         ema_var = jnp.where(start, 0.0, jnp.where(move, moved_spread, ema_var))
         # The anchor follows the centre on calm steps while the loss does not
         # climb: explosions never move it, so one climb cannot re-anchor lower.
         calm_open = ~rising & m.finite & ~c.explosion
         centre_anchor = jnp.where(start | calm_open, ema_mean, state.centre_anchor)
+        # A step that neither starts nor moves the tracker keeps the threshold
+        # (while waiting: the parameters' cap, not the zero norm's clamp(0)).
         new_thr = jnp.where(
-            start | move, threshold_lib.track_threshold(ema_mean, ema_var, config), t.clip
+            start | move,
+            threshold_lib.track_threshold(ema_mean, ema_var, config),
+            state.clip_threshold,
         )
         # The threshold moves every step; "adapted" marks the start and then
         # every adaptation_interval steps, so that the threshold history

@@ -332,9 +332,14 @@ def loss_update(
     # loss that keeps climbing still closes it within a few steps.
     # The bounds are at least 0.001 |centre|, so that a loss that was
     # constant at first (spread 0) can still move the levels.
+    # The centre's bound is also a share of the level (the gate's own unit is):
+    # a loss that jumps far above the level its spread was learned at (a TD
+    # loss at a target-network copy) is followed within tens of steps, not
+    # hundreds.
     floor = 1e-3 * jnp.abs(centre)
     bound = jnp.maximum(3.0 * spread, floor)
-    centre_bound = jnp.maximum(10.0 * spread, floor)
+    level_share = jnp.float32(max(10.0 * config.track_loss_rel, 1e-3))
+    centre_bound = jnp.maximum(10.0 * spread, level_share * jnp.abs(centre))
     step = jnp.where(early, loss - centre, jnp.clip(loss - centre, -centre_bound, centre_bound))
     new_centre = centre + level_rate * step
     gap = new_centre - reference

@@ -184,8 +184,8 @@ def _initial_threshold(
         return threshold_lib.threshold_from_learning_rate(lr, config), 0
     if learning_rate is not None:
         warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=3)
-    # Data mode: a placeholder threshold that no warm-up step uses.
-    return jnp.float32(config.min_threshold), rule.data_warmup_steps()
+    # Data mode: the rule's placeholder (the track rule's: the parameters' cap).
+    return rule.data_threshold(params), rule.data_warmup_steps()
 
 
 def _check_factory_args(config, initial_threshold) -> StabilizerConfig:

@@ -147,11 +147,20 @@ def test_initial_track_state():
     assert s["ema_mean"].item() == float(np.log(F32(10.0)))
     assert s["centre_anchor"].item() == s["ema_mean"].item()
     assert s["ema_var"].item() == 0.0
-    # Data mode: the placeholder min_threshold (1e-30), waiting for one norm.
+    # Data mode without parameters: no cap (max_threshold, inf), waiting for
+    # one norm; c = lnf(inf) = inf until it comes.
     s = ogt.init_state()
     assert s["warmup_steps_left"].item() == 1
-    assert s["clip_threshold"].item() == float(F32(1e-30))
-    assert s["ema_mean"].item() == float(np.log(F32(1e-30)))
+    assert s["clip_threshold"].item() == math.inf
+    assert s["ema_mean"].item() == math.inf
+    # With parameters: |[3, 4]| = 5, the cap 0.05 * 5 = 0.25 (SPEC.md,
+    # "Initial threshold" 4); a module's parameters are read the same way.
+    s = ogt.init_state(params=[torch.tensor([3.0, 4.0])])
+    assert s["clip_threshold"].item() == pytest.approx(0.25, rel=1e-6)
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 4.0]]))
+    assert ogt.init_state(params=layer)["clip_threshold"].item() == pytest.approx(0.25, rel=1e-6)
     # The other rules leave both at 0.
     s = ogt.init_state(1e-4, config=SEED)
     assert s["ema_mean"].item() == 0.0 and s["centre_anchor"].item() == 0.0
@@ -181,8 +190,8 @@ def test_initial_threshold_rules_of_the_seed(kwargs, threshold, warmup):
         ({"learning_rate": 1.0}, float(F32(0.1)), 0),
         ({"learning_rate": 10.0}, float(F32(0.1) * np.sqrt(F32(0.1))), 0),  # floor 1e-30
         ({"learning_rate": 1e-2, "initial_threshold": 7.0}, 7.0, 0),
-        ({}, float(F32(1e-30)), 1),  # data mode: waits for the first finite norm
-        ({"config": StabilizerConfig(warmup_steps=0)}, float(F32(1e-30)), 1),
+        ({}, math.inf, 1),  # data mode: waits for the first finite norm, no cap
+        ({"config": StabilizerConfig(warmup_steps=0)}, math.inf, 1),
     ],
 )
 def test_initial_threshold_rules_of_the_default(kwargs, threshold, warmup):

@@ -213,38 +213,50 @@ LATE = {"stabilizer_step": 20, "loss_reference": 1.0}
 
 
 @pytest.mark.parametrize(
-    "norm, centre0, spread0, value, centre, reference, spread",
+    "norm, centre0, spread0, value, centre, reference, spread, rel",
     [
-        # Centre 1, spread 0.1: Bc = 1, B = 0.3. Calm (norm 1 = t: not
+        # Centre 1, spread 0.1, track_loss_rel 0.2: Bc = max(10 * 0.1, 10 *
+        # 0.2 * 1) = 2, B = max(0.3, 0.001) = 0.3. Calm (norm 1 = t: not
         # clipped), v = 11, open (the unit max(0.1, 0.2 * |1|) = 0.2, and
-        # 1 > 1 + 1 * 0.2 is false). centre' = 1 + 0.05 *
-        # clip(10, -1, 1) = 1.05; gap = 0.05 > 0: reference' = 1 + 0.005 * 0.05
-        # = 1.00025; dev = min(10, 0.3): spread' = 0.1 + 0.05 * 0.2 = 0.11.
-        (1.0, 1.0, 0.1, 11.0, 1.05, 1.00025, 0.11),
+        # 1 > 1 + 1 * 0.2 is false). centre' = 1 + 0.05 * clip(10, -2, 2) =
+        # 1.1; gap = 0.1 > 0: reference' = 1 + 0.005 * 0.1 = 1.0005;
+        # dev = min(10, 0.3): spread' = 0.1 + 0.05 * 0.2 = 0.11.
+        (1.0, 1.0, 0.1, 11.0, 1.1, 1.0005, 0.11, 0.2),
         # The same loss on an explosion (norm 100 > 3): not calm, so the
         # spread stays; the reference still moves, at the rise rate (not calm):
-        # gap = 0.05, reference' = 1 + 0.005 * 0.05 = 1.00025.
-        (100.0, 1.0, 0.1, 11.0, 1.05, 1.00025, 0.1),
+        # gap = 0.1, reference' = 1 + 0.005 * 0.1 = 1.0005.
+        (100.0, 1.0, 0.1, 11.0, 1.1, 1.0005, 0.1, 0.2),
+        # The same with track_loss_rel 0: Bc = max(1, 0.001 * 1) = 1 (the
+        # spread's bound): centre' = 1 + 0.05 * 1 = 1.05, gap = 0.05,
+        # reference' = 1 + 0.005 * 0.05 = 1.00025.
+        (1.0, 1.0, 0.1, 11.0, 1.05, 1.00025, 0.11, 0.0),
         # A falling loss on an explosion: centre' = 0.975 as on a calm step, but
         # not calm, so the reference falls at the rise rate, not at r: gap =
         # -0.025, reference' = 1 - 0.005 * 0.025 = 0.999875; the spread stays.
-        (100.0, 1.0, 0.1, 0.5, 0.975, 0.999875, 0.1),
-        # Calm, the loss falls (v = 0.5): centre' = 1 + 0.05 * clip(-0.5, -1, 1)
+        (100.0, 1.0, 0.1, 0.5, 0.975, 0.999875, 0.1, 0.2),
+        # Calm, the loss falls (v = 0.5): centre' = 1 + 0.05 * clip(-0.5, -2, 2)
         # = 0.975; gap = -0.025 <= 0: reference' = 1 - 0.05 * 0.025 = 0.99875;
         # dev = min(0.5, 0.3): spread' = 0.11.
-        (1.0, 1.0, 0.1, 0.5, 0.975, 0.99875, 0.11),
-        # A loss that was constant (spread 0) at level 1: Bc = B = 0.001, so
-        # v = 2 still moves it: centre' = 1 + 0.05 * 0.001 = 1.00005, gap =
-        # 0.00005: reference' = 1 + 0.005 * 0.00005 = 1.00000025; spread' =
-        # 0.05 * min(1, 0.001) = 0.00005.
-        (1.0, 1.0, 0.0, 2.0, 1.00005, 1.00000025, 0.00005),
+        (1.0, 1.0, 0.1, 0.5, 0.975, 0.99875, 0.11, 0.2),
+        # A loss that was constant (spread 0) at level 1: Bc = 10 * 0.2 * 1 = 2,
+        # B = 0.001: v = 2 moves the centre by 0.05 * 1: centre' = 1.05, gap =
+        # 0.05: reference' = 1 + 0.005 * 0.05 = 1.00025; spread' = 0.05 *
+        # min(1, 0.001) = 0.00005.
+        (1.0, 1.0, 0.0, 2.0, 1.05, 1.00025, 0.00005, 0.2),
+        # The same with track_loss_rel 0: Bc = B = 0.001, so v = 2 still moves
+        # it: centre' = 1 + 0.05 * 0.001 = 1.00005, gap = 0.00005: reference' =
+        # 1 + 0.005 * 0.00005 = 1.00000025; spread' = 0.00005.
+        (1.0, 1.0, 0.0, 2.0, 1.00005, 1.00000025, 0.00005, 0.0),
         # A non-finite loss changes nothing.
-        (1.0, 1.0, 0.1, float("nan"), 1.0, 1.0, 0.1),
+        (1.0, 1.0, 0.1, float("nan"), 1.0, 1.0, 0.1, 0.2),
     ],
 )
-def test_loss_gate_after_the_first_steps(norm, centre0, spread0, value, centre, reference, spread):
+def test_loss_gate_after_the_first_steps(
+    norm, centre0, spread0, value, centre, reference, spread, rel
+):
+    config = dataclasses.replace(HAND, track_loss_rel=rel)
     state = fresh(**LATE, loss_centre=centre0, loss_spread=spread0)
-    _, new = one_step(state, norm, value=value)
+    _, new = one_step(state, norm, value=value, config=config)
     assert int(new.explosion_count) == (norm == 100.0)
     assert float(new.loss_centre) == pytest.approx(centre, rel=RTOL32)
     assert float(new.loss_reference) == pytest.approx(reference, rel=RTOL32)
@@ -458,9 +470,10 @@ def test_data_mode_zero_norm_keeps_waiting():
 
 def test_data_mode_nan_first_step_keeps_waiting():
     _, r = run([float("nan"), 5.0, 50.0])
-    # Step 0: skipped, still waiting; the threshold is the placeholder 1e-30.
+    # Step 0: skipped, still waiting; the threshold is the cap, here none
+    # (all-zero parameters): max_threshold, inf.
     assert r["out"][0] == 0.0 and r["flags"][0] == FLAG_NONFINITE
-    assert r["thr"][0] == pytest.approx(1e-30, rel=RTOL32)
+    assert r["thr"][0] == math.inf
     # Step 1: the first finite norm starts the tracker unclipped.
     assert r["out"][1] == 5.0 and r["flags"][1] == FLAG_ADAPTED
     assert r["thr"][1] == pytest.approx(5.0, rel=RTOL32)

@@ -358,12 +358,12 @@ def test_an_explosion_in_progress_is_cut_within_track_max_cut(centre, expected):
     # The gate was closed on entry: the anchor stays.
     assert float(state["centre_anchor"]) == 0.0
     # Not calm: the spread stays. The centre moves by a bounded step: Bc =
-    # max(10 * 0.1, 0.001 * 2) = 1, so 2 + 0.05 * clip(5 - 2, -1, 1) = 2.05.
-    # The reference moves too, at the rise rate (not calm): gap = 2.05 - 1 =
-    # 1.05, reference = 1 + 0.005 * 1.05 = 1.00525.
+    # max(10 * 0.1, 10 * 0.2 * 2) = 4, so 2 + 0.05 * clip(5 - 2, -4, 4) = 2.15.
+    # The reference moves too, at the rise rate (not calm): gap = 2.15 - 1 =
+    # 1.15, reference = 1 + 0.005 * 1.15 = 1.00575.
     assert float(state["loss_spread"]) == F32(0.1)
-    assert float(state["loss_centre"]) == pytest.approx(2.05, rel=1e-6)
-    assert float(state["loss_reference"]) == pytest.approx(1.00525, rel=1e-6)
+    assert float(state["loss_centre"]) == pytest.approx(2.15, rel=1e-6)
+    assert float(state["loss_reference"]) == pytest.approx(1.00575, rel=1e-6)
 
 
 def test_an_explosion_with_a_loss_rising_but_not_climbing_is_only_held():
@@ -427,42 +427,51 @@ def test_the_loss_gate_learns_running_means_during_the_first_steps():
 
 
 @pytest.mark.parametrize(
-    "norm, centre0, spread0, value, centre, reference, spread",
+    "norm, centre0, spread0, value, centre, reference, spread, rel",
     [
-        # Loss centre = reference = 2, spread 0.2: Bc = max(10 * 0.2, 0.002) =
-        # 2 (the centre's bound), B = max(3 * 0.2, 0.002) = 0.6 (the spread's).
-        # Calm (norm 1 = t), v = 12, gate open (the unit max(0.2, 0.2 * 2) =
-        # 0.4, 2 > 2.4 is false): centre = 2 + 0.05 * clip(10,
-        # -2, 2) = 2.1; gap = 0.1 > 0: reference = 2 + 0.005 * 0.1 = 2.0005;
-        # dev = min(10, 0.6): spread = 0.2 + 0.05 * (0.6 - 0.2) = 0.22.
-        (1.0, 2.0, 0.2, 12.0, 2.1, 2.0005, 0.22),
+        # Loss centre = reference = 2, spread 0.2, track_loss_rel 0.2: Bc =
+        # max(10 * 0.2, 10 * 0.2 * 2) = 4 (the centre's bound), B = max(3 *
+        # 0.2, 0.002) = 0.6 (the spread's). Calm (norm 1 = t), v = 12, gate
+        # open (the unit max(0.2, 0.2 * 2) = 0.4, 2 > 2.4 is false): centre =
+        # 2 + 0.05 * clip(10, -4, 4) = 2.2; gap = 0.2 > 0: reference = 2 +
+        # 0.005 * 0.2 = 2.001; dev = min(10, 0.6): spread = 0.2 + 0.05 * (0.6
+        # - 0.2) = 0.22.
+        (1.0, 2.0, 0.2, 12.0, 2.2, 2.001, 0.22, 0.2),
         # The same loss on an explosion (norm 100 > 3): not calm, so the
-        # spread stays, and the reference moves at the rise rate: gap = 0.1,
-        # reference = 2 + 0.005 * 0.1 = 2.0005.
-        (100.0, 2.0, 0.2, 12.0, 2.1, 2.0005, 0.2),
+        # spread stays, and the reference moves at the rise rate: gap = 0.2,
+        # reference = 2 + 0.005 * 0.2 = 2.001.
+        (100.0, 2.0, 0.2, 12.0, 2.2, 2.001, 0.2, 0.2),
+        # track_loss_rel 0: Bc = max(2, 0.002) = 2: centre = 2 + 0.05 * 2 =
+        # 2.1; gap = 0.1: reference = 2 + 0.005 * 0.1 = 2.0005.
+        (1.0, 2.0, 0.2, 12.0, 2.1, 2.0005, 0.22, 0.0),
         # A falling loss on an explosion (v = 1.5): centre = 1.975 as on a calm
         # step, but not calm, so the reference falls at the rise rate, not at
         # r: gap = -0.025, reference = 2 - 0.005 * 0.025 = 1.999875; the
         # spread stays.
-        (100.0, 2.0, 0.2, 1.5, 1.975, 1.999875, 0.2),
+        (100.0, 2.0, 0.2, 1.5, 1.975, 1.999875, 0.2, 0.2),
         # Calm, the loss falls (v = 1.5): centre = 2 + 0.05 * (-0.5) = 1.975;
         # gap = -0.025 <= 0: reference = 2 - 0.05 * 0.025 = 1.99875;
         # dev = min(0.5, 0.6) = 0.5: spread = 0.2 + 0.05 * 0.3 = 0.215.
-        (1.0, 2.0, 0.2, 1.5, 1.975, 1.99875, 0.215),
-        # A loss that was constant (spread 0) at 4: Bc = B = 0.001 * 4 = 0.004,
-        # so v = 5 still moves the levels: centre = 4 + 0.05 * 0.004 = 4.0002;
-        # gap = 0.0002: reference = 4 + 0.005 * 0.0002 = 4.000001;
-        # spread = 0 + 0.05 * min(1, 0.004) = 0.0002.
-        (1.0, 4.0, 0.0, 5.0, 4.0002, 4.000001, 0.0002),
+        (1.0, 2.0, 0.2, 1.5, 1.975, 1.99875, 0.215, 0.2),
+        # A loss that was constant (spread 0) at 4, track_loss_rel 0: Bc = B =
+        # 0.001 * 4 = 0.004, so v = 5 still moves the levels: centre = 4 +
+        # 0.05 * 0.004 = 4.0002; gap = 0.0002: reference = 4 + 0.005 * 0.0002
+        # = 4.000001; spread = 0 + 0.05 * min(1, 0.004) = 0.0002.
+        (1.0, 4.0, 0.0, 5.0, 4.0002, 4.000001, 0.0002, 0.0),
+        # The same at track_loss_rel 0.2: Bc = 10 * 0.2 * 4 = 8: centre = 4 +
+        # 0.05 * 1 = 4.05; gap = 0.05: reference = 4 + 0.005 * 0.05 = 4.00025;
+        # B = 0.004 still: spread = 0.0002.
+        (1.0, 4.0, 0.0, 5.0, 4.05, 4.00025, 0.0002, 0.2),
         # A non-finite loss changes nothing.
-        (1.0, 2.0, 0.2, math.nan, 2.0, 2.0, 0.2),
+        (1.0, 2.0, 0.2, math.nan, 2.0, 2.0, 0.2, 0.2),
     ],
 )
 def test_the_loss_gate_after_the_first_steps(
-    norm, centre0, spread0, value, centre, reference, spread
+    norm, centre0, spread0, value, centre, reference, spread, rel
 ):
+    config = dataclasses.replace(HAND, track_loss_rel=rel)
     state = _late_state(loss_centre=centre0, loss_reference=centre0, loss_spread=spread0)
-    _, state = ogt.update([torch.tensor([norm])], state, value=value, config=HAND)
+    _, state = ogt.update([torch.tensor([norm])], state, value=value, config=config)
     assert bool(_flag(state) & 2) == (norm == 100.0)
     assert float(state["loss_centre"]) == pytest.approx(centre, rel=1e-6)
     assert float(state["loss_reference"]) == pytest.approx(reference, rel=1e-6)
@@ -571,25 +580,29 @@ def test_a_slowly_rising_loss_with_steady_norms_does_not_drag_the_threshold_down
 def test_a_huge_outlier_loss_does_not_shut_the_gate():
     # Calm norms around 1, a loss 1 +- 1%, and at step 200 one loss 1e7 x the
     # usual. After the first N steps its influence is bounded: the loss centre
-    # moves by at most r * Bc = r * 10 spreads (half a spread with r = 0.05),
-    # under the 1 spread that closes the gate; the spread grows by r * (B -
-    # spread) = 10%. The gate stays open, and a lasting x2 rise of the norm
-    # at step 210 is followed (the centre rises by ~ln 2).
+    # moves by at most r * Bc = r * max(10 spreads, 10 * track_loss_rel *
+    # |centre|) = 0.05 * 2 * ~1 = ~0.1 here (the share of the level binds: the
+    # spread is ~0.01), under the gate's unit max(spread, 0.2 |reference|) =
+    # ~0.2 that closes it; the spread grows by r * (B - spread) = 10%. The
+    # gate stays open, and a lasting x2 rise of the norm at step 210 is
+    # followed (the centre rises by ~ln 2).
     norms = _noise(seed=8, steps=500)
     norms[210:] *= F32(2.0)
     losses = [float(1.0 + 0.01 * x) for x in np.random.default_rng(9).normal(size=500)]
     losses[200] = 1e7
     _, trace = _drive(norms, values=losses)
     before, hit = trace.after[199], trace.after[200]
-    spread = float(before["loss_spread"])
+    share = 10 * DEFAULT.track_loss_rel * abs(float(before["loss_centre"]))
+    assert share > 10 * float(before["loss_spread"])
     assert float(hit["loss_centre"]) - float(before["loss_centre"]) == pytest.approx(
-        R * 10 * spread, rel=1e-3
+        R * share, rel=1e-3
     )
     for after in trace.after:
         centre, ref, spread = (
             float(after[f]) for f in ("loss_centre", "loss_reference", "loss_spread")
         )
-        assert not centre > ref + DEFAULT.track_loss_k * spread
+        unit = max(spread, DEFAULT.track_loss_rel * abs(ref))
+        assert not centre > ref + DEFAULT.track_loss_k * unit
     rise = float(trace.after[-1]["ema_mean"]) - float(trace.after[199]["ema_mean"])
     assert rise == pytest.approx(math.log(2.0), abs=0.15)
 
@@ -597,15 +610,16 @@ def test_a_huge_outlier_loss_does_not_shut_the_gate():
 def test_data_mode_zero_norms_keep_waiting():
     # SPEC.md, "Tracking rule", "Start": an all-zero gradient has no level to
     # start from: t = clamp(0) = min_threshold (1e-30), n = 0 is not clipped
-    # (and is vanishing), the output is 0, warmup_steps_left stays 1 and the
-    # centre at its placeholder lnf(1e-30); the first positive norm starts it.
+    # (and is vanishing), the output is 0, warmup_steps_left stays 1, and the
+    # threshold stays the cap (none here: inf) and the centre at lnf(cap); the
+    # first positive norm starts it.
     start = ogt.init_state()
     _, trace = _drive([0.0, 0.0, 2.0, 2.0])
     assert trace.flags == [4, 4, 32, 0]
     assert [int(a["warmup_steps_left"]) for a in trace.after] == [1, 1, 0, 0]
     assert trace.out[:2] == [0.0, 0.0] and trace.out[2] == 2.0
     for k in (0, 1):
-        assert float(trace.after[k]["clip_threshold"]) == float(F32(1e-30))
+        assert float(trace.after[k]["clip_threshold"]) == math.inf
         assert float(trace.after[k]["ema_mean"]) == float(start["ema_mean"])
     assert float(trace.after[2]["ema_mean"]) == pytest.approx(math.log(2.0), rel=1e-6)
     assert float(trace.after[2]["clip_threshold"]) == pytest.approx(2.0, rel=1e-6)
@@ -638,3 +652,24 @@ def test_a_start_100x_below_with_a_noisy_loss_is_overruled(loss_seed):
     _, trace = _drive(norms, initial_threshold=0.01, values=losses)
     assert 0.3 <= _ratio(trace) <= 3.0, _ratio(trace)
     assert trace.count(16) <= 1
+
+
+def test_data_mode_caps_the_first_norm_by_the_parameters():
+    # SPEC.md, "Initial threshold" 4: the class reads the parameters (given,
+    # or the optimizer's): |[3, 4]| = 5, cap = 0.05 * 5 = 0.25. A zero norm
+    # first keeps the cap; then a norm of 50 is clipped to it (g * 0.25 / 50)
+    # and starts the tracker at ln 0.25.
+    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([weight], lr=0.0)
+    with pytest.warns(UserWarning):  # a learning rate of 0 reads as none
+        stab = ogt.GradientFlowStabilizer(optimizer=opt)
+    assert float(stab.state_dict()["clip_threshold"]) == pytest.approx(0.25, rel=1e-6)
+    for grad, expected in (([0.0, 0.0], [0.0, 0.0]), ([30.0, 40.0], [0.15, 0.2])):
+        weight.grad = torch.tensor(grad)
+        stab.clip_gradients([weight])
+        np.testing.assert_allclose(weight.grad.numpy(), expected, rtol=1e-6)
+        assert float(stab.state_dict()["clip_threshold"]) == pytest.approx(0.25, rel=1e-6)
+    assert float(stab.state_dict()["ema_mean"]) == pytest.approx(math.log(0.25), rel=1e-6)
+    # Given explicitly, without an optimizer.
+    stab = ogt.GradientFlowStabilizer(params=[weight])
+    assert float(stab.state_dict()["clip_threshold"]) == pytest.approx(0.25, rel=1e-6)

@@ -101,11 +101,36 @@ def test_data_mode_starts_in_warmup():
 
 
 def test_data_mode_of_the_track_rule_waits_for_one_finite_norm():
-    # Default ("track"): warmup_steps_left = 1 whatever warmup_steps says; the
-    # placeholder is min_threshold = 1e-30 (float32 rounds it).
+    # Default ("track"): warmup_steps_left = 1 whatever warmup_steps says; with
+    # all-zero parameters there is no cap: clip_threshold = max_threshold (inf).
     state = og.stabilize().init({"w": jnp.zeros(3)})
     assert int(state.warmup_steps_left) == 1
-    assert float(state.clip_threshold) == pytest.approx(1e-30, rel=RTOL)
+    assert float(state.clip_threshold) == math.inf
+
+
+def test_data_mode_caps_the_first_threshold_by_the_parameters():
+    # SPEC.md, "Initial threshold" 4: |[3, 4]| = 5, cap = 0.05 * 5 = 0.25.
+    params = {"w": jnp.array([3.0, 4.0])}
+    opt = og.stabilize()
+    state = opt.init(params)
+    assert int(state.warmup_steps_left) == 1
+    assert float(state.clip_threshold) == pytest.approx(0.25, rel=RTOL)
+    # A first norm of 50 (|[30, 40]|) is clipped to the cap: g * 0.25 / 50,
+    # and starts the tracker at lnf(min(50, 0.25)) = ln 0.25 (d = 0, t' = 0.25).
+    out, state = jax.jit(opt.update)({"w": jnp.array([30.0, 40.0])}, state, params)
+    np.testing.assert_allclose(out["w"], [0.15, 0.2], rtol=RTOL)
+    assert float(state.ema_mean) == pytest.approx(math.log(0.25), rel=RTOL)
+    assert float(state.clip_threshold) == pytest.approx(0.25, rel=RTOL)
+    # A first norm under the cap (0.05 = |[0.03, 0.04]|) is not clipped and
+    # starts the tracker at its own level, as without a cap.
+    out, state = jax.jit(opt.update)({"w": jnp.array([0.03, 0.04])}, opt.init(params), params)
+    np.testing.assert_allclose(out["w"], [0.03, 0.04], rtol=RTOL)
+    assert float(state.clip_threshold) == pytest.approx(0.05, rel=RTOL)
+    # param_threshold_scale = 0: no cap, the first norm is not clipped.
+    free = og.stabilize(config=og.StabilizerConfig(param_threshold_scale=0.0))
+    assert float(free.init(params).clip_threshold) == math.inf
+    # A learning rate wins over the cap: 0.1 * sqrt(1 / 1e-2) = 1.
+    assert float(og.stabilize(1e-2).init(params).clip_threshold) == pytest.approx(1.0, rel=RTOL)
 
 
 # --- Classification and output ("Per-step order" 3-4) ----------------------

@@ -439,11 +439,14 @@ def _loss_gate(
     early = count < _learning_steps(config)
     a = torch.maximum(rate, 1.0 / (count.to(_F32) + 1.0))
     # After them, bounded influence: B = max(3 * spread, 0.001 * |centre|) for
-    # the spread, Bc = max(10 * spread, 0.001 * |centre|) for the centre (one
-    # outlier moves it by at most r * Bc, half a spread).
+    # the spread, Bc = max(10 * spread, b * |centre|) for the centre, with
+    # b = max(10 * track_loss_rel, 0.001): a share of the level, as the gate's
+    # unit is, so that a loss that jumps far above the level its spread was
+    # learned at (a target-network copy) is followed in tens of steps.
     floor = torch.abs(centre) * 1e-3
     bound = torch.maximum(spread * 3.0, floor)
-    centre_bound = torch.maximum(spread * 10.0, floor)
+    level_share = _f32_constant(max(10.0 * config.track_loss_rel, 1e-3), device)
+    centre_bound = torch.maximum(spread * 10.0, level_share * torch.abs(centre))
     diff = loss - centre
     new_centre = torch.where(
         early,
@@ -775,13 +778,13 @@ class TrackRule(_Rule):
 
     def threshold(self, m: Measured, state: State, due: Due, device: torch.device) -> StepThreshold:
         # Waiting for the first finite, positive norm ("Start"): it has nothing
-        # to be compared with and is not clipped (a zero norm: t = clamp(0),
-        # and it keeps waiting); a non-finite step while waiting uses the
-        # placeholder (and is skipped anyway).
+        # to be compared with but the parameters' cap (held in clip_threshold)
+        # and is clipped only above it (a zero norm: t = clamp(0), and it
+        # keeps waiting); a non-finite step while waiting uses the cap (and
+        # is skipped anyway).
         in_warmup = state["warmup_steps_left"] > 0
-        threshold = torch.where(
-            in_warmup & m.finite, _clamp_threshold(m.norm, self.config), state["clip_threshold"]
-        )
+        first = torch.minimum(_clamp_threshold(m.norm, self.config), state["clip_threshold"])
+        threshold = torch.where(in_warmup & m.finite, first, state["clip_threshold"])
         return StepThreshold(threshold, threshold, in_warmup)
 
     def _levels(self, centre: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
@@ -823,14 +826,19 @@ class TrackRule(_Rule):
         in_warmup = th.in_warmup
         start = in_warmup & m.finite & (m.norm > 0)
         move = m.finite & ~in_warmup
-        ema_mean = torch.where(start, x, torch.where(move, moved, centre))
+        x_start = log_floored(torch.minimum(m.norm, state["clip_threshold"]))
+        ema_mean = torch.where(start, x_start, torch.where(move, moved, centre))
         ema_var = torch.where(
             start, _f32_constant(0.0, device), torch.where(move, new_spread, spread)
         )
         # The anchor follows the centre on calm steps while the loss does not climb.
         anchor = torch.where(start | (c.calm & ~rising), ema_mean, state["centre_anchor"])
         left_after = (in_warmup & ~start).to(_I32)
-        new_threshold = torch.where(start | move, self._levels(ema_mean, ema_var), th.threshold)
+        # A step that neither starts nor moves the tracker keeps the threshold
+        # (while waiting: the parameters' cap, not the zero norm's clamp(0)).
+        new_threshold = torch.where(
+            start | move, self._levels(ema_mean, ema_var), state["clip_threshold"]
+        )
         # The threshold moves every step; the adapted flag (and the threshold
         # history) mark the start and every adaptation_interval steps after it.
         adapt = start

@@ -108,6 +108,11 @@ class GradientFlowStabilizer:
         same decision. Not needed for FSDP2 (DTensor gradients are reduced over
         their mesh) and wrong for DDP (its gradients are already all-reduced:
         they would be counted once per rank). SPEC.md, "Distributed".
+      params: the model's parameters (a module, or an iterable of tensors;
+        ``optimizer``'s when None). Without a learning rate (data mode) the
+        first threshold is at most ``config.param_threshold_scale`` times
+        their global norm: a first gradient far larger than the weights it
+        would update is clipped. Without them the first norm is not clipped.
 
     Examples:
       >>> import torch
@@ -136,6 +141,7 @@ class GradientFlowStabilizer:
         skip_mode: SkipMode = "auto",
         process_group: Any = None,
         optimizer: torch.optim.Optimizer | None = None,
+        params: Any = None,
     ):
         if skip_mode not in _SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {_SKIP_MODES}, got {skip_mode!r}.")
@@ -144,8 +150,10 @@ class GradientFlowStabilizer:
         self.config = _check_config(config)
         self.skip_mode = skip_mode
         self.process_group = process_group
+        if params is None and optimizer is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
         self._state = init_state(
-            learning_rate, config=self.config, initial_threshold=initial_threshold
+            learning_rate, config=self.config, initial_threshold=initial_threshold, params=params
         )
         self._rule = rule_for(self.config)
         # Host-side copies of the state's step counter and (for the history

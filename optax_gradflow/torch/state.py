@@ -187,9 +187,40 @@ def threshold_at_init(
         warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=4)
     if config.adaptation_rule == "track":
         # The tracker waits for the first finite, positive norm, whatever warmup_steps
-        # says (SPEC.md, "Initial threshold" 4 and "Tracking rule").
-        return _f32(config.min_threshold), 1
+        # says, and clips it only above the parameters' cap (SPEC.md, "Initial
+        # threshold" 4 and "Tracking rule").
+        return parameter_cap(params, config), 1
     return _f32(config.min_threshold), config.warmup_steps
+
+
+def _float_tensors(params: Any) -> list[torch.Tensor]:
+    """The floating tensors of a module, a tensor, a mapping or an iterable of tensors."""
+    if params is None:
+        return []
+    if isinstance(params, torch.nn.Module):
+        params = list(params.parameters())
+    elif isinstance(params, torch.Tensor):
+        params = [params]
+    elif isinstance(params, Mapping):
+        params = list(params.values())
+    else:
+        params = list(params)
+    return [p for p in params if isinstance(p, torch.Tensor) and p.is_floating_point()]
+
+
+def parameter_cap(params: Any, config: StabilizerConfig) -> torch.Tensor:
+    """``clamp(param_threshold_scale * P)``, ``P`` the parameters' global norm
+    (float32 sums of squares, tensor by tensor), or ``max_threshold`` where
+    that is not finite and positive (no parameters given, all zero)."""
+    total = _f32(0.0)
+    for p in _float_tensors(params):
+        # A DTensor shard (FSDP2) is gathered: the cap is the whole model's.
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        total = total + torch.sum(torch.square(p.detach().to("cpu", torch.float32)))
+    cap = _f32(config.param_threshold_scale) * torch.sqrt(total)
+    if bool(torch.isfinite(cap)) and float(cap) > 0.0:
+        return _clamp_threshold(cap, config)
+    return _f32(config.max_threshold)
 
 
 def init_state(
@@ -211,7 +242,10 @@ def init_state(
       initial_threshold: an explicit initial threshold; wins over the rest.
       store: an object with ``lookup(params, label=...) -> float | None``, read
         once, here.
-      params: what ``store.lookup`` is given.
+      params: what ``store.lookup`` is given; in data mode (the ``track``
+        rule), the model's parameters (a module, a tensor, a mapping or an
+        iterable of tensors) also cap the first threshold at
+        ``param_threshold_scale`` times their global norm.
       label: passed to ``store.lookup``.
       device: where the state lives; the CPU if None. Keep it on the
         gradients' device.

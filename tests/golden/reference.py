@@ -39,6 +39,7 @@ DEFAULTS: dict[str, object] = {
     "min_threshold": 1e-30,
     "max_threshold": math.inf,
     "lr_threshold_scale": 0.1,
+    "param_threshold_scale": 0.05,
     "warmup_steps": 100,
     "warmup_multiplier": 2.0,
     "adaptation_interval": 100,
@@ -159,8 +160,13 @@ def history(state: dict) -> list[np.float32]:
 # --- Initial state -----------------------------------------------------------
 
 
-def init(cfg: dict, *, learning_rate=None, initial_threshold=None, stored=None) -> dict:
-    """SPEC.md, "State" and "Initial threshold" (first match wins)."""
+def init(
+    cfg: dict, *, learning_rate=None, initial_threshold=None, stored=None, params=None
+) -> dict:
+    """SPEC.md, "State" and "Initial threshold" (first match wins).
+
+    ``params``: arrays whose global norm caps the track rule's data start.
+    """
     if initial_threshold is not None:
         threshold, warmup = f32(initial_threshold), 0
     elif stored is not None:
@@ -170,8 +176,18 @@ def init(cfg: dict, *, learning_rate=None, initial_threshold=None, stored=None) 
         raw = f32(f32(cfg["lr_threshold_scale"]) * root)
         threshold, warmup = clamp(raw, cfg["min_threshold"], cfg["max_threshold"]), 0
     elif cfg["adaptation_rule"] == "track":
-        # Data mode under the track rule waits for the first finite, positive norm.
-        threshold, warmup = f32(cfg["min_threshold"]), 1
+        # Data mode under the track rule waits for the first finite, positive
+        # norm, capped at param_threshold_scale times the parameters' norm.
+        total = f32(0.0)
+        for leaf in params or []:
+            for x in np.asarray(leaf, np.float32).ravel():
+                total = f32(total + f32(x * x))
+        cap = f32(f32(cfg["param_threshold_scale"]) * f32(np.sqrt(total)))
+        if cfg["param_threshold_scale"] > 0 and np.isfinite(cap) and cap > 0:
+            threshold = clamp(cap, cfg["min_threshold"], cfg["max_threshold"])
+        else:
+            threshold = f32(cfg["max_threshold"])
+        warmup = 1
     else:
         threshold, warmup = f32(cfg["min_threshold"]), cfg["warmup_steps"]
     # The track rule starts its centre (and anchor) at lnf(t0); the others
@@ -345,10 +361,12 @@ def loss_gate(st: dict, v, *, calm: bool, cfg: dict) -> tuple:
     early = count < learning_steps(cfg)
     # a = max(r, 1 / (stabilizer_step + 1)) in float32: running means at first.
     a = f32(max(r, f32(f32(1.0) / f32(f32(count) + f32(1.0)))))
-    # B = max(3 * spread, 0.001 * |centre|), Bc = max(10 * spread, 0.001 * |centre|).
+    # B = max(3 * spread, 0.001 * |centre|), Bc = max(10 * spread, b * |centre|),
+    # b = max(10 * track_loss_rel, 0.001) rounded once to float32.
     floor = f32(f32(0.001) * f32(abs(centre)))
     bound = f32(max(f32(f32(3.0) * spread), floor))
-    centre_bound = f32(max(f32(f32(10.0) * spread), floor))
+    b = f32(max(10.0 * cfg["track_loss_rel"], 0.001))
+    centre_bound = f32(max(f32(f32(10.0) * spread), f32(b * f32(abs(centre)))))
     diff = f32(v - centre)
     if early:
         new_centre = f32(centre + f32(a * diff))
@@ -418,7 +436,8 @@ def _step(state, leaves, dtypes, cfg, value):
     # 2. Threshold ("Warm-up threshold"; "Tracking rule": the waiting rule).
     if track:
         if st["warmup_steps_left"] > 0 and finite:
-            t = clamp(n, cfg["min_threshold"], cfg["max_threshold"])
+            # Clipped only above the parameters' cap, which clip_threshold holds.
+            t = f32(min(clamp(n, cfg["min_threshold"], cfg["max_threshold"]), st["clip_threshold"]))
         else:
             t = st["clip_threshold"]
     elif st["warmup_steps_left"] > 0:
@@ -497,7 +516,7 @@ def _step(state, leaves, dtypes, cfg, value):
         c, d = st["ema_mean"], st["ema_var"]
         if started:
             # The first finite, positive norm starts the tracker.
-            c, d = lnf(n), f32(0.0)
+            c, d = lnf(f32(min(n, st["clip_threshold"]))), f32(0.0)
             t_new = track_threshold(c, d, cfg)
         elif finite and not waiting:
             hold = st["emergency_hold_left"] > 0 or rising
@@ -513,8 +532,9 @@ def _step(state, leaves, dtypes, cfg, value):
             )
             t_new = track_threshold(c, d, cfg)
         else:
-            # A non-finite step (or a zero norm while waiting) changes neither c nor d.
-            t_new = t
+            # A non-finite step (or a zero norm while waiting) changes neither c nor
+            # d, nor the threshold (while waiting: the parameters' cap).
+            t_new = st["clip_threshold"]
         if started or (not rising and finite and not explosion):
             st["centre_anchor"] = c
         left_next = 1 if (waiting and not started) else 0
