@@ -363,7 +363,12 @@ class TrackRule(Rule):
             m.finite, threshold_lib.clamp_threshold(m.norm, self.config), state.clip_threshold
         )
         thr = jnp.where(in_warmup, first, state.clip_threshold)
-        return StepThreshold(thr, thr, in_warmup, jnp.zeros((), jnp.bool_), jnp.float32(0.0))
+        # During an emergency's hold, explosions are measured against the
+        # threshold with the emergency's cut undone: the cut tightens the
+        # clip, it does not make the ordinary norms after it explosions.
+        uncut = thr / jnp.float32(self.config.emergency_threshold_factor)
+        reference = jnp.where(state.emergency_hold_left > 0, uncut, thr)
+        return StepThreshold(thr, reference, in_warmup, jnp.zeros((), jnp.bool_), jnp.float32(0.0))
 
     def adapt(self, m, t, c, state, norms, step_after, periodic) -> Adapted:
         config = self.config

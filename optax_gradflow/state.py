@@ -104,8 +104,10 @@ class GradientFlowState(NamedTuple):
         threshold came from an explicit value, a store or a learning rate).
       consecutive_explosions: i32[], explosions and non-finite steps in a row.
       emergency_hold_left: i32[], steps during which the "track" rule's
-        centre may not rise (set by an emergency; 0 otherwise).
-      explosion_count: i32[], total explosions.
+        centre may not rise and explosions are measured against the
+        threshold before the emergency's cut (set by an emergency; 0
+        otherwise).
+      explosion_count: i32[], total explosions (SPEC.md, "Counters").
       vanishing_count: i32[], total vanishing steps.
       nonfinite_count: i32[], total non-finite (skipped) steps.
       clip_count: i32[], total clipped steps (explosions included).

@@ -782,7 +782,11 @@ class TrackRule(_Rule):
         threshold = torch.where(
             in_warmup & m.finite, _clamp_threshold(m.norm, self.config), state["clip_threshold"]
         )
-        return StepThreshold(threshold, threshold, in_warmup)
+        # During an emergency's hold, explosions are measured against the
+        # threshold with the emergency's cut undone (SPEC.md, "Tracking rule").
+        factor = _f32_constant(self.config.emergency_threshold_factor, threshold.device)
+        reference = torch.where(state["emergency_hold_left"] > 0, threshold / factor, threshold)
+        return StepThreshold(threshold, reference, in_warmup)
 
     def _levels(self, centre: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
         """``threshold(c, d) = clamp(exp(c + track_k * d))``."""
