@@ -688,6 +688,7 @@ class _Events(NamedTuple):
     loss_scale_history: Ring
     threshold_history: Ring
     emergency_steps: Ring
+    explosion_norms: Ring
 
 
 def record(
@@ -707,9 +708,9 @@ def record(
     """10. The rings, the counters and the loss gate: the next state.
 
     The event counters and the rings that only events push (variances,
-    thresholds, loss scales, emergencies) change only on a step with an
-    event; a calm step passes them through under one ``lax.cond`` instead of
-    recomputing each of them.
+    thresholds, loss scales, emergencies, exploding norms) change only on a
+    step with an event; a calm step passes them through under one
+    ``lax.cond`` instead of recomputing each of them.
     """
     trend, variance, warning, warned = diagnose(periodic)
     new_thr = e.threshold
@@ -746,6 +747,7 @@ def record(
             ),
             threshold_history=state.threshold_history.push(new_thr, a.adapted | e.fire),
             emergency_steps=state.emergency_steps.push(state.stabilizer_step, e.fire),
+            explosion_norms=state.explosion_norms.push(m.norm, c.explosion),
         )
 
     def calm() -> _Events:

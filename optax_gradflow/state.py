@@ -141,6 +141,8 @@ class GradientFlowState(NamedTuple):
         adaptation or emergency.
       event_flags: :class:`Ring` of i32[E], per-step event bit flags.
       emergency_steps: :class:`Ring` of i32[M], the step indices of emergencies.
+      explosion_norms: :class:`Ring` of f32[E], the unscaled norms of the
+        explosions, pushed on each: with ``norm_history``, every finite norm.
       state_version: i32[], the layout of this state,
         :data:`optax_gradflow.constants.STATE_VERSION`.
     """
@@ -175,6 +177,7 @@ class GradientFlowState(NamedTuple):
     threshold_history: Ring
     event_flags: Ring
     emergency_steps: Ring
+    explosion_norms: Ring
     state_version: jax.Array
 
 

@@ -1222,7 +1222,8 @@ def record(
     streak = torch.where(unstable, 0, counters[-1])
 
     # The records: the threshold when adapted or on an emergency, the scale when
-    # it changed, the flags (every step), the step of an emergency.
+    # it changed, the flags (every step), the step of an emergency, the norm of
+    # an explosion.
     names, items, wheres = ["event_flags"], [flags], [None]
     if not (a.adapted is None and not config.emergency_patience):
         names.append("threshold_history")
@@ -1236,6 +1237,10 @@ def record(
         names.append("emergency_steps")
         items.append(state["stabilizer_step"])
         wheres.append(e.fired)
+    if config.explosion_factor != math.inf:
+        names.append("explosion_norms")
+        items.append(m.norm)
+        wheres.append(c.explosion)
     pushed = _push_all([Ring.read(state, n) for n in names], items, wheres)
 
     new_state: State = dict(state)

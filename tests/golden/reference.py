@@ -101,6 +101,7 @@ RING_SIZES = {
     "threshold_history": "threshold_history_size",
     "event_flags": "event_history_size",
     "emergency_steps": "emergency_history_size",
+    "explosion_norms": "event_history_size",
 }
 
 MAD_TO_STD = 1.4826
@@ -613,6 +614,7 @@ def _step(state, leaves, dtypes, cfg, value):
     )
     push(st, "event_flags", int(flags))
     if explosion:
+        push(st, "explosion_norms", n)
         st["explosion_count"] = sat(st["explosion_count"])
     if vanishing:
         st["vanishing_count"] = sat(st["vanishing_count"])
