@@ -594,7 +594,8 @@ FIELD_DOCS: dict[str, FieldDoc] = {
         "State",
     ),
     "emergency_hold_steps": FieldDoc(
-        "`track`: steps an emergency keeps the centre from rising",
+        "`track`: steps an emergency keeps the centre from rising and explosions "
+        "measured before its cut",
         "steps",
         "int >= 0",
         "Tracking rule",

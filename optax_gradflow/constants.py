@@ -63,8 +63,9 @@ UPDATE_RATIO_HISTORY_SIZE = 100
 
 # The layout of the state, raised whenever a field is added, removed or
 # regrouped. Layout 1 kept each ring as three flat fields (X, X_index,
-# X_count); layout 2 keeps a ring as one (values, index, count) record.
-STATE_VERSION = 2
+# X_count); layout 2 keeps a ring as one (values, index, count) record;
+# layout 3 adds the ring of exploding norms.
+STATE_VERSION = 3
 VERSION_FIELD = "state_version"
 
 # Scalar fields in SPEC.md's order, with their dtype names.
@@ -103,6 +104,8 @@ RINGS: dict[str, tuple[str, str]] = {
     "threshold_history": ("threshold_history_size", "float32"),
     "event_flags": ("event_history_size", "int32"),
     "emergency_steps": ("emergency_history_size", "int32"),
+    # One slot per step of the event window: every explosion in it keeps its norm.
+    "explosion_norms": ("event_history_size", "float32"),
 }
 
 # The parts of one ring, in order.
@@ -160,9 +163,9 @@ def check_version(found, where: str) -> None:
             f"optax-gradflow reads layout version {STATE_VERSION}"
             + (
                 " (layout 1 stored each ring as three flat fields; layout 2 keeps a ring as "
-                "one (values, index, count) record and adds 'state_version'). Start the "
-                "stabilizer from a fresh init, or load the checkpoint with the release that "
-                "wrote it."
+                "one (values, index, count) record and adds 'state_version'; layout 3 adds "
+                "the ring 'explosion_norms'). Start the stabilizer from a fresh init, or load "
+                "the checkpoint with the release that wrote it."
                 if got < STATE_VERSION
                 else ": it was written by a newer release."
             )

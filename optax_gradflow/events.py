@@ -341,8 +341,9 @@ class EventLogger:
     (the last ``event_history_size`` steps), one summary line per kind for
     older ones, and the loss-scale change. The other calls cost nothing.
 
-    Exactness: steps and counts are exact. A step's norm is only known for
-    the latest step (the history keeps no norm of an exploding step), and the
+    Exactness: steps and counts are exact. A step's norm is given for the
+    latest step only (the state keeps the norms of explosions in
+    ``explosion_norms``, which this logger does not itemise), and the
     threshold of a step is the one in force outside warm-up, rebuilt from the
     threshold history. ``stabilize(..., log_events=True)`` logs exact values
     from inside the graph instead.

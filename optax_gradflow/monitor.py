@@ -32,7 +32,7 @@ from optax_gradflow.events import (
     host_chronological,
 )
 from optax_gradflow.loss_scaling import find_states
-from optax_gradflow.state import FLAG_EXPLOSION, GradientFlowState, from_flat
+from optax_gradflow.state import GradientFlowState, Ring, from_flat
 
 DEFAULT_EVERY = 100
 DEFAULT_MAX_RECORDS = 2000
@@ -60,11 +60,13 @@ class Interval:
       start: first step of the interval (``stabilizer_step`` at the previous read).
       stop: ``stabilizer_step`` at the read that closed the interval.
       reads: device reads merged into this record (1 until records are merged).
-      norms: number of gradient norms the two statistics below are taken over.
+      norms: number of finite gradient norms (exploding ones included) the
+        two statistics below are taken over.
       norm_median: median of those norms (after a merge: an estimate, the
         median of the record holding more norms, or the mean of the two
         medians when they hold as many).
-      norm_max: maximum of those norms.
+      norm_max: maximum of those norms: never below an exploding step's norm
+        while the interval holds at most ``event_history_size`` explosions.
       threshold: ``clip_threshold`` at the read: the threshold of step ``stop``.
       loss_scale: the loss scale at the read.
       loss: ``last_loss`` at the read: the latest ``value=`` given to update.
@@ -202,15 +204,14 @@ class Monitor:
     clipped, exploding, non-finite (skipped), vanishing and emergency steps
     (differences of the state's counters: exact), the threshold, loss scale
     and ``last_loss`` at the read, and the median and maximum of the norms of
-    the interval's steps that the state still holds: the new entries of the
-    ``norm_history`` ring since the last read (every finite, non-exploding
-    step pushes one), plus ``last_grad_norm`` when the latest step exploded.
-    These are all of the interval's finite, non-exploding norms as long as
-    the interval has at most ``norm_history_size`` steps (1000 by default),
-    i.e. ``every <= norm_history_size`` with one call per step; beyond, only
-    the latest ``norm_history_size``. The norm of an exploding step other
-    than the latest is not kept by the state, so the maximum does not see it
-    (the explosion count does).
+    the interval's steps that the state still holds: the new entries since
+    the last read of the ``norm_history`` ring (every finite, non-exploding
+    step pushes its norm) and of the ``explosion_norms`` ring (every
+    explosion pushes its norm). These are all of the interval's finite norms
+    as long as it has at most ``norm_history_size`` non-exploding steps and
+    ``event_history_size`` explosions (1000 and 100 by default): always with
+    ``every <= event_history_size`` and one call per step; beyond, only the
+    latest of each.
 
     Memory is bounded: when a stabilizer's records would exceed
     ``max_records``, adjacent pairs are merged (counts add up, the maximum of
@@ -488,23 +489,26 @@ def _rewind(track: _Track, step: int) -> None:
 
 
 def _interval_norms(state: GradientFlowState, steps: int, counts: dict[str, int]) -> np.ndarray:
-    """The norms of the interval's last ``steps`` steps that the state still holds.
+    """The finite norms of the interval's last ``steps`` steps that the state still holds.
 
-    Each finite, non-exploding step pushed one norm (SPEC.md, "Per-step order"
-    6), so the interval pushed ``steps - explosions - non-finite`` of them: the
-    newest entries of the ring, all there when that is at most its size. The
-    latest step's norm is ``last_grad_norm``: added when that step exploded
-    (it is then not in the ring).
+    Each finite, non-exploding step pushed its norm onto ``norm_history``
+    and each explosion onto ``explosion_norms`` (SPEC.md, "Per-step order" 6
+    and 10), so the interval's are the newest ``steps - explosions -
+    non-finite`` entries of the one and the newest ``explosions`` of the
+    other: all there when they fit in the rings.
     """
-    pushes = steps - counts["explosion_count"] - counts["nonfinite_count"]
-    ring = host_chronological(*state.norm_history)
-    keep = max(0, min(pushes, ring.shape[0]))
-    norms = np.asarray(ring[ring.shape[0] - keep :], dtype=np.float64)
-    flags = host_chronological(*state.event_flags)
-    last = float(state.last_grad_norm)
-    if flags.size and int(flags[-1]) & FLAG_EXPLOSION and math.isfinite(last):
-        norms = np.append(norms, last)
-    return norms
+    explosions = counts["explosion_count"]
+    calm = steps - explosions - counts["nonfinite_count"]
+    return np.concatenate(
+        [_newest(state.norm_history, calm), _newest(state.explosion_norms, explosions)]
+    )
+
+
+def _newest(ring: Ring, n: int) -> np.ndarray:
+    """The newest ``n`` valid entries of a host ring (fewer if it holds fewer)."""
+    values = host_chronological(*ring)
+    keep = max(0, min(n, values.shape[0]))
+    return np.asarray(values[values.shape[0] - keep :], dtype=np.float64)
 
 
 # --- Reading the states -----------------------------------------------------------

@@ -385,7 +385,12 @@ class TrackRule(Rule):
             state.clip_threshold,
         )
         thr = jnp.where(in_warmup, first, state.clip_threshold)
-        return StepThreshold(thr, thr, in_warmup, jnp.zeros((), jnp.bool_), jnp.float32(0.0))
+        # During an emergency's hold, explosions are measured against the
+        # threshold with the emergency's cut undone: the cut tightens the
+        # clip, it does not make the ordinary norms after it explosions.
+        uncut = thr / jnp.float32(self.config.emergency_threshold_factor)
+        reference = jnp.where(state.emergency_hold_left > 0, uncut, thr)
+        return StepThreshold(thr, reference, in_warmup, jnp.zeros((), jnp.bool_), jnp.float32(0.0))
 
     def adapt(self, m, t, c, state, norms, step_after, periodic) -> Adapted:
         config = self.config
@@ -710,6 +715,7 @@ class _Events(NamedTuple):
     loss_scale_history: Ring
     threshold_history: Ring
     emergency_steps: Ring
+    explosion_norms: Ring
 
 
 def record(
@@ -729,9 +735,9 @@ def record(
     """10. The rings, the counters and the loss gate: the next state.
 
     The event counters and the rings that only events push (variances,
-    thresholds, loss scales, emergencies) change only on a step with an
-    event; a calm step passes them through under one ``lax.cond`` instead of
-    recomputing each of them.
+    thresholds, loss scales, emergencies, exploding norms) change only on a
+    step with an event; a calm step passes them through under one
+    ``lax.cond`` instead of recomputing each of them.
     """
     trend, variance, warning, warned = diagnose(periodic)
     new_thr = e.threshold
@@ -768,6 +774,7 @@ def record(
             ),
             threshold_history=state.threshold_history.push(new_thr, a.adapted | e.fire),
             emergency_steps=state.emergency_steps.push(state.stabilizer_step, e.fire),
+            explosion_norms=state.explosion_norms.push(m.norm, c.explosion),
         )
 
     def calm() -> _Events:

@@ -105,7 +105,8 @@ def plot(source: Any, ax: Any = None) -> Figure:
     Given a :class:`~optax_gradflow.Monitor`, the whole run it recorded, with
     the step on every x axis and one column per stabilizer (e.g. one per
     sub-tree under ``optax.partition``). Rows: the norm band (median and
-    maximum of each interval's norms) with the clip threshold as a step line;
+    maximum of each interval's finite norms, exploding ones included) with
+    the clip threshold as a step line;
     the clipped, exploding, skipped (non-finite) and emergency steps of each
     interval; the loss scale, only when loss scaling is at work (some scale
     left 1); the loss (``value=`` given to update). No device read: the
@@ -391,7 +392,7 @@ def _draw_run(axes: dict[str, Any], monitor: Monitor, path: str) -> None:
     ax_norm.legend(
         loc="best",
         fontsize="small",
-        title="per interval: norms of its non-exploding steps and of its last step",
+        title="per interval: the norms of its finite steps, explosions included",
         title_fontsize="x-small",
     )
     steps_per = sorted({r.steps for r in records[:-1]} or {records[-1].steps})

@@ -104,8 +104,10 @@ class GradientFlowState(NamedTuple):
         threshold came from an explicit value, a store or a learning rate).
       consecutive_explosions: i32[], explosions and non-finite steps in a row.
       emergency_hold_left: i32[], steps during which the "track" rule's
-        centre may not rise (set by an emergency; 0 otherwise).
-      explosion_count: i32[], total explosions.
+        centre may not rise and explosions are measured against the
+        threshold before the emergency's cut (set by an emergency; 0
+        otherwise).
+      explosion_count: i32[], total explosions (SPEC.md, "Counters").
       vanishing_count: i32[], total vanishing steps.
       nonfinite_count: i32[], total non-finite (skipped) steps.
       clip_count: i32[], total clipped steps (explosions included).
@@ -139,6 +141,8 @@ class GradientFlowState(NamedTuple):
         adaptation or emergency.
       event_flags: :class:`Ring` of i32[E], per-step event bit flags.
       emergency_steps: :class:`Ring` of i32[M], the step indices of emergencies.
+      explosion_norms: :class:`Ring` of f32[E], the unscaled norms of the
+        explosions, pushed on each: with ``norm_history``, every finite norm.
       state_version: i32[], the layout of this state,
         :data:`optax_gradflow.constants.STATE_VERSION`.
     """
@@ -173,6 +177,7 @@ class GradientFlowState(NamedTuple):
     threshold_history: Ring
     event_flags: Ring
     emergency_steps: Ring
+    explosion_norms: Ring
     state_version: jax.Array
 
 

@@ -128,9 +128,9 @@ def test_intervals_by_hand_with_a_fixed_threshold():
     }
 
 
-def test_the_latest_exploding_norm_counts_in_the_max():
+def test_every_exploding_norm_counts_in_the_max():
     # Explosion above 2 x threshold 1. An explosion keeps its norm out of the
-    # history; the latest step's norm is last_grad_norm.
+    # history, in the ring of exploding norms.
     opt = clip_chain(1.0, explosion_factor=2.0)
     state0, states = states_for(opt, [0.5, 5.0, 7.0, 0.4])
     monitor = Monitor(every=2)
@@ -138,12 +138,60 @@ def test_the_latest_exploding_norm_counts_in_the_max():
         monitor.update(state)
     monitor.flush(states[-1])
     first, second = monitor.records["[0]"]
-    # Steps 0-1: the explosion is the latest step: both norms are known.
+    # Steps 0-1: 0.5 and the explosion 5: median 2.75.
     assert (first.explosions, first.clipped, first.norms) == (1, 1, 2)
-    assert first.norm_max == pytest.approx(5.0)
-    # Steps 2-3: the explosion at step 2 is not the latest: its norm is lost.
-    assert (second.explosions, second.clipped, second.norms) == (1, 1, 1)
-    assert second.norm_max == pytest.approx(0.4)
+    assert first.norm_max == pytest.approx(5.0, rel=1e-6)
+    assert first.norm_median == pytest.approx(2.75, rel=1e-6)
+    # Steps 2-3: the explosion 7 is not the latest step; its norm is kept all the same.
+    assert (second.explosions, second.clipped, second.norms) == (1, 1, 2)
+    assert second.norm_max == pytest.approx(7.0, rel=1e-6)
+    assert second.norm_median == pytest.approx(3.7, rel=1e-6)
+
+
+# Threshold 1, explosions above 2: step -> norm of the exploding steps of a
+# 40-step stream of norm 0.5 (two of them in a row, none the last of its interval).
+EXPLODING = {3: 9.0, 7: 2.5, 12: 30.0, 21: 4.0, 22: 6.0, 35: 3.0}
+
+
+def exploding_stream() -> list[float]:
+    return [EXPLODING.get(k, 0.5) for k in range(40)]
+
+
+def check_exploding_intervals(records) -> None:
+    # Reads every 10 steps: intervals 0-9, 10-19, 20-29, 30-39; each interval's
+    # maximum is its largest exploding norm, its norms all of its 10 steps'.
+    assert [(r.start, r.stop) for r in records] == [(0, 10), (10, 20), (20, 30), (30, 40)]
+    assert [r.explosions for r in records] == [2, 1, 2, 1]
+    assert [r.norms for r in records] == [10, 10, 10, 10]
+    assert [r.norm_max for r in records] == pytest.approx([9.0, 30.0, 6.0, 3.0], rel=1e-6)
+    assert [r.norm_median for r in records] == [0.5] * 4
+
+
+def test_exploding_norms_between_two_reads_are_in_the_max():
+    state0, states = states_for(clip_chain(1.0, explosion_factor=2.0), exploding_stream())
+    monitor = Monitor(every=10)
+    for state in [state0, *states]:
+        monitor.update(state)
+    check_exploding_intervals(monitor.records["[0]"])
+
+
+def test_an_interval_keeps_the_latest_event_history_size_exploding_norms():
+    # A ring of 2 exploding norms: the interval 0-9 held 2 explosions (9 and
+    # 2.5), 20-29 two (4 and 6): all kept; forced to hold 3 of them, it keeps
+    # the latest 2.
+    opt = clip_chain(1.0, explosion_factor=2.0, event_history_size=2)
+    state0, states = states_for(opt, exploding_stream())
+    monitor = Monitor(every=10)
+    for state in [state0, *states]:
+        monitor.update(state)
+    assert [r.norm_max for r in monitor.records["[0]"]] == pytest.approx([9.0, 30.0, 6.0, 3.0])
+    whole = Monitor(every=40)
+    for state in [state0, *states]:
+        whole.update(state)
+    whole.flush(states[-1])
+    (record,) = whole.records["[0]"]
+    # 6 explosions, the latest 2 kept (6 and 3): the 34 calm norms and those.
+    assert (record.explosions, record.norms, record.norm_max) == (6, 36, 6.0)
 
 
 def test_losses_and_a_first_read_in_the_middle_of_a_run():
@@ -365,6 +413,22 @@ def test_a_torch_stabilizer_is_read_the_same_way():
     assert both.paths == ["torch[0]", "torch[1]"]
     with pytest.raises(TypeError, match="state_dict"):
         Monitor(every=1).update(torch.optim.SGD([weight], lr=0.1))
+
+
+def test_a_torch_stabilizer_keeps_the_exploding_norms_between_two_reads():
+    torch = pytest.importorskip("torch")
+    from optax_gradflow.torch import GradientFlowStabilizer
+
+    config = dataclasses.replace(presets.clip_only(1.0), explosion_factor=2.0)
+    stab = GradientFlowStabilizer(config=config)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    monitor = Monitor(every=10)
+    monitor.update(stab)
+    for n in exploding_stream():
+        weight.grad = torch.full((1,), n)
+        stab.clip_gradients([weight])
+        monitor.update(stab)
+    check_exploding_intervals(monitor.records["torch"])
 
 
 def test_importing_the_monitor_imports_neither_torch_nor_matplotlib():

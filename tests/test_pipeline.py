@@ -98,7 +98,7 @@ def test_ring_push_is_an_in_place_one_element_update():
 
 def test_fresh_state_carries_the_layout_version():
     state = og.stabilize(1e-2).init({"w": jnp.ones(3)})
-    assert int(state.state_version) == STATE_VERSION == 2
+    assert int(state.state_version) == STATE_VERSION == 3
     flat = to_flat(state)
     assert tuple(flat) == constants.FLAT_FIELDS
     back = from_flat(flat)
@@ -115,13 +115,21 @@ def _old_layout(state) -> dict:
 
 def test_an_old_layout_gets_an_error_naming_both_versions():
     state = og.stabilize(1e-2).init({"w": jnp.ones(3)})
-    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 2"):
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 3"):
         from_flat(_old_layout(state))
-    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 2"):
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 3"):
         check_state(_old_layout(state), StabilizerConfig())
-    newer = dict(to_flat(state), state_version=np.int32(3))
+    newer = dict(to_flat(state), state_version=np.int32(4))
     with pytest.raises(StateVersionError, match="newer release"):
         from_flat(newer)
+
+
+def test_a_layout_2_state_without_the_exploding_norms_is_refused():
+    flat = to_flat(og.stabilize(1e-2).init({"w": jnp.ones(3)}))
+    layout2 = {k: v for k, v in flat.items() if not k.startswith("explosion_norms")}
+    layout2[constants.VERSION_FIELD] = np.int32(2)
+    with pytest.raises(StateVersionError, match=r"layout version 2.*layout version 3"):
+        from_flat(layout2)
 
 
 def test_an_old_layout_restored_from_msgpack_is_refused_by_update():

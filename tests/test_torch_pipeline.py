@@ -309,7 +309,7 @@ def test_clip_only_is_close_to_clip_grad_norm_on_random_gradients(seed):
 def test_init_state_carries_the_layout_version():
     state = ogt.init_state(1e-2)
     assert state["state_version"].dtype == torch.int32
-    assert state["state_version"].item() == 2 == constants.STATE_VERSION
+    assert state["state_version"].item() == 3 == constants.STATE_VERSION
     assert tuple(state) == constants.FLAT_FIELDS
 
 
@@ -318,16 +318,20 @@ def test_a_layout_1_state_is_refused_with_both_versions():
     del old["state_version"]
     with pytest.raises(StateVersionError) as info:
         ogt.update([torch.ones(2)], old)
-    assert "1" in str(info.value) and "2" in str(info.value)
+    assert "1" in str(info.value) and "3" in str(info.value)
     stab = ogt.GradientFlowStabilizer(1e-2)
     with pytest.raises(StateVersionError, match="load_state_dict") as info:
         stab.load_state_dict(old)
-    assert "1" in str(info.value) and "2" in str(info.value)
+    assert "1" in str(info.value) and "3" in str(info.value)
     with pytest.raises(StateVersionError):
         ogt.check_state(old, StabilizerConfig())
+    layout2 = {k: v for k, v in ogt.init_state(1e-2).items() if not k.startswith("explosion")}
+    layout2["state_version"] = torch.tensor(2, dtype=torch.int32)
+    with pytest.raises(StateVersionError, match=r"layout version 2.*layout version 3"):
+        stab.load_state_dict(layout2)
     newer = ogt.init_state(1e-2)
-    newer["state_version"] = torch.tensor(3, dtype=torch.int32)
-    with pytest.raises(StateVersionError, match="3"):
+    newer["state_version"] = torch.tensor(4, dtype=torch.int32)
+    with pytest.raises(StateVersionError, match="4"):
         stab.load_state_dict(newer)
     assert isinstance(StateVersionError("x"), ValueError)
 
@@ -349,7 +353,7 @@ def test_state_round_trips_through_torch_save():
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    assert loaded["state_version"].item() == 2
+    assert loaded["state_version"].item() == 3
     b = ogt.GradientFlowStabilizer(1.0, config=SMALL)
     b.load_state_dict(loaded)
     for name, value in a.state_dict().items():

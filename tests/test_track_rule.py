@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import CUT_EMERGENCY_STEP, INJECTED_STEPS, LOUD_STEPS, injected_norms
 
 import optax_gradflow as og
 from optax_gradflow import presets
@@ -422,6 +423,19 @@ def test_emergency_rearms_after_400_steps():
     assert r["explosion"][[0, 4, 6, 10, 405, 409]].all()
     fired = np.flatnonzero(np.diff(r["emergencies"], prepend=0))
     assert list(fired) == [4, 409]
+
+
+def test_eleven_injected_batches_are_eleven_explosions():
+    # The construction and its derivation: _helpers.injected_norms. The loud
+    # norms during the emergency's hold are clipped at the cut threshold but
+    # measured against the threshold before the cut.
+    state, r = run(injected_norms(), learning_rate=1e-2)
+    assert list(np.flatnonzero(r["explosion"])) == list(INJECTED_STEPS)
+    assert list(np.flatnonzero(np.diff(r["emergencies"], prepend=0))) == [CUT_EMERGENCY_STEP]
+    held = [k for k in LOUD_STEPS if CUT_EMERGENCY_STEP < k <= CUT_EMERGENCY_STEP + 50]
+    assert held and all(r["clipped"][k] for k in held)
+    total = og.stability_report(state).total
+    assert (total.explosions, total.emergencies) == (11, 1)
 
 
 # --- Start: from a learning-rate guess, or from the data --------------------------

@@ -28,6 +28,9 @@ import math
 
 import numpy as np
 import pytest
+from _helpers import CUT_EMERGENCY_STEP, INJECTED_STEPS, LOUD_STEPS, injected_norms
+
+from optax_gradflow.report import build_report
 
 torch = pytest.importorskip("torch")
 
@@ -191,6 +194,19 @@ def test_a_lasting_x10_fall_is_followed_within_400_steps():
     assert trace.count(16) == 0 and trace.count(2, 200) == 0
     assert 0.3 <= _ratio(trace) <= 3.0
     assert 0.3 <= trace.threshold(300) / float(np.median(low[:100])) <= 3.0
+
+
+def test_eleven_injected_batches_are_eleven_explosions():
+    # The construction and its derivation: _helpers.injected_norms. The loud
+    # norms during the emergency's hold are clipped at the cut threshold but
+    # measured against the threshold before the cut.
+    state, trace = _drive(injected_norms(), learning_rate=1e-2)
+    assert [k for k, f in enumerate(trace.flags) if f & 2] == list(INJECTED_STEPS)
+    assert [k for k, f in enumerate(trace.flags) if f & 16] == [CUT_EMERGENCY_STEP]
+    held = [k for k in LOUD_STEPS if CUT_EMERGENCY_STEP < k <= CUT_EMERGENCY_STEP + HOLD]
+    assert held and all(trace.flags[k] & 1 for k in held)
+    total = build_report({k: v.numpy() for k, v in state.items()}).total
+    assert (total.explosions, total.emergencies) == (11, 1)
 
 
 # --- Scale invariance ---------------------------------------------------------------

@@ -785,7 +785,11 @@ class TrackRule(_Rule):
         in_warmup = state["warmup_steps_left"] > 0
         first = torch.minimum(_clamp_threshold(m.norm, self.config), state["clip_threshold"])
         threshold = torch.where(in_warmup & m.finite, first, state["clip_threshold"])
-        return StepThreshold(threshold, threshold, in_warmup)
+        # During an emergency's hold, explosions are measured against the
+        # threshold with the emergency's cut undone (SPEC.md, "Tracking rule").
+        factor = _f32_constant(self.config.emergency_threshold_factor, threshold.device)
+        reference = torch.where(state["emergency_hold_left"] > 0, threshold / factor, threshold)
+        return StepThreshold(threshold, reference, in_warmup)
 
     def _levels(self, centre: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
         """``threshold(c, d) = clamp(exp(c + track_k * d))``."""
@@ -1226,7 +1230,8 @@ def record(
     streak = torch.where(unstable, 0, counters[-1])
 
     # The records: the threshold when adapted or on an emergency, the scale when
-    # it changed, the flags (every step), the step of an emergency.
+    # it changed, the flags (every step), the step of an emergency, the norm of
+    # an explosion.
     names, items, wheres = ["event_flags"], [flags], [None]
     if not (a.adapted is None and not config.emergency_patience):
         names.append("threshold_history")
@@ -1240,6 +1245,10 @@ def record(
         names.append("emergency_steps")
         items.append(state["stabilizer_step"])
         wheres.append(e.fired)
+    if config.explosion_factor != math.inf:
+        names.append("explosion_norms")
+        items.append(m.norm)
+        wheres.append(c.explosion)
     pushed = _push_all([Ring.read(state, n) for n in names], items, wheres)
 
     new_state: State = dict(state)

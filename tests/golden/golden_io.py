@@ -78,6 +78,8 @@ SCALAR_FIELDS = (
     "event_flags_count",
     "emergency_steps_index",
     "emergency_steps_count",
+    "explosion_norms_index",
+    "explosion_norms_count",
 )
 RING_FIELDS = (
     "norm_history",
@@ -86,6 +88,7 @@ RING_FIELDS = (
     "threshold_history",
     "event_flags",
     "emergency_steps",
+    "explosion_norms",
 )
 FLOAT_FIELDS = frozenset(
     {
@@ -104,6 +107,7 @@ FLOAT_FIELDS = frozenset(
         "variance_history",
         "loss_scale_history",
         "threshold_history",
+        "explosion_norms",
     }
 )
 DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -102,6 +102,7 @@ RING_SIZES = {
     "threshold_history": "threshold_history_size",
     "event_flags": "event_history_size",
     "emergency_steps": "emergency_history_size",
+    "explosion_norms": "event_history_size",
 }
 
 MAD_TO_STD = 1.4826
@@ -455,9 +456,13 @@ def _step(state, leaves, dtypes, cfg, value):
     else:
         t = st["clip_threshold"]
 
-    # 3. Classification.
+    # 3. Classification. "Tracking rule": during an emergency's hold,
+    # explosions are measured against t with the emergency's cut undone.
+    t_explosion = t
+    if track and st["emergency_hold_left"] > 0:
+        t_explosion = f32(t / f32(cfg["emergency_threshold_factor"]))
     nonfinite = not finite
-    explosion = finite and bool(n > f32(f32(cfg["explosion_factor"]) * t))
+    explosion = finite and bool(n > f32(f32(cfg["explosion_factor"]) * t_explosion))
     vanishing = finite and not explosion and bool(n < f32(cfg["vanishing_norm"]))
     clipped = finite and bool(n > t)
 
@@ -629,6 +634,7 @@ def _step(state, leaves, dtypes, cfg, value):
     )
     push(st, "event_flags", int(flags))
     if explosion:
+        push(st, "explosion_norms", n)
         st["explosion_count"] = sat(st["explosion_count"])
     if vanishing:
         st["vanishing_count"] = sat(st["vanishing_count"])
