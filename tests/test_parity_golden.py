@@ -652,7 +652,9 @@ def test_hand_track_waiting_for_the_first_norm():
     steps = _run("track_waiting", "NaN, inf, overflow, then finite")["steps"]
     assert [s["flags"] for s in steps[:3]] == [8, 8, 8]
     assert [s["warmup_steps_left"] for s in steps[:4]] == [1, 1, 1, 0]
-    assert all(s["clip_threshold"] == float(F(1e-30)) for s in steps[:3])
+    # While waiting the threshold is the parameters' cap: none here (the
+    # runs give no parameters; JAX gets zeros), so max_threshold = inf.
+    assert all(s["clip_threshold"] == math.inf for s in steps[:3])
     # Step 3 starts the tracker at n = 5, unclipped.
     assert steps[3]["flags"] == 32 and steps[3]["clip_threshold"] == pytest.approx(5.0, rel=1e-6)
     # The loss gate: NaN ignored, 2.0 starts it (step 1), inf ignored, then
@@ -722,13 +724,14 @@ def test_hand_track_edges():
 def test_hand_track_zero_start():
     run = _run("track_zero_start", "two all-zero gradients, then norms ~5")
     steps = run["steps"]
-    placeholder = run["initial_state"]["ema_mean"]  # lnf(min_threshold)
+    placeholder = run["initial_state"]["ema_mean"]  # lnf(cap) = lnf(inf), no parameters
+    assert placeholder == math.inf
     # A zero norm while waiting: t = clamp(0) = min_threshold (1e-30); n = 0 is
     # not above it (not clipped) and is vanishing; the output is exactly 0; it
-    # keeps waiting, the centre at its placeholder.
+    # keeps waiting, the threshold at the cap (inf) and the centre at lnf(cap).
     for s in steps[:2]:
         assert s["flags"] == 4 and s["warmup_steps_left"] == 1
-        assert s["clip_threshold"] == float(F(1e-30)) and s["ema_mean"] == placeholder
+        assert s["clip_threshold"] == math.inf and s["ema_mean"] == placeholder
         assert all(v == 0.0 for leaf in s["out"] for v in leaf)
     # The first positive norm (step 2) starts the tracker, unclipped.
     n2 = 5.0 * _noise(2)
@@ -740,7 +743,7 @@ def test_hand_track_zero_start():
     mixed = _run("track_zero_start", "NaN, zero, NaN, zero, then finite")["steps"]
     assert [s["flags"] for s in mixed[:5]] == [8, 4, 8, 4, 32]
     assert [s["warmup_steps_left"] for s in mixed[:5]] == [1, 1, 1, 1, 0]
-    assert all(s["clip_threshold"] == float(F(1e-30)) for s in mixed[:4])
+    assert all(s["clip_threshold"] == math.inf for s in mixed[:4])
     # After a learning-rate start (t0 = 1, c = 0): three norms of 5 explode
     # (5 > 3 t), e = RISE / r each: c = 3 RISE. Then zero norms: lnf(0) - c is
     # far under -FALL / r, so the centre falls by FALL a step and |e| = FALL / r.
@@ -755,21 +758,22 @@ def test_hand_track_zero_start():
 def test_hand_track_loss_outlier():
     steps = _run("track_loss_outlier", "outlier at step 100, x2 norm at step 110")["steps"]
     before, hit = steps[99], steps[100]
-    # Step 100 >= N: bounded influence. Bc = max(10 spread, 0.001 |centre|) =
-    # 10 spread here; v - centre ~1e7 is clipped to Bc: centre' = centre + r Bc
-    # (half a spread). Calm (the norm is ~5), gap = centre' - reference > 0: the
-    # reference rises at track_loss_rise_rate; the spread moves towards
-    # min(|v - c|, B) = B = max(3 spread, 0.001 |centre|) = 3 spread.
+    # Step 100 >= N: bounded influence. Bc = max(10 spread, 10 track_loss_rel
+    # |centre|) = 2 |centre| here (the loss is ~1 +- 1%); v - centre ~1e7 is
+    # clipped to Bc: centre' = centre + r Bc (10% of the level, under the
+    # gate's unit 0.2 |reference|). Calm (the norm is ~5), gap = centre' -
+    # reference > 0: the reference rises at track_loss_rise_rate; the spread
+    # moves towards min(|v - c|, B) = B = max(3 spread, 0.001 |centre|) = 3 spread.
     c, ref, spread = (before[f] for f in ("loss_centre", "loss_reference", "loss_spread"))
-    floor = 1e-3 * abs(c)
-    centre_bound, bound = max(10 * spread, floor), max(3 * spread, floor)
-    assert (centre_bound, bound) == (10 * spread, 3 * spread)
+    centre_bound = max(10 * spread, 10 * LOSS_REL * abs(c))
+    bound = max(3 * spread, 1e-3 * abs(c))
+    assert (centre_bound, bound) == (10 * LOSS_REL * abs(c), 3 * spread)
     assert hit["loss_centre"] == pytest.approx(c + R * centre_bound, rel=1e-6)
     assert hit["loss_reference"] == pytest.approx(
         ref + RISE_RATE * (c + R * centre_bound - ref), rel=1e-6
     )
     assert hit["loss_spread"] == pytest.approx(spread + R * (bound - spread), rel=1e-5)
-    # So the gate never closes (half a spread is under one), and the
+    # So the gate never closes (a tenth of the level is under its unit), and the
     # lasting x2 rise of the norm at step 110 is followed: the centre rises
     # by about ln 2.
     assert not any(_above(s, LOSS_K) for s in steps)
