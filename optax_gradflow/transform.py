@@ -247,7 +247,10 @@ def stabilize(
   given, with ``lr`` the number itself or, for a schedule, its largest value
   over its first 10,000 steps (the peak after a warm-up from 0, see
   :func:`optax_gradflow.learning_rate.read`); otherwise, or when that ``lr``
-  is 0 (with a warning), the first finite norm. It only starts the tracker.
+  is 0 (with a warning), the first finite norm, clipped at
+  ``config.param_threshold_scale`` times the global norm of the ``params``
+  given to ``init`` (SPEC.md, "Initial threshold" 4). It only starts the
+  tracker.
 
   No step transfers anything to the host (with ``log_events``, only steps
   with an event do). A non-finite step outputs zeros:
