@@ -10,6 +10,8 @@ from here and stay otherwise independent.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping
+from typing import Any
 
 # The stages of one step, in SPEC.md's "Per-step order". Both implementations
 # have one function per stage under these names (JAX: optax_gradflow.pipeline,
@@ -150,23 +152,75 @@ class StateVersionError(ValueError):
     """A state saved with another layout of the state than this library's."""
 
 
+# The layout that :func:`migrate_flat` reads, and the ring it lacks.
+MIGRATED_VERSION = 2
+MIGRATED_RING = "explosion_norms"
+
+
+def migrate_flat(
+    flat: Mapping[str, Any], full: Callable[[tuple[int, ...], int, str], Any]
+) -> dict[str, Any]:
+    """The flat form of a state in this layout (SPEC.md, "Layout version").
+
+    A flat state of layout 2 gains an empty ring of exploding norms (values
+    zeros of the size of ``event_flags``, which has the same size E; index 0,
+    count 0), and its ``state_version`` becomes 3; every other key is kept as
+    it is, the same objects. Any other state comes back unchanged, for
+    :func:`check_version` to judge. ``full(shape, value, dtype_name)`` makes
+    one of the framework's arrays (``numpy.full`` with the dtype by name).
+
+    Reads ``state_version`` once (a device-to-host transfer where it is on a
+    device).
+    """
+    found = flat.get(VERSION_FIELD)
+    if found is None or int(found) != MIGRATED_VERSION:
+        return dict(flat)
+    sized_by = flat_name("event_flags", "values")
+    if sized_by not in flat:
+        raise ValueError(f"A state of layout 2 lacks {sized_by!r}, which sizes the ring it gains.")
+    size = len(flat[sized_by])
+    _, dtype = RINGS[MIGRATED_RING]
+    parts = [flat_name(MIGRATED_RING, part) for part in RING_PARTS]
+    migrated = {name: value for name, value in flat.items() if name not in parts}
+    migrated[parts[0]] = full((size,), 0, dtype)
+    migrated[parts[1]] = full((), 0, "int32")
+    migrated[parts[2]] = full((), 0, "int32")
+    migrated[VERSION_FIELD] = full((), STATE_VERSION, "int32")
+    return {name: migrated[name] for name in sorted(migrated, key=_flat_position)}
+
+
+def _flat_position(name: str) -> int:
+    """Where ``name`` stands in :data:`FLAT_FIELDS` (unknown keys last, for the caller to name)."""
+    return FLAT_FIELDS.index(name) if name in FLAT_FIELDS else len(FLAT_FIELDS)
+
+
 def check_version(found, where: str) -> None:
     """Raises :class:`StateVersionError` unless ``found`` is :data:`STATE_VERSION`.
 
     ``found`` is the layout version read from a saved state (None when the
-    state has no version field: layout 1, which had none).
+    state has no version field: layout 1, which had none). Layout 2 is read
+    by migration (:func:`migrate_flat`), before this check.
     """
     got = 1 if found is None else int(found)
-    if got != STATE_VERSION:
-        raise StateVersionError(
-            f"{where} holds a stabilizer state of layout version {got}, but this version of "
-            f"optax-gradflow reads layout version {STATE_VERSION}"
-            + (
-                " (layout 1 stored each ring as three flat fields; layout 2 keeps a ring as "
-                "one (values, index, count) record and adds 'state_version'; layout 3 adds "
-                "the ring 'explosion_norms'). Start the stabilizer from a fresh init, or load "
-                "the checkpoint with the release that wrote it."
-                if got < STATE_VERSION
-                else ": it was written by a newer release."
-            )
+    if got == STATE_VERSION:
+        return
+    if got == MIGRATED_VERSION:
+        advice = (
+            " (layout 2 had no ring 'explosion_norms'). A layout-2 state is read by "
+            "migration, which adds that ring empty: optax_gradflow.state.from_flat for the "
+            "flat form, optax_gradflow.state.from_restored for a checkpoint restored without "
+            "a target (Orbax's restore(path), flax.serialization.msgpack_restore), and the "
+            "PyTorch adapter's load_state_dict or migrate_state."
         )
+    elif got < STATE_VERSION:
+        advice = (
+            " (layout 1 stored each ring as three flat fields and had no 'state_version'). "
+            "Start the stabilizer from a fresh init, or load the checkpoint with the release "
+            "that wrote it."
+        )
+    else:
+        advice = ": it was written by a newer release."
+    raise StateVersionError(
+        f"{where} holds a stabilizer state of layout version {got}, but this version of "
+        f"optax-gradflow reads layout version {STATE_VERSION}{advice}"
+    )

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_gradflow import constants
 from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
@@ -207,13 +208,27 @@ def from_flat(
 ) -> GradientFlowState:
     """A :class:`GradientFlowState` from its flat form (:func:`to_flat`).
 
+    Also takes the nested form, each ring a mapping of ``values``, ``index``
+    and ``count``: what a checkpoint read without a target holds for the
+    state (see :func:`from_restored`). A state of layout 2 is migrated
+    (SPEC.md, "Layout version"): it gains an empty ``explosion_norms`` ring,
+    sized like ``event_flags`` (both are E long), and every other field is
+    kept bit for bit. Reads ``state_version`` on the host.
+
     Raises:
-      StateVersionError: the flat state was written with another layout
-        (one without ``state_version`` is layout 1).
+      StateVersionError: the flat state was written with a layout this
+        release does not read: layout 1 (one without ``state_version``) or a
+        newer one.
       ValueError: keys are missing or unknown.
     """
     if not isinstance(flat, Mapping):
         raise TypeError(f"{where} must be a mapping of field names, got {type(flat).__name__}.")
+    # ``array`` converts each value (``jnp.asarray`` by default; ``numpy.asarray``
+    # for a host copy).
+    array = jnp.asarray if array is None else array
+    flat = constants.migrate_flat(
+        _flatten_rings(flat), lambda shape, value, dtype: array(np.full(shape, value, dtype))
+    )
     constants.check_version(flat.get(VERSION_FIELD), where)
     missing = [k for k in constants.FLAT_FIELDS if k not in flat]
     unknown = [k for k in flat if k not in constants.FLAT_FIELDS]
@@ -222,14 +237,99 @@ def from_flat(
             f"{where} does not have the fields of a GradientFlowState: missing {missing}, "
             f"unknown {unknown}."
         )
-    # ``array`` converts each value (``jnp.asarray`` by default; ``numpy.asarray``
-    # for a host copy).
-    array = jnp.asarray if array is None else array
     fields: dict[str, Any] = {name: array(flat[name]) for name in SCALARS}
     for ring in RINGS:
         fields[ring] = Ring(*(array(flat[flat_name(ring, part)]) for part in RING_PARTS))
     fields[VERSION_FIELD] = array(flat[VERSION_FIELD])
     return GradientFlowState(**fields)
+
+
+def _flatten_rings(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with each ring given as a mapping of its parts spread into flat keys."""
+    flat: dict[str, Any] = {}
+    for name, value in state.items():
+        if name in RINGS and isinstance(value, Mapping):
+            flat.update({flat_name(name, part): part_value for part, part_value in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def from_restored(restored: Any, target: Any) -> Any:
+    """``target``'s tree, its leaves read from ``restored``: a checkpoint read without a target.
+
+    Orbax's ``restore(path)`` and ``flax.serialization.msgpack_restore`` give
+    the saved tree as nested dicts and lists (a NamedTuple as a dict of its
+    fields, a tuple as a list or as a dict keyed ``"0"``, ``"1"``, ...). Each
+    leaf of ``target`` is looked up there by its path, and each
+    :class:`GradientFlowState` in it is rebuilt by :func:`from_flat`, so a
+    stabilizer state of layout 2 is migrated on the way (SPEC.md, "Layout
+    version"). This is the way to read a checkpoint of layout 2: a restore
+    into a target of this layout fails inside Orbax or flax, whose trees
+    differ by the new ring. The arrays are copied to the default device.
+
+    Args:
+      restored: the tree a checkpoint restored without a target.
+      target: a tree of the optimizer state's structure; its leaves may be
+        ``jax.ShapeDtypeStruct``: ``jax.eval_shape(tx.init, params)``
+        computes nothing.
+
+    Returns:
+      A tree of ``target``'s structure with the restored arrays.
+
+    Raises:
+      StateVersionError: a stabilizer state of layout 1 or of a newer layout.
+      ValueError: ``restored`` lacks a part of ``target``.
+
+    Example:
+      >>> import flax.serialization, jax, jax.numpy as jnp, optax
+      >>> import optax_gradflow
+      >>> from optax_gradflow.state import from_restored
+      >>> tx = optax_gradflow.stabilized(optax.adam(1e-2), 1e-2)
+      >>> params = {"w": jnp.ones(3)}
+      >>> data = flax.serialization.to_bytes(tx.init(params))
+      >>> raw = flax.serialization.msgpack_restore(data)
+      >>> state = from_restored(raw, jax.eval_shape(tx.init, params))
+      >>> int(state.flow.state_version)
+      3
+    """
+
+    def fill(path, like):
+        node = _lookup(restored, path)
+        if isinstance(like, GradientFlowState):
+            return from_flat(node, where=f"The restored state at {jax.tree_util.keystr(path)}")
+        return jnp.asarray(node)
+
+    return jax.tree_util.tree_map_with_path(
+        fill, target, is_leaf=lambda x: isinstance(x, GradientFlowState)
+    )
+
+
+def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
+    """The node of a restored tree (dicts and lists) at a pytree key path."""
+    node = tree
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            name = key.name
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            name = key.idx
+        else:  # DictKey, FlattenedIndexKey
+            name = key.key
+        if isinstance(node, (list, tuple)):
+            found = isinstance(name, int) and 0 <= name < len(node)
+        elif isinstance(node, Mapping):
+            if name not in node:
+                name = str(name)  # msgpack keys every dict and sequence by a string
+            found = name in node
+        else:
+            found = False
+        if not found:
+            raise ValueError(
+                f"The restored tree has no {jax.tree_util.keystr(path)}: it was saved from "
+                "another optimizer state than the target's."
+            )
+        node = node[name]
+    return node
 
 
 def check_state(state: GradientFlowState, config: StabilizerConfig) -> None:
@@ -242,13 +342,16 @@ def check_state(state: GradientFlowState, config: StabilizerConfig) -> None:
     if not isinstance(state, GradientFlowState):
         if isinstance(state, Mapping):
             # A raw restore (a checkpoint read without a target): refuse
-            # another layout by name, and say how to rebuild this one.
+            # another layout by name, and say how to rebuild this one (a
+            # layout-2 state is migrated on the way).
             found = state.get(VERSION_FIELD)
             if not isinstance(found, jax.core.Tracer):
                 constants.check_version(found, "The state passed to update")
             raise TypeError(
                 "Expected a GradientFlowState built by this stabilizer's init, got a mapping; "
-                "optax_gradflow.state.from_flat rebuilds one from the flat form."
+                "optax_gradflow.state.from_flat rebuilds one from the flat form, and "
+                "optax_gradflow.state.from_restored a whole optimizer state from a checkpoint "
+                "restored without a target."
             )
         raise TypeError(
             f"Expected a GradientFlowState built by this stabilizer's init, got "

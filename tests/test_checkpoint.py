@@ -1,4 +1,5 @@
-"""The whole optimizer state round-trips through Orbax and msgpack; resuming is bit-exact."""
+"""The whole optimizer state round-trips through Orbax and msgpack; resuming is bit-exact;
+a checkpoint of the previous layout (2) is migrated (SPEC.md, "Layout version")."""
 
 import flax.serialization
 import jax
@@ -10,7 +11,15 @@ import pytest
 
 import optax_gradflow as og
 from optax_gradflow.config import StabilizerConfig
-from optax_gradflow.state import FLAG_ADAPTED, FLAG_EMERGENCY
+from optax_gradflow.constants import StateVersionError
+from optax_gradflow.state import (
+    FLAG_ADAPTED,
+    FLAG_EMERGENCY,
+    GradientFlowState,
+    Ring,
+    from_restored,
+    to_flat,
+)
 
 STEPS = 30
 RESUME_AT = 14  # inside the burst: 2 of its 5 explosions are still to come
@@ -136,3 +145,115 @@ def test_round_trip_keeps_types_and_dtypes(fmt, tmp_path):
     assert restored.flow.stabilizer_step.dtype == jnp.int32
     assert np.isnan(np.asarray(restored.flow.last_grad_norm))
     assert_bitwise_equal(restored, state)
+
+
+# --- A checkpoint of layout 2 -------------------------------------------------
+
+
+def map_flows(fn, tree):
+    """``tree`` with ``fn`` applied to each GradientFlowState in it."""
+    return jax.tree.map(
+        lambda x: fn(x) if isinstance(x, GradientFlowState) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, GradientFlowState),
+    )
+
+
+def as_layout_2(flow, version=2):
+    """``flow`` as the previous release saved it: the same names and paths, no
+    ring of exploding norms, ``state_version`` 2."""
+    fields = {
+        name: value._asdict() if isinstance(value, Ring) else value
+        for name, value in flow._asdict().items()
+        if name != "explosion_norms"
+    }
+    fields["state_version"] = jnp.int32(version)
+    return fields
+
+
+def emptied(flow):
+    """``flow`` with its ring of exploding norms as a fresh init has it."""
+    return flow._replace(explosion_norms=Ring.empty(CONFIG.event_history_size, jnp.float32))
+
+
+def save_orbax(tree, directory):
+    path = directory / "ckpt"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    return path
+
+
+def restore_orbax(path, target=None):
+    checkpointer = ocp.StandardCheckpointer()
+    restored = checkpointer.restore(path) if target is None else checkpointer.restore(path, target)
+    checkpointer.close()
+    return restored
+
+
+def save_msgpack(tree, directory):
+    del directory
+    return flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(tree))
+
+
+def restore_msgpack(data, target=None):
+    if target is None:
+        return flax.serialization.msgpack_restore(data)
+    return flax.serialization.from_bytes(target, data)
+
+
+SAVES = {"orbax": (save_orbax, restore_orbax), "msgpack": (save_msgpack, restore_msgpack)}
+
+
+@pytest.mark.parametrize("kind", ["chain", "wrapper"])
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+def test_a_layout_2_checkpoint_is_migrated_and_resumes_bit_for_bit(kind, fmt, tmp_path):
+    save, restore = SAVES[fmt]
+    opt, step = compiled(kind)
+    params0 = init_params()
+    params, state = train(step, params0, opt.init(params0), 0, RESUME_AT)
+    flow = og.find_states(state)[0][1]
+    assert int(flow.explosion_norms.count) == 2  # steps 12 and 13: the ring to be lost
+    saved = save({"params": params, "opt_state": map_flows(as_layout_2, state)}, tmp_path)
+    target = jax.eval_shape(lambda: {"params": params0, "opt_state": opt.init(params0)})
+
+    # A target of layout 3 does not match the saved tree: Orbax and flax refuse it.
+    with pytest.raises(ValueError):
+        restore(saved, target)
+    restored = from_restored(restore(saved), target)
+
+    ring = og.find_states(restored["opt_state"])[0][1].explosion_norms
+    np.testing.assert_array_equal(ring.values, np.zeros(CONFIG.event_history_size, np.float32))
+    assert (int(ring.index), int(ring.count)) == (0, 0)
+    # Everything else bit for bit, state_version 3 (as in the source).
+    expected = {"params": params, "opt_state": map_flows(emptied, state)}
+    assert_bitwise_equal(restored, expected)
+    assert int(og.find_states(restored["opt_state"])[0][1].state_version) == 3
+
+    # Resumed, the migrated state runs as the source with its ring emptied.
+    got = train(step, restored["params"], restored["opt_state"], RESUME_AT, STEPS)
+    want = train(step, expected["params"], expected["opt_state"], RESUME_AT, STEPS)
+    assert_bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+def test_a_checkpoint_of_layout_1_or_of_a_newer_layout_is_refused(fmt, tmp_path):
+    save, restore = SAVES[fmt]
+    opt = optimizers()["chain"]
+    state = opt.init(init_params())
+    target = jax.eval_shape(opt.init, init_params())
+
+    def layout_1(flow):
+        # Each ring as three flat fields, no state_version.
+        flat = to_flat(flow)
+        del flat["state_version"], flat["explosion_norms"]
+        del flat["explosion_norms_index"], flat["explosion_norms_count"]
+        return flat
+
+    old = save(map_flows(layout_1, state), tmp_path / "old")
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 3"):
+        from_restored(restore(old), target)
+    newer = save(map_flows(lambda f: as_layout_2(f, version=4), state), tmp_path / "newer")
+    with pytest.raises(StateVersionError, match="newer release"):
+        from_restored(restore(newer), target)

@@ -124,12 +124,67 @@ def test_an_old_layout_gets_an_error_naming_both_versions():
         from_flat(newer)
 
 
-def test_a_layout_2_state_without_the_exploding_norms_is_refused():
-    flat = to_flat(og.stabilize(1e-2).init({"w": jnp.ones(3)}))
-    layout2 = {k: v for k, v in flat.items() if not k.startswith("explosion_norms")}
-    layout2[constants.VERSION_FIELD] = np.int32(2)
-    with pytest.raises(StateVersionError, match=r"layout version 2.*layout version 3"):
-        from_flat(layout2)
+def _with_explosions():
+    """(transformation, params, a state whose ring of exploding norms holds two norms)."""
+    tx = og.stabilize(config=StabilizerConfig(warmup_steps=0), initial_threshold=1.0)
+    params = {"w": jnp.ones(3)}
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    # Norms 0.5, 50, 0.5, 80: the two large ones exceed 3 x the threshold of 1.
+    for g in (0.5, 50.0, 0.5, 80.0):
+        _, state = update({"w": jnp.full(3, g / np.sqrt(3.0), jnp.float32)}, state, params)
+    assert int(state.explosion_norms.count) == 2
+    return tx, params, state
+
+
+def _layout_2(flat) -> dict:
+    """The flat form of ``flat`` as the previous release wrote it: no ring of
+    exploding norms, ``state_version`` 2."""
+    old = {k: np.asarray(v) for k, v in flat.items() if not k.startswith("explosion_norms")}
+    old[constants.VERSION_FIELD] = np.int32(2)
+    return old
+
+
+def test_a_layout_2_flat_state_is_migrated_with_an_empty_ring_of_exploding_norms():
+    tx, params, state = _with_explosions()
+    migrated = from_flat(_layout_2(to_flat(state)))
+    ring = migrated.explosion_norms
+    assert (int(ring.index), int(ring.count)) == (0, 0)
+    assert ring.values.dtype == jnp.float32
+    # Sized like event_flags: both rings are E = event_history_size long.
+    np.testing.assert_array_equal(ring.values, np.zeros(StabilizerConfig().event_history_size))
+    assert int(migrated.state_version) == 3
+    assert isinstance(migrated, og.GradientFlowState)
+    emptied = state._replace(explosion_norms=Ring.empty(ring.values.shape[0], jnp.float32))
+    for name, value in to_flat(emptied).items():
+        got = np.asarray(to_flat(migrated)[name])
+        assert got.dtype == value.dtype and got.tobytes() == np.asarray(value).tobytes(), name
+    # The next step from the migrated state is the step from the emptied one.
+    update = jax.jit(tx.update)
+    grads = {"w": jnp.full(3, 60.0, jnp.float32)}
+    for a, b in zip(
+        jax.tree.leaves(update(grads, migrated, params)),
+        jax.tree.leaves(update(grads, emptied, params)),
+        strict=True,
+    ):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_from_flat_takes_the_nested_form_of_a_raw_restore():
+    _, _, state = _with_explosions()
+    nested = flax.serialization.to_state_dict(state)
+    back = from_flat(nested)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    del nested["explosion_norms"]
+    nested[constants.VERSION_FIELD] = np.int32(2)
+    assert int(from_flat(nested).explosion_norms.count) == 0
+
+
+def test_a_layout_2_mapping_given_to_update_is_pointed_to_the_migration():
+    tx, params, state = _with_explosions()
+    with pytest.raises(StateVersionError, match=r"layout version 2.*from_restored"):
+        tx.update({"w": jnp.ones(3)}, _layout_2(to_flat(state)), params)
 
 
 def test_an_old_layout_restored_from_msgpack_is_refused_by_update():

@@ -325,15 +325,95 @@ def test_a_layout_1_state_is_refused_with_both_versions():
     assert "1" in str(info.value) and "3" in str(info.value)
     with pytest.raises(StateVersionError):
         ogt.check_state(old, StabilizerConfig())
-    layout2 = {k: v for k, v in ogt.init_state(1e-2).items() if not k.startswith("explosion")}
-    layout2["state_version"] = torch.tensor(2, dtype=torch.int32)
-    with pytest.raises(StateVersionError, match=r"layout version 2.*layout version 3"):
-        stab.load_state_dict(layout2)
     newer = ogt.init_state(1e-2)
     newer["state_version"] = torch.tensor(4, dtype=torch.int32)
     with pytest.raises(StateVersionError, match="4"):
         stab.load_state_dict(newer)
     assert isinstance(StateVersionError("x"), ValueError)
+
+
+def _with_explosions() -> dict[str, torch.Tensor]:
+    """A state after norms 0.5, 50, 0.5, 80 at threshold 1: two explosions in its ring."""
+    state = ogt.init_state(config=SMALL, initial_threshold=1.0)
+    for g in (0.5, 50.0, 0.5, 80.0):
+        _, state = ogt.update([torch.tensor([g])], state, config=SMALL)
+    assert state["explosion_norms_count"].item() == 2
+    return state
+
+
+def _layout_2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as the previous release saved it, through torch.save: no ring
+    of exploding norms, ``state_version`` 2."""
+    old = {k: v.clone() for k, v in state.items() if not k.startswith("explosion_norms")}
+    old["state_version"] = torch.tensor(2, dtype=torch.int32)
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _emptied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its ring of exploding norms as a fresh init has it."""
+    fresh = ogt.init_state(config=SMALL, initial_threshold=1.0)
+    return {
+        k: (fresh[k] if k.startswith("explosion_norms") else v.clone()) for k, v in state.items()
+    }
+
+
+def _assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert tuple(a) == tuple(b) == constants.FLAT_FIELDS
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].numpy().tobytes() == b[name].numpy().tobytes(), name
+
+
+def test_a_layout_2_state_dict_is_migrated_by_load_state_dict():
+    source = _with_explosions()
+    stab = ogt.GradientFlowStabilizer(1.0, config=SMALL)
+    stab.load_state_dict(_layout_2(source))
+    loaded = stab.state_dict()
+    assert loaded["explosion_norms"].dtype == torch.float32
+    # Sized like event_flags (E = 8), empty.
+    assert torch.equal(loaded["explosion_norms"], torch.zeros(8))
+    assert loaded["explosion_norms_index"].item() == loaded["explosion_norms_count"].item() == 0
+    assert loaded["state_version"].item() == 3
+    _assert_same_bits(loaded, _emptied(source))
+    # It steps as a stabilizer loaded with the source, ring emptied.
+    other = ogt.GradientFlowStabilizer(1.0, config=SMALL)
+    other.load_state_dict(_emptied(source))
+    pa, pb = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    for g in (60.0, 0.5, 0.7):
+        pa.grad, pb.grad = torch.tensor([g]), torch.tensor([g])
+        stab.clip_gradients([pa])
+        other.clip_gradients([pb])
+        assert pa.grad.numpy().tobytes() == pb.grad.numpy().tobytes()
+    _assert_same_bits(stab.state_dict(), other.state_dict())
+
+
+def test_the_functional_step_takes_a_layout_2_state_after_migrate_state():
+    source = _with_explosions()
+    layout2 = _layout_2(source)
+    # The step does not migrate: it says where the migration is.
+    with pytest.raises(StateVersionError, match=r"layout version 2.*migrate_state"):
+        ogt.update([torch.tensor([60.0])], layout2, config=SMALL)
+    with pytest.raises(StateVersionError, match=r"layout version 2.*migrate_state"):
+        ogt.check_state(layout2, SMALL, read_version=False)
+    migrated = ogt.migrate_state(layout2)
+    _assert_same_bits(migrated, _emptied(source))
+    for name in migrated:
+        if not name.startswith("explosion_norms") and name != "state_version":
+            assert migrated[name] is layout2[name], name  # kept, not copied
+    ga, sa = ogt.update([torch.tensor([60.0])], migrated, config=SMALL)
+    gb, sb = ogt.update([torch.tensor([60.0])], _emptied(source), config=SMALL)
+    assert ga[0].numpy().tobytes() == gb[0].numpy().tobytes()
+    _assert_same_bits(sa, sb)
+
+
+def test_the_interchange_migrates_a_layout_2_state_dict():
+    source = _with_explosions()
+    jax_state = ogt.to_jax_state(_layout_2(source))
+    assert int(jax_state.explosion_norms.count) == 0
+    _assert_same_bits(ogt.from_jax_state(jax_state), _emptied(source))
 
 
 def test_the_interchange_refuses_a_layout_1_state():

@@ -9,7 +9,8 @@ JAX transformation:
 * :class:`GradientFlowStabilizer`: a ``torch.amp.GradScaler``-shaped class;
   :func:`optimizer_learning_rate` reads the learning rate it starts from out
   of an optimizer (and its ``lr_scheduler``);
-* :func:`from_jax_state` and :func:`to_jax_state`: exact state interchange.
+* :func:`from_jax_state` and :func:`to_jax_state`: exact state interchange;
+  :func:`migrate_state` reads a state dict of the previous layout.
 
 This subpackage does not import JAX (``to_jax_state`` does, when called).
 """
@@ -17,7 +18,7 @@ This subpackage does not import JAX (``to_jax_state`` does, when called).
 from optax_gradflow.torch.functional import update
 from optax_gradflow.torch.interchange import from_jax_state, to_jax_state
 from optax_gradflow.torch.stabilizer import GradientFlowStabilizer, optimizer_learning_rate
-from optax_gradflow.torch.state import FIELDS, check_state, init_state
+from optax_gradflow.torch.state import FIELDS, check_state, init_state, migrate_state
 
 __all__ = (
     "FIELDS",
@@ -25,6 +26,7 @@ __all__ = (
     "check_state",
     "from_jax_state",
     "init_state",
+    "migrate_state",
     "optimizer_learning_rate",
     "to_jax_state",
     "update",

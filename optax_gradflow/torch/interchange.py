@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from optax_gradflow.torch.state import FIELDS, State, check_version, expected_specs
+from optax_gradflow.torch.state import (
+    FIELDS,
+    State,
+    check_version,
+    expected_specs,
+    migrate_state,
+)
 
 _NUMPY_DTYPES = {
     torch.float32: np.float32,
@@ -76,12 +82,16 @@ def to_jax_state(state: Mapping[str, torch.Tensor]) -> Any:
 
     Imports JAX.
 
+    A state dict of layout 2 is migrated first (:func:`migrate_state`; SPEC.md,
+    "Layout version").
+
     Raises:
-      StateVersionError: a state dict of another layout (without
-        ``"state_version"``: layout 1).
+      StateVersionError: a state dict of layout 1 (without
+        ``"state_version"``) or of a newer layout.
       ValueError: naming the key, for a missing or extra key or a wrong dtype
         or rank.
     """
+    state = migrate_state(state)
     check_version(state, "The state given to to_jax_state")
     missing = [name for name in FIELDS if name not in state]
     if missing:

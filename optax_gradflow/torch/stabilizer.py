@@ -41,6 +41,7 @@ from optax_gradflow.torch.state import (
     check_version,
     expected_specs,
     init_state,
+    migrate_state,
 )
 
 # Attribute set on each gradient tensor this stabilizer has written.
@@ -407,15 +408,19 @@ class GradientFlowStabilizer:
 
         The tensors are copied onto the device the current state is on.
 
+        A state dict of layout 2 is migrated first (:func:`migrate_state`:
+        an empty ring of exploding norms; SPEC.md, "Layout version").
+
         Raises:
-          StateVersionError: a state dict of another layout (one without
-            ``"state_version"`` was saved by a release of layout 1).
+          StateVersionError: a state dict of layout 1 (one without
+            ``"state_version"``) or of a newer layout.
           ValueError: naming the key, for a missing or extra key, a value that
             is not a tensor, or a shape or dtype this stabilizer's config does
             not build. Nothing is loaded then.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Expected a mapping, got {type(state_dict).__name__}.")
+        state_dict = migrate_state(state_dict)
         check_version(state_dict, "The state dict given to load_state_dict")
         specs = expected_specs(self.config)
         for name in FIELDS:

@@ -54,6 +54,11 @@ RINGS: dict[str, tuple[str, torch.dtype]] = {
 
 State = dict[str, torch.Tensor]
 
+# The keys that layout 3 added (SPEC.md, "Layout version").
+_MIGRATED_KEYS = tuple(
+    constants.flat_name(constants.MIGRATED_RING, part) for part in constants.RING_PARTS
+)
+
 
 def expected_specs(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Field name -> (shape, dtype) of a state built from ``config``."""
@@ -79,6 +84,23 @@ def check_version(state: Mapping[str, Any], where: str, *, read: bool = True) ->
         constants.check_version(int(value), where)
 
 
+def migrate_state(state: Mapping[str, Any]) -> State:
+    """``state`` in this layout: a state dict of layout 2 gains an empty ring
+    of exploding norms (SPEC.md, "Layout version").
+
+    The new tensors are on the device of ``state["event_flags"]``; every other
+    tensor is the one given, not a copy. A state of any other layout comes back
+    as a new dict of the same tensors, for :func:`check_version` to judge.
+    Reads ``"state_version"`` on the host (one int32).
+    """
+    device = getattr(state.get("event_flags"), "device", None)
+
+    def full(shape: tuple[int, ...], value: int, dtype: str) -> torch.Tensor:
+        return torch.full(shape, value, dtype=_TORCH_DTYPES[dtype], device=device)
+
+    return constants.migrate_flat(state, full)
+
+
 def check_state(
     state: Mapping[str, Any], config: StabilizerConfig, *, read_version: bool = True
 ) -> None:
@@ -94,6 +116,10 @@ def check_state(
         raise TypeError(f"The state must be a dict of tensors, got {type(state).__name__}.")
     check_version(state, "The stabilizer state", read=read_version)
     missing = [name for name in FIELDS if name not in state]
+    if missing == list(_MIGRATED_KEYS):
+        # The keys of layout 2, told apart without reading the version: the
+        # step does not migrate (migrate_state does, before it).
+        constants.check_version(constants.MIGRATED_VERSION, "The stabilizer state")
     if missing:
         raise ValueError(f"State is missing key(s) {missing}.")
     extra = sorted(str(name) for name in state if name not in FIELDS)
