@@ -340,7 +340,20 @@ def loss_update(
     bound = jnp.maximum(3.0 * spread, floor)
     level_share = jnp.float32(max(10.0 * config.track_loss_rel, 1e-3))
     centre_bound = jnp.maximum(10.0 * spread, level_share * jnp.abs(centre))
-    step = jnp.where(early, loss - centre, jnp.clip(loss - centre, -centre_bound, centre_bound))
+    # During the first steps the running means are bounded by a share of the
+    # level, at least the level itself (the spread is still being learned):
+    # one outlier loss among them (1e7 times the usual) moves them by at most
+    # that share, and the gate protects again within a few dozen steps. A
+    # level of exactly 0 with no spread gives no scale: such a loss is taken
+    # as it is.
+    scaled = (centre != 0.0) | (spread > 0.0)
+    early_share = jnp.float32(max(10.0 * config.track_loss_rel, 1e-3, 1.0)) * jnp.abs(centre)
+    early_bound = jnp.where(scaled, jnp.maximum(10.0 * spread, early_share), jnp.inf)
+    step = jnp.clip(
+        loss - centre,
+        -jnp.where(early, early_bound, centre_bound),
+        jnp.where(early, early_bound, centre_bound),
+    )
     new_centre = centre + level_rate * step
     gap = new_centre - reference
     # The reference falls with a calm loss at the centre's rate and rises at
@@ -352,9 +365,9 @@ def loss_update(
     ref_rate = jnp.where(early, early_rate, ref_rate)
     new_reference = reference + ref_rate * gap
     # Bounded influence: after the first steps one loss can add at most 3
-    # spreads' worth.
-    deviation = jnp.abs(loss - centre)
-    deviation = jnp.where(early, deviation, jnp.minimum(deviation, bound))
+    # spreads' worth; during them, at most max(3 spreads, the level's share).
+    early_dev_bound = jnp.where(scaled, jnp.maximum(3.0 * spread, early_share), jnp.inf)
+    deviation = jnp.minimum(jnp.abs(loss - centre), jnp.where(early, early_dev_bound, bound))
     learn = (open_gate & calm) | early
     new_spread = jnp.where(learn, spread + level_rate * (deviation - spread), spread)
     new_centre = jnp.where(first, loss, new_centre)

@@ -779,10 +779,18 @@ def test_hand_track_loss_outlier():
     assert not any(_above(s, LOSS_K) for s in steps)
     assert steps[-1]["ema_mean"] - steps[99]["ema_mean"] == pytest.approx(math.log(2.0), abs=0.15)
     early = _run("track_loss_outlier", "outlier at step 5, x2 norm at step 110")["steps"]
-    # Within the first N steps the outlier enters the running mean unbounded:
-    # a = 1 / 6, centre' = centre + (1e7 - centre) / 6.
-    c = early[4]["loss_centre"]
-    assert early[5]["loss_centre"] == pytest.approx(c + (1e7 - c) / 6, rel=1e-6)
+    # Within the first N steps the outlier enters the running mean bounded by
+    # Bc = max(10 spread, 10 track_loss_rel |centre|) = 2 |centre| here (the
+    # loss is ~1 +- 1%): a = 1 / 6, centre' = centre + 2 |centre| / 6; the
+    # deviation is at most max(3 spread, 2 |centre|) = 2 |centre| too.
+    c, d = early[4]["loss_centre"], early[4]["loss_spread"]
+    assert 10 * d < 10 * LOSS_REL * abs(c)
+    assert early[5]["loss_centre"] == pytest.approx(c + 2 * abs(c) / 6, rel=1e-6)
+    assert early[5]["loss_spread"] == pytest.approx(d + (2 * abs(c) - d) / 6, rel=1e-5)
+    # So the gate's unit max(spread, 0.2 |reference|) is back to the share of
+    # the level within 20 steps of the outlier (the spread, ~0.34 after it,
+    # decays at the running rate, then at r).
+    assert all(s["loss_spread"] < LOSS_REL * abs(s["loss_reference"]) for s in early[25:])
     # The gate stays open (the centre falls under its reference), and the
     # rise of the norm is followed as well.
     assert not any(_above(s, LOSS_K) for s in early)

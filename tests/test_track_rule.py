@@ -197,14 +197,17 @@ def test_loss_gate_learns_running_means_during_the_first_steps():
     assert r["loss_centre"][2] == pytest.approx(7.0 / 3.0, rel=RTOL32)
     assert r["loss_reference"][2] == pytest.approx(2.5 - 1.0 / 18.0, rel=RTOL32)
     assert r["loss_spread"][2] == pytest.approx(4.0 / 3.0, rel=RTOL32)
-    # Step 3, v = 10, a = 1/4, an explosion, but early: everything learns.
+    # Step 3, v = 10, a = 1/4, an explosion, but early: everything learns,
+    # within the early bounds (e = max(10 * 0.2, 1) = 2). The centre's,
+    # max(10 * 4/3, 2 * 7/3) = 40/3, does not bind:
     # centre' = 7/3 + (10 - 7/3) / 4 = 17 / 4 = 4.25; gap = 4.25 - 2.4444444 =
     # 1.8055556: reference' = 2.4444444 + 1.8055556 / 4 = 2.8958333;
-    # dev = 10 - 7/3 = 23/3: spread' = 4/3 + (23/3 - 4/3) / 4 = 35 / 12.
+    # dev = min(10 - 7/3, max(3 * 4/3, 2 * 7/3)) = 14/3 (the deviation's
+    # bound binds): spread' = 4/3 + (14/3 - 4/3) / 4 = 13 / 6.
     assert r["explosion"][3]
     assert r["loss_centre"][3] == pytest.approx(4.25, rel=RTOL32)
     assert r["loss_reference"][3] == pytest.approx(2.8958333, rel=RTOL32)
-    assert r["loss_spread"][3] == pytest.approx(35.0 / 12.0, rel=RTOL32)
+    assert r["loss_spread"][3] == pytest.approx(13.0 / 6.0, rel=RTOL32)
 
 
 # After the first N = 20 steps: the influence of one loss is bounded by

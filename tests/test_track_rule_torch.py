@@ -430,10 +430,11 @@ def test_the_loss_gate_learns_running_means_during_the_first_steps():
         # Step 2, v = 2, a = 1/3: centre = 2 + 0 / 3 = 2; gap = -0.5:
         # reference = 2.5 - 0.5 / 3 = 7/3; dev = 0: spread = 1 - 1 / 3 = 2/3.
         (2.0, 7.0 / 3.0, 2.0 / 3.0),
-        # Step 3, v = 8, a = 1/4, an explosion (not calm) but early:
-        # centre = 2 + 6 / 4 = 3.5; gap = 3.5 - 7/3 = 7/6: reference = 7/3 +
-        # 7/24 = 2.625; dev = 6: spread = 2/3 + (6 - 2/3) / 4 = 2.
-        (3.5, 2.625, 2.0),
+        # Step 3, v = 8, a = 1/4, an explosion (not calm) but early: Bc =
+        # max(10 * 2/3, 2 * |2|) = 20/3 > 6, so centre = 2 + 6 / 4 = 3.5; gap =
+        # 3.5 - 7/3 = 7/6: reference = 7/3 + 7/24 = 2.625; dev = min(6,
+        # max(3 * 2/3, 2 * 2)) = 4: spread = 2/3 + (4 - 2/3) / 4 = 1.5.
+        (3.5, 2.625, 1.5),
     ]
     assert trace.flags == [0, 0, 0, 3]
     for k, levels in enumerate(expected):

@@ -447,10 +447,21 @@ def _loss_gate(
     bound = torch.maximum(spread * 3.0, floor)
     level_share = _f32_constant(max(10.0 * config.track_loss_rel, 1e-3), device)
     centre_bound = torch.maximum(spread * 10.0, level_share * torch.abs(centre))
+    # During the first N steps, with e = max(b, 1) (at least the level
+    # itself), max(10 * spread, e * |centre|) bounds the running mean, and the
+    # spread's deviation is at most max(3 * spread, e * |centre|): one outlier
+    # among them cannot widen the gate for hundreds of steps. A level of
+    # exactly 0 with no spread gives no scale: such a loss is taken as it is.
+    scaled = (centre != 0.0) | (spread > 0.0)
+    inf = _f32_constant(math.inf, device)
+    early_share = _f32_constant(max(10.0 * config.track_loss_rel, 1e-3, 1.0), device) * torch.abs(
+        centre
+    )
+    early_bound = torch.where(scaled, torch.maximum(spread * 10.0, early_share), inf)
     diff = loss - centre
     new_centre = torch.where(
         early,
-        centre + a * diff,
+        centre + a * torch.clamp(diff, min=-early_bound, max=early_bound),
         centre + rate * torch.clamp(diff, min=-centre_bound, max=centre_bound),
     )
     gap = new_centre - reference
@@ -463,8 +474,8 @@ def _loss_gate(
         torch.where(calm & (gap <= 0), rate, _f32_constant(config.track_loss_rise_rate, device)),
     )
     new_reference = reference + gap_rate * gap
-    deviation = torch.abs(diff)
-    deviation = torch.where(early, deviation, torch.minimum(deviation, bound))
+    early_dev_bound = torch.where(scaled, torch.maximum(spread * 3.0, early_share), inf)
+    deviation = torch.minimum(torch.abs(diff), torch.where(early, early_dev_bound, bound))
     # The spread learns only while the gate is open (and always at first).
     new_spread = torch.where(
         (open_gate & calm) | early,

@@ -366,11 +366,18 @@ def loss_gate(st: dict, v, *, calm: bool, cfg: dict) -> tuple:
     # b = max(10 * track_loss_rel, 0.001) rounded once to float32.
     floor = f32(f32(0.001) * f32(abs(centre)))
     bound = f32(max(f32(f32(3.0) * spread), floor))
-    b = f32(max(10.0 * cfg["track_loss_rel"], 0.001))
-    centre_bound = f32(max(f32(f32(10.0) * spread), f32(b * f32(abs(centre)))))
+    share = f32(max(10.0 * cfg["track_loss_rel"], 0.001))
+    centre_bound = f32(max(f32(f32(10.0) * spread), f32(share * f32(abs(centre)))))
+    # Early, with e = max(b, 1): max(10 * spread, e * |centre|) bounds the
+    # running mean and max(3 * spread, e * |centre|) the deviation, unless the
+    # level is 0 with no spread.
+    scaled = centre != 0.0 or spread > 0.0
+    early_share = f32(f32(max(10.0 * cfg["track_loss_rel"], 0.001, 1.0)) * f32(abs(centre)))
+    early_bound = f32(max(f32(f32(10.0) * spread), early_share))
     diff = f32(v - centre)
     if early:
-        new_centre = f32(centre + f32(a * diff))
+        step = f32(min(max(diff, f32(-early_bound)), early_bound)) if scaled else diff
+        new_centre = f32(centre + f32(a * step))
     else:
         clipped = f32(min(max(diff, f32(-centre_bound)), centre_bound))
         new_centre = f32(centre + f32(r * clipped))
@@ -387,6 +394,8 @@ def loss_gate(st: dict, v, *, calm: bool, cfg: dict) -> tuple:
     dev = f32(abs(diff))
     if not early:
         dev = f32(min(dev, bound))
+    elif scaled:
+        dev = f32(min(dev, f32(max(f32(f32(3.0) * spread), early_share))))
     if (gate_open and calm) or early:
         rate = a if early else r
         spread = f32(spread + f32(rate * f32(dev - spread)))
