@@ -34,6 +34,9 @@ CONFIG = {
     "emergency_patience": 2,
     "diagnostics_interval": 4,
     "diagnostics_window": 4,
+    # The uncapped data start: the first norm starts the tracker unclipped
+    # (some checks init on the first gradient in place of parameters).
+    "param_threshold_scale": 0.0,
 }
 
 
