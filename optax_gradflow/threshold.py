@@ -349,12 +349,8 @@ def loss_update(
     scaled = (centre != 0.0) | (spread > 0.0)
     early_share = jnp.float32(max(10.0 * config.track_loss_rel, 1e-3, 1.0)) * jnp.abs(centre)
     early_bound = jnp.where(scaled, jnp.maximum(10.0 * spread, early_share), jnp.inf)
-    step = jnp.clip(
-        loss - centre,
-        -jnp.where(early, early_bound, centre_bound),
-        jnp.where(early, early_bound, centre_bound),
-    )
-    new_centre = centre + level_rate * step
+    limit = jnp.where(early, early_bound, centre_bound)
+    new_centre = centre + level_rate * jnp.clip(loss - centre, -limit, limit)
     gap = new_centre - reference
     # The reference falls with a calm loss at the centre's rate and rises at
     # track_loss_rise_rate; on other steps (explosions, non-finite norms) it
