@@ -131,18 +131,23 @@ class _AddingRNN(nn.Module):
         return nn.Dense(1)(h[:, -1])[:, 0]
 
 
+def adding_problem(kv, k1, k2, batch: int, length: int):
+    """The adding problem (Hochreiter & Schmidhuber 1997): ``batch`` sequences
+    of ``length`` (value, marker) pairs, one marker in each half; the target
+    is the sum of the two marked values. ``kv`` draws the values, ``k1`` and
+    ``k2`` the markers."""
+    values = jax.random.uniform(kv, (batch, length))
+    first = jax.random.randint(k1, (batch,), 0, length // 2)
+    second = jax.random.randint(k2, (batch,), length // 2, length)
+    pos = jnp.arange(length)
+    marks = ((pos == first[:, None]) | (pos == second[:, None])).astype(jnp.float32)
+    return jnp.stack([values, marks], axis=-1), jnp.sum(values * marks, axis=1)
+
+
 def _adding_batch(key):
     kv, km = jax.random.split(key)
-    values = jax.random.uniform(kv, (RNN_BATCH, RNN_T))
-    # One marker in each half of the sequence.
     k1, k2 = jax.random.split(km)
-    first = jax.random.randint(k1, (RNN_BATCH,), 0, RNN_T // 2)
-    second = jax.random.randint(k2, (RNN_BATCH,), RNN_T // 2, RNN_T)
-    pos = jnp.arange(RNN_T)
-    marks = ((pos == first[:, None]) | (pos == second[:, None])).astype(jnp.float32)
-    x = jnp.stack([values, marks], axis=-1)
-    y = jnp.sum(values * marks, axis=1)
-    return x, y
+    return adding_problem(kv, k1, k2, RNN_BATCH, RNN_T)
 
 
 def _rnn_task() -> Task:

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tasks import Task
+from tasks import Task, adding_problem
 
 # ----------------------------------------------------------------------------
 # Recurrent networks on long-memory tasks.
@@ -165,14 +165,8 @@ ADD_BATCH = 32
 
 
 def _adding_batch(key):
-    """The adding problem (Hochreiter & Schmidhuber 1997) over ``ADD_T`` steps."""
-    kv, k1, k2 = jax.random.split(key, 3)
-    values = jax.random.uniform(kv, (ADD_BATCH, ADD_T))
-    first = jax.random.randint(k1, (ADD_BATCH,), 0, ADD_T // 2)
-    second = jax.random.randint(k2, (ADD_BATCH,), ADD_T // 2, ADD_T)
-    pos = jnp.arange(ADD_T)
-    marks = ((pos == first[:, None]) | (pos == second[:, None])).astype(jnp.float32)
-    return jnp.stack([values, marks], axis=-1), jnp.sum(values * marks, axis=1)
+    """The adding problem over ``ADD_T`` steps (its own key split)."""
+    return adding_problem(*jax.random.split(key, 3), ADD_BATCH, ADD_T)
 
 
 class _AddingLSTM(nn.Module):
