@@ -161,6 +161,9 @@ def test_initial_track_state():
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[3.0, 4.0]]))
     assert ogt.init_state(params=layer)["clip_threshold"].item() == pytest.approx(0.25, rel=1e-6)
+    # Complex parameters count as in the norm of step 1: |3 + 4i| = 5, cap 0.25.
+    s = ogt.init_state(params=[torch.tensor([3.0 + 4.0j])])
+    assert s["clip_threshold"].item() == pytest.approx(0.25, rel=1e-6)
     # The other rules leave both at 0.
     s = ogt.init_state(1e-4, config=SEED)
     assert s["ema_mean"].item() == 0.0 and s["centre_anchor"].item() == 0.0

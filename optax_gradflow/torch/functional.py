@@ -51,7 +51,9 @@ from optax_gradflow.torch.state import (
     State,
     _check_config,
     check_state,
+    is_float,
     log_floored,
+    sum_of_squares,
 )
 
 # The stage names are STAGES (test_torch_pipeline checks that all are here).
@@ -82,10 +84,6 @@ _I32 = torch.int32
 # Devices whose tensors the step may read on the host: reading a CPU tensor
 # waits for nothing. On any other device nothing is read.
 _HOST_READ_DEVICES: tuple[str, ...] = ("cpu",)
-
-
-def _is_float(x: torch.Tensor) -> bool:
-    return x.is_floating_point() or x.is_complex()
 
 
 def _device_of(grads: Sequence[torch.Tensor | None], state: State) -> torch.device:
@@ -933,28 +931,6 @@ _cached_rule = functools.lru_cache(maxsize=64)(_make_rule)
 # --- The stages --------------------------------------------------------------------
 
 
-def _sum_of_squares(leaves: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per-leaf sums of float32 squares, then their sum (SPEC.md, "Per-step order" 1).
-
-    The squares are taken in float32 on purpose: squares that overflow
-    float32 must make the norm infinite (a non-finite step), and float16
-    gradients of a scaled loss would overflow in their own dtype. Norm
-    kernels (``torch.linalg.vector_norm``, ``get_total_norm``) are not used:
-    they return ``sqrt`` of the sum, and squaring it back costs an extra
-    rounding per leaf.
-    """
-    if not leaves:
-        return torch.zeros((), dtype=_F32, device=device)
-    sums = []
-    for x in leaves:
-        if x.is_complex():
-            x = torch.view_as_real(x)
-        flat = (x if x.dtype == _F32 else x.to(_F32)).reshape(-1)
-        # One read of the leaf; no tensor of squares is materialised.
-        sums.append(torch.linalg.vecdot(flat, flat))
-    return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
-
-
 def measure(
     leaves: list[torch.Tensor],
     scale: torch.Tensor,
@@ -967,7 +943,7 @@ def measure(
     (SPEC.md, "Distributed").
     """
     raw_norm = torch.sqrt(
-        distributed.global_sum_of_squares(leaves, device, process_group, _sum_of_squares)
+        distributed.global_sum_of_squares(leaves, device, process_group, sum_of_squares)
     )
     norm = raw_norm / scale
     return Measured(raw_norm, norm, _isfinite(norm))
@@ -1355,7 +1331,7 @@ def update(
     device = _device_of(grads, state)
     due = ALL_DUE if due is None else due
     rule = rule_for(config)
-    float_idx = [i for i, g in enumerate(grads) if g is not None and _is_float(g)]
+    float_idx = [i for i, g in enumerate(grads) if g is not None and is_float(g)]
     leaves = [grads[i] for i in float_idx]
     local = [distributed.local_shard(x) for x in leaves]  # type: ignore[arg-type]
 

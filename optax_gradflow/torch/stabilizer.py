@@ -25,7 +25,6 @@ from optax_gradflow.torch.functional import (
     Due,
     HistoryRule,
     _gather,
-    _is_float,
     _loss_gate,
     check_value,
     rule_for,
@@ -41,6 +40,7 @@ from optax_gradflow.torch.state import (
     check_version,
     expected_specs,
     init_state,
+    is_float,
     migrate_state,
 )
 
@@ -278,7 +278,7 @@ class GradientFlowStabilizer:
         if step is not None and step != self._processed_step:
             return False
         seen = [
-            getattr(g, _TAG, None) == self._tag(g) for g in grads if g is not None and _is_float(g)
+            getattr(g, _TAG, None) == self._tag(g) for g in grads if g is not None and is_float(g)
         ]
         if seen and any(seen) and not all(seen):
             raise ValueError(
@@ -331,7 +331,7 @@ class GradientFlowStabilizer:
         self._advance_count()
         self._gate_entry = (entry, self._state)
         for g in grads:
-            if g is not None and _is_float(g):
+            if g is not None and is_float(g):
                 setattr(g, _TAG, self._tag(g))
         self._processed_step = step
         self._pending_loss = None

@@ -219,8 +219,36 @@ def threshold_at_init(
     return _f32(config.min_threshold), config.warmup_steps
 
 
+def is_float(x: torch.Tensor) -> bool:
+    """A floating or complex tensor: one the norm counts (SPEC.md, "Per-step order" 1)."""
+    return x.is_floating_point() or x.is_complex()
+
+
+def sum_of_squares(leaves: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Per-leaf sums of float32 squares, then their sum (SPEC.md, "Per-step order" 1).
+
+    The squares are taken in float32 on purpose: squares that overflow
+    float32 must make the norm infinite (a non-finite step), and float16
+    gradients of a scaled loss would overflow in their own dtype. Norm
+    kernels (``torch.linalg.vector_norm``, ``get_total_norm``) are not used:
+    they return ``sqrt`` of the sum, and squaring it back costs an extra
+    rounding per leaf.
+    """
+    if not leaves:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    sums = []
+    for x in leaves:
+        if x.is_complex():
+            x = torch.view_as_real(x)
+        flat = (x if x.dtype == torch.float32 else x.to(torch.float32)).reshape(-1)
+        # One read of the leaf; no tensor of squares is materialised.
+        sums.append(torch.linalg.vecdot(flat, flat))
+    return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
+
+
 def _float_tensors(params: Any) -> list[torch.Tensor]:
-    """The floating tensors of a module, a tensor, a mapping or an iterable of tensors."""
+    """The floating (or complex) tensors of a module, a tensor, a mapping or an
+    iterable of tensors."""
     if params is None:
         return []
     if isinstance(params, torch.nn.Module):
@@ -231,18 +259,20 @@ def _float_tensors(params: Any) -> list[torch.Tensor]:
         params = list(params.values())
     else:
         params = list(params)
-    return [p for p in params if isinstance(p, torch.Tensor) and p.is_floating_point()]
+    return [p for p in params if isinstance(p, torch.Tensor) and is_float(p)]
 
 
 def parameter_cap(params: Any, config: StabilizerConfig) -> torch.Tensor:
     """``clamp(param_threshold_scale * P)``, ``P`` the parameters' global norm
-    (float32 sums of squares, tensor by tensor), or ``max_threshold`` where
-    that is not finite and positive (no parameters given, all zero)."""
-    total = _f32(0.0)
-    for p in _float_tensors(params):
-        # A DTensor shard (FSDP2) is gathered: the cap is the whole model's.
-        p = p.full_tensor() if hasattr(p, "full_tensor") else p
-        total = total + torch.sum(torch.square(p.detach().to("cpu", torch.float32)))
+    (as the gradients' in step 1: :func:`sum_of_squares`), or
+    ``max_threshold`` where that is not finite and positive (no parameters
+    given, all zero)."""
+    # A DTensor shard (FSDP2) is gathered: the cap is the whole model's.
+    leaves = [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        for p in _float_tensors(params)
+    ]
+    total = sum_of_squares(leaves, torch.device("cpu"))
     cap = _f32(config.param_threshold_scale) * torch.sqrt(total)
     if bool(torch.isfinite(cap)) and float(cap) > 0.0:
         return _clamp_threshold(cap, config)
