@@ -1,6 +1,6 @@
 """Reinforcement-learning tasks of the stability suite on standard gymnax environments.
 
-All three are scored on a return (``metric="return"``): the report of
+All four are scored on a return (``metric="return"``): the report of
 ``loss`` is the mean undiscounted return of the last ``RECENT_EPISODES``
 episodes finished in any of the parallel environments, a window that starts
 filled with the return of uniformly random play (``RANDOM_RETURN``, measured
@@ -31,6 +31,9 @@ does not rank methods (``compare_losses=False``).
   clipped surrogate (0.2) with advantages normalised per minibatch, plus 0.5
   x the clipped value loss, minus 0.01 x the entropy. Adam (eps 1e-5) at
   1e-3, no gradient clipping of its own; 6,000 steps (375 rollouts).
+- ``ppo_acrobot``: the same PPO on ``Acrobot-v1`` (a reward of -1 a step
+  until the goal: value targets near -100 at first, a loss that moves with
+  every rollout), at 1e-3; 6,000 steps.
 
 Learning rates: a sensible / high / too-high trio for each task, with the
 median final return (mean report over the last 10% of the steps) of plain
@@ -42,12 +45,16 @@ task              sensible            high                 too high
 dqn_cartpole      3e-4: 219           3e-3: 151            3e-2: 113
 dqn_acrobot       1e-3: -106          1e-2: -161           3e-2: -286
 ppo_cartpole      1e-3: 500           1e-2: 500            3e-2: 358
+ppo_acrobot       1e-3: -84.5 (3)     1e-2: -85.2          3e-2: -429
 ================  ==================  ===================  ==================
 
 DQN on CartPole varies from seed to seed (200 to 400 at 3e-4) and is still
 rising at the end; at 1e-1 it collapses below random play (11). PPO is
 robust up to 1e-2; at 3e-2 some seeds collapse to a deterministic policy
-(about 9), and at 5e-2 most do.
+(about 9), and at 5e-2 most do. PPO on Acrobot (3 seeds at 1e-3) holds
+at 1e-2 (one seed of 5 falls to -101); at 3e-2, 3 of 5 seeds end at -429 or
+worse, with or without a fixed clip (0.1 to 5), and at 1e-1 all 5 stay at
+-500 (random play): past 1e-2 no clip helps, so the set takes 1e-3 and 1e-2.
 """
 
 from __future__ import annotations
@@ -366,8 +373,7 @@ class PPOState(NamedTuple):
     returns: Returns
 
 
-def _ppo_cartpole_task() -> Task:
-    env_name = "CartPole-v1"
+def _ppo_task(name: str, env_name: str, learning_rate: float, steps: int) -> Task:
     env, env_params, env_reset, env_step = _vector_env(env_name)
     num_actions = env.action_space(env_params).n
     obs_size = env.observation_space(env_params).shape[0]
@@ -473,7 +479,7 @@ def _ppo_cartpole_task() -> Task:
         return total, report
 
     return Task(
-        name="ppo_cartpole",
+        name=name,
         description=f"PPO on gymnax {env_name}: actor and critic MLPs {PPO_HIDDEN}x2 tanh, "
         f"{PPO_ENVS} envs x {PPO_HORIZON} steps per rollout, GAE (gamma {GAMMA}, lambda "
         f"{PPO_LAMBDA}), {PPO_EPOCHS} epochs x {PPO_MINIBATCHES} minibatches of "
@@ -485,9 +491,9 @@ def _ppo_cartpole_task() -> Task:
         batch=None,
         base=lambda lr: optax.adam(lr, eps=1e-5),
         base_name="adam(eps=1e-5)",
-        learning_rate=1e-3,
-        steps=6000,
-        quick_steps=600,
+        learning_rate=learning_rate,
+        steps=steps,
+        quick_steps=steps // 10,
         init_state=init_state,
         collect=collect,
         compare_losses=False,
@@ -496,10 +502,19 @@ def _ppo_cartpole_task() -> Task:
     )
 
 
+def _ppo_cartpole_task() -> Task:
+    return _ppo_task("ppo_cartpole", "CartPole-v1", learning_rate=1e-3, steps=6000)
+
+
+def _ppo_acrobot_task() -> Task:
+    return _ppo_task("ppo_acrobot", "Acrobot-v1", learning_rate=1e-3, steps=6000)
+
+
 def gym_tasks() -> dict[str, Callable[[], Task]]:
     """The gymnax tasks, by name, as ``tasks.TASKS``."""
     return {
         "dqn_cartpole": _dqn_cartpole_task,
         "dqn_acrobot": _dqn_acrobot_task,
         "ppo_cartpole": _ppo_cartpole_task,
+        "ppo_acrobot": _ppo_acrobot_task,
     }

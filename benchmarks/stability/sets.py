@@ -66,7 +66,7 @@ class Entry:
 
 
 ENTRIES: tuple[Entry, ...] = (
-    # Selection: the suite's original tasks, and DQN on CartPole.
+    # Selection: the suite's original tasks, DQN on CartPole and PPO on Acrobot.
     Entry("rnn_adding", (0.02, 0.05), "selection", "recurrent"),
     Entry("deep_mlp", (0.05, 0.1), "selection", "deep"),
     Entry("heavy_tail", (0.02, 0.05, 0.1), "selection", "heavy-tailed noise", quick=0.05),
@@ -74,6 +74,7 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("fp16", (1e-3, 3e-3), "selection", "fp16"),
     Entry("rl_auction", (1e-3, 3e-3), "selection", "RL"),
     Entry("dqn_cartpole", (3e-4, 1e-2), "selection", "RL"),
+    Entry("ppo_acrobot", (1e-3, 1e-2), "selection", "RL"),
     Entry("transformer_preln", (1e-3, 2e-3), "selection", "healthy"),
     Entry("mlp_layernorm", (1e-3, 3e-3), "selection", "healthy", quick=1e-3),
     # Validation: everything else.
