@@ -375,7 +375,7 @@ def test_the_registry_splits_every_kind_into_both_sets(suite):
     kinds = {s: {e.kind for e in sets.ENTRIES if e.set == s} for s in sets.SETS}
     assert kinds["selection"] == kinds["validation"] == set(sets.KINDS)
     selection = {e.task for e in sets.ENTRIES if e.set == "selection"}
-    assert selection == {*suite.tasks.TASKS, "dqn_cartpole"}
+    assert selection == {*suite.tasks.TASKS, "dqn_cartpole", "ppo_acrobot"}
     assert all(2 <= len(e.learning_rates) <= 3 for e in sets.ENTRIES)
     assert len({e.task for e in sets.ENTRIES}) == len(sets.ENTRIES)
     # The variants of a task differ from it in name and learning rate only.
@@ -391,7 +391,7 @@ def test_the_registry_splits_every_kind_into_both_sets(suite):
         a, b = getattr(base, field.name), getattr(variant, field.name)
         assert (a.__qualname__ == b.__qualname__) if callable(a) else (a == b), field.name
     # Missing gymnax tasks are named, not dropped silently.
-    gym = {"dqn_cartpole", "dqn_acrobot", "ppo_cartpole"}
+    gym = {"dqn_cartpole", "dqn_acrobot", "ppo_cartpole", "ppo_acrobot"}
     assert {n.split("@")[0] for n in missing} <= gym
     # The seeds of the two sets differ.
     sel, val = sets.set_keys("selection", 2), sets.set_keys("validation", 2)
