@@ -140,6 +140,16 @@ def summarize(times: dict[str, np.ndarray], reference: str) -> dict[str, dict[st
     }
 
 
+def make_rows(
+    summary: dict[str, dict[str, float]], reference: str, **fields: Any
+) -> list[dict[str, Any]]:
+    """One row per variant of ``summary``: ``fields``, the variant, its reference, its figures."""
+    return [
+        {**fields, "variant": name, "reference": reference, **figures}
+        for name, figures in summary.items()
+    ]
+
+
 # ----------------------------------------------------------------------------
 # JAX variants.
 
@@ -274,6 +284,11 @@ def _tree(size: int, seed: int, norm: float | None) -> dict[str, jax.Array]:
 def _fresh_copy(tree):
     # Distinct buffers for every leaf: a donated argument must not alias another.
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _count(tree) -> int:
+    """The number of elements of ``tree``'s leaves (arrays or shape-dtype structs)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _nbytes(tree) -> int:
@@ -469,7 +484,7 @@ def _time_train_step(label: str, width: int, repeats: int, warmup: int) -> list[
     for name, (make, with_value) in train_step_variants().items():
         tx = make()
         params = _mlp_params(width, seed=3)
-        size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+        size = _count(params)
         state = _fresh_copy(tx.init(params))
         t0 = time.perf_counter()
         compiled = (
@@ -481,20 +496,12 @@ def _time_train_step(label: str, width: int, repeats: int, warmup: int) -> list[
         carry[name] = [compiled, params, state]
     print(f"[jax] train step at {label} ({size:,} parameters)", flush=True)
     times = _interleave_carried(carry, (x, y), warmup, repeats)
-    summary = summarize(times, reference)
-    return [
-        {
-            "framework": "jax",
-            "group": "train step",
-            "label": label,
-            "size": size,
-            "variant": name,
-            "reference": reference,
-            **summary[name],
-            "compile_s": compile_s[name],
-        }
-        for name in carry
-    ]
+    rows = make_rows(
+        summarize(times, reference), reference, framework="jax", group="train step", label=label
+    )
+    for row in rows:
+        row.update(size=size, compile_s=compile_s[row["variant"]])
+    return rows
 
 
 def run_train_step(widths: dict[str, int], repeats: int, warmup: int) -> list[dict[str, Any]]:
@@ -546,7 +553,7 @@ def run_compile(label: str, width: int, repeats: int, warmup: int) -> list[dict[
 
         return call
 
-    size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    size = _count(params)
     print(f"[jax] compile of the train step at {label} ({size:,} parameters)", flush=True)
     times = interleaved(
         {name: make_call(name) for name in variants},
@@ -555,18 +562,7 @@ def run_compile(label: str, width: int, repeats: int, warmup: int) -> list[dict[
         prepare={name: make_prepare(name) for name in variants},
     )
     summary = summarize(times, reference)
-    return [
-        {
-            "framework": "jax",
-            "group": "compile",
-            "label": label,
-            "size": size,
-            "variant": name,
-            "reference": reference,
-            **summary[name],
-        }
-        for name in variants
-    ]
+    return make_rows(summary, reference, framework="jax", group="compile", label=label, size=size)
 
 
 def _time_eager(members: dict[str, Any], reference: str, grads, params, repeats, warmup):
@@ -581,18 +577,7 @@ def _time_eager(members: dict[str, Any], reference: str, grads, params, repeats,
 
     times = interleaved({name: make_call(name) for name in members}, warmup, repeats)
     summary = summarize(times, reference)
-    size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    return [
-        {
-            "framework": "jax",
-            "group": "eager",
-            "size": size,
-            "variant": name,
-            "reference": reference,
-            **summary[name],
-        }
-        for name in members
-    ]
+    return make_rows(summary, reference, framework="jax", group="eager", size=_count(params))
 
 
 def run_eager(size: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
@@ -764,20 +749,11 @@ def _time_torch_group(
         prepare={name: calls[name][0] for name in names},
     )
     summary = summarize(times, reference)
-    rows = []
-    for name in names:
-        row = {
-            "framework": "torch",
-            "size": size,
-            "group": group,
-            "variant": name,
-            "reference": reference,
-            "threads": torch.get_num_threads(),
-            **summary[name],
-        }
-        if ZCLIP_CALL in times:
-            row["vs_zclip"] = paired_ratio(times, name, ZCLIP_CALL)
-        rows.append(row)
+    threads = torch.get_num_threads()
+    rows = make_rows(summary, reference, framework="torch", size=size, group=group, threads=threads)
+    if ZCLIP_CALL in times:
+        for row in rows:
+            row["vs_zclip"] = paired_ratio(times, row["variant"], ZCLIP_CALL)
     return rows
 
 
@@ -883,7 +859,7 @@ def run_state(
         grads = make()
         state = tx.init(grads)
         _, after = update(grads, state)
-        size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(grads))
+        size = _count(grads)
         rows.append(
             {
                 "framework": "jax",
