@@ -1099,7 +1099,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: the smallest sizes, the small MLP, 10 rounds (2 of compile)",
+        help="a smoke run: the smallest sizes, the small MLP, 10 rounds (1 of compile)",
     )
     parser.add_argument("--no-torch", action="store_true", help="drop the PyTorch rows")
     parser.add_argument("--only-torch", action="store_true", help="keep only the PyTorch rows")
@@ -1135,7 +1135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compile_label = args.compile_width
     eager_size = parse(args.eager_size)[0] if args.eager_size.strip() else None
     if args.quick:
-        sizes, torch_sizes, repeats, compile_repeats = [min(sizes)], [min(torch_sizes)], 10, 2
+        sizes, torch_sizes, repeats, compile_repeats = [min(sizes)], [min(torch_sizes)], 10, 1
         widths, compile_label, eager_size = {"small": TRAIN_WIDTHS["small"]}, "small", sizes[0]
     if not widths:
         rows.discard("step")
