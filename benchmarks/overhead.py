@@ -2,27 +2,39 @@
 
 Every variant of a group runs interleaved in one process: each round calls
 every variant once, in an order rotated from round to round, and waits for
-its result. The table quotes the median step time and the median of the
-per-round ratios to the reference of the group, which cancels most of the
-drift of a shared machine.
+its result; the first rounds are discarded. The tables quote the median time
+and the median (and interquartile range) of the per-round ratios to the
+reference of the group, which cancels most of the drift of a shared machine.
 
-JAX groups, each step a jitted ``update`` plus ``optax.apply_updates`` with
-the parameters and the optimizer state donated:
+Rows, chosen with ``--rows`` (default: all but ``torch-compile``):
 
-- ``alone``: the clipping transformation by itself; the reference is
-  ``optax.clip_by_global_norm``. The floor is the barest global-norm clip:
-  one reduction for the norm, then ``params + c * grads`` with a scalar ``c``.
-- ``chained``: the same, followed by ``optax.adam``; the reference is
-  ``optax.chain(optax.clip_by_global_norm, optax.adam)`` and the floor is the
-  floor followed by ``optax.adam``.
-
-PyTorch rows time one clipping call on gradients restored (outside the timed
-region) before every call; the reference is ``torch.nn.utils.clip_grad_norm_``.
+- ``update``: a jitted ``update`` plus ``optax.apply_updates``, the parameters
+  and the optimizer state donated, at each of ``--sizes``. Group ``alone``:
+  the clipping transformation by itself, against ``optax.clip_by_global_norm``;
+  the floor is the barest global-norm clip (one reduction for the norm, then
+  ``g * c`` with a scalar ``c``). Group ``chained``: the same followed by
+  ``optax.adam``, against ``chain(clip_by_global_norm, adam)``. At a few
+  thousand parameters this is the fixed per-step cost.
+- ``step``: the whole jitted train step of an MLP (forward, backward, update,
+  apply; parameters and optimizer state donated in the order they are
+  returned), at each of ``--train-widths``, against
+  ``chain(clip_by_global_norm, adam)``.
+- ``compile``: seconds of ``jax.jit(step).lower(...).compile()`` of that train
+  step, a fresh function every round (``--compile-width``,
+  ``--compile-repeats``).
+- ``eager``: ``update`` called outside ``jit``.
+- ``torch``: one clipping call on gradients restored (outside the timed
+  region) before every call, against ``torch.nn.utils.clip_grad_norm_``, with
+  the paired ratio to ZClip where it is installed.
+- ``torch-compile``: the same under ``torch.compile(fullgraph=True)``; the
+  adapter documents it for its functional ``update``, so that is what runs.
+- ``state``: the stabilizer's state in bytes at every size measured.
 
 Usage::
 
     python benchmarks/overhead.py                      # 1e6, 1e7, 1e8 parameters
     python benchmarks/overhead.py --sizes 1e6 --quick  # a smoke run
+    python benchmarks/overhead.py --rows compile,state # only these rows
 """
 
 from __future__ import annotations
@@ -30,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import inspect
 import json
 import pathlib
 import sys
@@ -78,18 +89,25 @@ def _mem_available() -> int | None:
 
 
 def interleaved(
-    calls: dict[str, Callable[[], None]], warmup: int, repeats: int
+    calls: dict[str, Callable[[], None]],
+    warmup: int,
+    repeats: int,
+    prepare: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seconds per call of every entry, measured round-robin.
 
     Round ``r`` starts at entry ``r mod len(calls)``, so no variant always runs
     right after the same neighbour. ``warmup`` rounds are run and discarded.
+    ``prepare[name]``, when given, runs before every call of ``name``, outside
+    the timed region (restoring gradients, building a fresh function).
     """
     names = list(calls)
     times = {name: [] for name in names}
     for r in range(warmup + repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            if prepare is not None:
+                prepare[name]()
             t0 = time.perf_counter()
             calls[name]()
             dt = time.perf_counter() - t0
@@ -98,22 +116,38 @@ def interleaved(
     return {name: np.asarray(t) for name, t in times.items()}
 
 
+def paired_ratio(times: dict[str, np.ndarray], name: str, reference: str) -> dict[str, float]:
+    """The median and IQR of the per-round ratios ``times[name] / times[reference]``."""
+    ratios = times[name] / times[reference]
+    return {
+        "ratio": float(np.median(ratios)),
+        "ratio_p25": float(np.percentile(ratios, 25)),
+        "ratio_p75": float(np.percentile(ratios, 75)),
+    }
+
+
 def summarize(times: dict[str, np.ndarray], reference: str) -> dict[str, dict[str, float]]:
     """Median time and the median / IQR of the paired per-round ratios to ``reference``."""
-    out = {}
-    ref = times[reference]
-    for name, t in times.items():
-        ratios = t / ref
-        out[name] = {
+    return {
+        name: {
             "median_s": float(np.median(t)),
             "p25_s": float(np.percentile(t, 25)),
             "p75_s": float(np.percentile(t, 75)),
-            "ratio": float(np.median(ratios)),
-            "ratio_p25": float(np.percentile(ratios, 25)),
-            "ratio_p75": float(np.percentile(ratios, 75)),
+            **paired_ratio(times, name, reference),
             "samples": len(t),
         }
-    return out
+        for name, t in times.items()
+    }
+
+
+def make_rows(
+    summary: dict[str, dict[str, float]], reference: str, **fields: Any
+) -> list[dict[str, Any]]:
+    """One row per variant of ``summary``: ``fields``, the variant, its reference, its figures."""
+    return [
+        {**fields, "variant": name, "reference": reference, **figures}
+        for name, figures in summary.items()
+    ]
 
 
 # ----------------------------------------------------------------------------
@@ -252,6 +286,11 @@ def _fresh_copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def _count(tree) -> int:
+    """The number of elements of ``tree``'s leaves (arrays or shape-dtype structs)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
 def _nbytes(tree) -> int:
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
@@ -356,8 +395,9 @@ def run_jax(sizes: list[int], repeats: int, warmup: int) -> tuple[list[dict[str,
 TRAIN_INPUTS = 256
 TRAIN_BATCH = 64
 # Hidden width -> about 1M and 10M parameters: 256 h + h^2 + h (weights and
-# biases of three dense layers, 256 -> h -> h -> 1).
-TRAIN_WIDTHS = {"1M": 896, "10M": 3072}
+# biases of three dense layers, 256 -> h -> h -> 1); "small" (49,537
+# parameters) is the smoke run's.
+TRAIN_WIDTHS = {"small": 128, "1M": 896, "10M": 3072}
 
 
 def _mlp_params(width: int, seed: int) -> dict[str, jax.Array]:
@@ -444,7 +484,7 @@ def _time_train_step(label: str, width: int, repeats: int, warmup: int) -> list[
     for name, (make, with_value) in train_step_variants().items():
         tx = make()
         params = _mlp_params(width, seed=3)
-        size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+        size = _count(params)
         state = _fresh_copy(tx.init(params))
         t0 = time.perf_counter()
         compiled = (
@@ -456,19 +496,12 @@ def _time_train_step(label: str, width: int, repeats: int, warmup: int) -> list[
         carry[name] = [compiled, params, state]
     print(f"[jax] train step at {label} ({size:,} parameters)", flush=True)
     times = _interleave_carried(carry, (x, y), warmup, repeats)
-    summary = summarize(times, reference)
-    return [
-        {
-            "framework": "jax",
-            "group": "train step",
-            "size": size,
-            "variant": name,
-            "reference": reference,
-            **summary[name],
-            "compile_s": compile_s[name],
-        }
-        for name in carry
-    ]
+    rows = make_rows(
+        summarize(times, reference), reference, framework="jax", group="train step", label=label
+    )
+    for row in rows:
+        row.update(size=size, compile_s=compile_s[row["variant"]])
+    return rows
 
 
 def run_train_step(widths: dict[str, int], repeats: int, warmup: int) -> list[dict[str, Any]]:
@@ -478,6 +511,58 @@ def run_train_step(widths: dict[str, int], repeats: int, warmup: int) -> list[di
         rows += _time_train_step(label, width, repeats, warmup)
         gc.collect()
     return rows
+
+
+# The compile rows: the clip users would otherwise chain, and the stabilizer's two forms.
+COMPILE_VARIANTS = ("clip_by_global_norm + adam", "chain(stabilize, adam)", "stabilized(adam)")
+
+
+def run_compile(label: str, width: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
+    """Seconds of ``jax.jit(step).lower(...).compile()`` for the whole train step.
+
+    Every round builds each variant afresh (its transformation, its step
+    function and its ``jax.jit``, outside the timed region), so that no
+    trace or executable is reused; the timed call traces, lowers and
+    compiles. The arguments are abstract (``jax.ShapeDtypeStruct``): nothing
+    is allocated or run.
+    """
+    reference = "clip_by_global_norm + adam"
+    variants = {name: train_step_variants()[name] for name in COMPILE_VARIANTS}
+    params = jax.eval_shape(lambda: _mlp_params(width, seed=3))
+    data = (
+        jax.ShapeDtypeStruct((TRAIN_BATCH, TRAIN_INPUTS), jnp.float32),
+        jax.ShapeDtypeStruct((TRAIN_BATCH, 1), jnp.float32),
+    )
+    args = {
+        name: (params, jax.eval_shape(make().init, params), *data)
+        for name, (make, _) in variants.items()
+    }
+    fresh: dict[str, Any] = {}
+
+    def make_prepare(name):
+        make, with_value = variants[name]
+
+        def prepare():
+            fresh[name] = jax.jit(_train_step(make(), with_value), donate_argnums=(0, 1))
+
+        return prepare
+
+    def make_call(name):
+        def call():
+            fresh[name].lower(*args[name]).compile()
+
+        return call
+
+    size = _count(params)
+    print(f"[jax] compile of the train step at {label} ({size:,} parameters)", flush=True)
+    times = interleaved(
+        {name: make_call(name) for name in variants},
+        warmup,
+        repeats,
+        prepare={name: make_prepare(name) for name in variants},
+    )
+    summary = summarize(times, reference)
+    return make_rows(summary, reference, framework="jax", group="compile", label=label, size=size)
 
 
 def _time_eager(members: dict[str, Any], reference: str, grads, params, repeats, warmup):
@@ -492,18 +577,7 @@ def _time_eager(members: dict[str, Any], reference: str, grads, params, repeats,
 
     times = interleaved({name: make_call(name) for name in members}, warmup, repeats)
     summary = summarize(times, reference)
-    size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    return [
-        {
-            "framework": "jax",
-            "group": "eager",
-            "size": size,
-            "variant": name,
-            "reference": reference,
-            **summary[name],
-        }
-        for name in members
-    ]
+    return make_rows(summary, reference, framework="jax", group="eager", size=_count(params))
 
 
 def run_eager(size: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
@@ -546,26 +620,6 @@ def _torch_adapter():
     return GradientFlowStabilizer
 
 
-def _build_adapter(cls, params):
-    # Configured like the JAX rows: an explicit initial threshold, so no warm-up.
-    sig = inspect.signature(cls)
-    kwargs: dict[str, Any] = {}
-    if "initial_threshold" in sig.parameters:
-        kwargs["initial_threshold"] = THRESHOLD
-    elif "learning_rate" in sig.parameters:
-        kwargs["learning_rate"] = 1e-2  # 0.1 * sqrt(1 / 1e-2) = 1.0, the same threshold
-    positional = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        and p.default is p.empty
-        and p.name not in kwargs
-    ]
-    if positional and positional[0].name in ("params", "parameters"):
-        return cls(params, **kwargs)
-    return cls(**kwargs)
-
-
 def _torch_params(torch, size: int, gen):
     rows = size // (NUM_LEAVES * LEAF_COLUMNS)
     params = [
@@ -577,22 +631,46 @@ def _torch_params(torch, size: int, gen):
     return params
 
 
-def _torch_calls(torch, size: int, clippers: dict[str, Any]):
-    """name -> (restore, call): ``restore`` resets the gradients, ``call`` clips them."""
-    gen = torch.Generator().manual_seed(0)
+def _torch_source(torch, size: int, gen) -> list[Any]:
+    """The gradients every call starts from: four leaves of global norm ``GRAD_NORM``."""
     rows = size // (NUM_LEAVES * LEAF_COLUMNS)
     source = [torch.randn(rows, LEAF_COLUMNS, generator=gen) for _ in range(NUM_LEAVES)]
     total = torch.sqrt(sum(torch.sum(s * s) for s in source))
-    source = [s * (GRAD_NORM / total) for s in source]
+    return [s * (GRAD_NORM / total) for s in source]
+
+
+def _restorer(torch, params, source) -> Callable[[], None]:
+    """Copies ``source`` into the parameters' ``.grad`` (in place, so each is a new version)."""
+
+    def restore():
+        with torch.no_grad():
+            for p, s in zip(params, source, strict=True):
+                p.grad.copy_(s)
+
+    return restore
+
+
+# The adapter's documented per-step call is GradientFlowStabilizer.clip_gradients
+# (eager). torch.compile is documented for the functional core only (README,
+# "PyTorch"; SPEC.md, "torch.compile": `update` compiles with fullgraph=True), so
+# the compiled rows compile `update`, not the class.
+ADAPTER_CALL = "GradientFlowStabilizer.clip_gradients"
+ADAPTER_COMPILED = "update (torch.compile, in place)"
+CLASS_NOT_COMPILED = (
+    "GradientFlowStabilizer.clip_gradients under torch.compile: not measured, the "
+    "adapter documents torch.compile for the functional update only"
+)
+ZCLIP_CALL = "zclip.ZClip.step"
+
+
+def _torch_calls(torch, size: int, clippers: dict[str, Any]):
+    """name -> (restore, call): ``restore`` resets the gradients, ``call`` clips them."""
+    gen = torch.Generator().manual_seed(0)
+    source = _torch_source(torch, size, gen)
     calls: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
 
     def register(name, params, fn):
-        def restore():
-            with torch.no_grad():
-                for p, s in zip(params, source, strict=True):
-                    p.grad.copy_(s)
-
-        calls[name] = (restore, fn)
+        calls[name] = (_restorer(torch, params, source), fn)
 
     ps = _torch_params(torch, size, gen)
     register("clip_grad_norm_", ps, lambda: torch.nn.utils.clip_grad_norm_(ps, THRESHOLD))
@@ -613,37 +691,96 @@ def _torch_calls(torch, size: int, clippers: dict[str, Any]):
         ps_z = _torch_params(torch, size, gen)
         module = torch.nn.ParameterList(ps_z)
         zc = clippers["zclip"]()
-        register("zclip.ZClip.step", ps_z, lambda: zc.step(module))
+        register(ZCLIP_CALL, ps_z, lambda: zc.step(module))
     if clippers.get("autoclip") is not None:
         ps_q = _torch_params(torch, size, gen)
         qc = clippers["autoclip"](ps_q, quantile=0.9, history_length=1000, global_threshold=True)
         register("autoclip QuantileClip (global)", ps_q, qc.step)
     if clippers.get("adapter") is not None:
         ps_a = _torch_params(torch, size, gen)
-        try:
-            stab = _build_adapter(clippers["adapter"], ps_a)
-        except Exception as e:
-            print(f"[torch] could not build GradientFlowStabilizer: {e!r}")
-        else:
-            register(
-                "GradientFlowStabilizer.clip_gradients", ps_a, lambda: stab.clip_gradients(ps_a)
-            )
+        # Configured like the JAX rows: an explicit initial threshold, so no warm-up.
+        stab = clippers["adapter"](initial_threshold=THRESHOLD)
+        register(ADAPTER_CALL, ps_a, lambda: stab.clip_gradients(ps_a))
     return calls
 
 
-def run_torch(sizes: list[int], repeats: int, warmup: int) -> tuple[list[dict[str, Any]], list]:
+def _torch_compiled_calls(torch, size: int):
+    """Like ``_torch_calls``, each clip compiled with ``torch.compile(fullgraph=True)``.
+
+    The functional ``update`` runs in place on the gradients, as the class
+    runs it, with ``due=None`` (its default: the periodic work computed every
+    step and selected), its state carried from call to call.
+    """
+    from optax_gradflow.torch import init_state, update
+
+    gen = torch.Generator().manual_seed(0)
+    source = _torch_source(torch, size, gen)
+    ps = _torch_params(torch, size, gen)
+    clip = torch.compile(lambda: torch.nn.utils.clip_grad_norm_(ps, THRESHOLD), fullgraph=True)
+
+    config = optax_gradflow.StabilizerConfig()
+    ps_u = _torch_params(torch, size, gen)
+    state = {"state": init_state(config=config, initial_threshold=THRESHOLD)}
+
+    def functional(grads, state):
+        return update(grads, state, config=config, inplace=True, validate=False)
+
+    step = torch.compile(functional, fullgraph=True)
+
+    def stabilize():
+        with torch.no_grad():
+            _, state["state"] = step([p.grad for p in ps_u], state["state"])
+
+    return {
+        "clip_grad_norm_ (torch.compile)": (_restorer(torch, ps, source), clip),
+        ADAPTER_COMPILED: (_restorer(torch, ps_u, source), stabilize),
+    }
+
+
+def _time_torch_group(
+    torch, calls, group: str, reference: str, size: int, repeats: int, warmup: int
+):
+    names = list(calls)
+    print(f"[torch] {group} at {size:.0e} parameters: {len(names)} variants", flush=True)
+    times = interleaved(
+        {name: calls[name][1] for name in names},
+        warmup,
+        repeats,
+        prepare={name: calls[name][0] for name in names},
+    )
+    summary = summarize(times, reference)
+    threads = torch.get_num_threads()
+    rows = make_rows(summary, reference, framework="torch", size=size, group=group, threads=threads)
+    if ZCLIP_CALL in times:
+        for row in rows:
+            row["vs_zclip"] = paired_ratio(times, row["variant"], ZCLIP_CALL)
+    return rows
+
+
+def run_torch(
+    sizes: list[int], repeats: int, warmup: int, eager: bool, compiled: bool, threads: int = 0
+) -> tuple[list[dict[str, Any]], list]:
+    """The eager clipping calls and (or) the compiled ones, interleaved at each size.
+
+    ``threads`` > 0 sets PyTorch's intra-op threads (on a shared machine, a
+    pool as large as the cores waits for the busy ones at every small op).
+    """
     try:
         import torch
     except ImportError:
         print("[torch] not installed; PyTorch rows skipped.")
         return [], ["torch not installed"]
+    if threads > 0:
+        torch.set_num_threads(threads)
+    print(f"[torch] {torch.get_num_threads()} intra-op threads", flush=True)
     skipped: list[str] = []
     clippers: dict[str, Any] = {}
     try:
         from zclip import ZClip
 
         clippers["zclip"] = ZClip
-    except ImportError:
+    except ImportError as e:
+        print(f"[torch] zclip not importable ({e}); its row is skipped.")
         skipped.append("zclip not installed")
     try:
         from autoclip.torch import QuantileClip
@@ -654,40 +791,103 @@ def run_torch(sizes: list[int], repeats: int, warmup: int) -> tuple[list[dict[st
     clippers["adapter"] = _torch_adapter()
     if clippers["adapter"] is None:
         skipped.append("optax_gradflow.torch not importable")
+        compiled = False
+    if compiled:
+        print(f"[torch] {CLASS_NOT_COMPILED}.")
+        skipped.append(CLASS_NOT_COMPILED)
 
     rows: list[dict[str, Any]] = []
-    reference = "clip_grad_norm_"
     # ZClip initialises its statistics after 25 steps; time it after that.
+    # The compiled calls compile (and may recompile once) in these rounds.
     warmup = max(warmup, 30)
     for size in sizes:
-        calls = _torch_calls(torch, size, clippers)
-        names = list(calls)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        print(f"[torch] {size:.0e} parameters: {len(names)} variants", flush=True)
-        for r in range(warmup + repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                restore, call = calls[name]
-                restore()
-                t0 = time.perf_counter()
-                call()
-                dt = time.perf_counter() - t0
-                if r >= warmup:
-                    times[name].append(dt)
-        summary = summarize({n: np.asarray(t) for n, t in times.items()}, reference)
-        for name in names:
+        if eager:
+            calls = _torch_calls(torch, size, clippers)
+            rows += _time_torch_group(
+                torch, calls, "eager", "clip_grad_norm_", size, repeats, warmup
+            )
+            gc.collect()
+        if not compiled:
+            continue
+        # Each size compiled from scratch, with static shapes.
+        torch._dynamo.reset()
+        try:
+            calls = _torch_compiled_calls(torch, size)
+            rows += _time_torch_group(
+                torch, calls, "compiled", "clip_grad_norm_ (torch.compile)", size, repeats, warmup
+            )
+        except Exception as e:  # Inductor needs a working C++ compiler.
+            msg = f"torch.compile at {size:.0e}: {type(e).__name__}: {e}"
+            print(f"[torch] skipping {msg}", flush=True)
+            skipped.append(msg)
+        gc.collect()
+    return rows, skipped
+
+
+def torch_state_bytes(torch, size: int) -> tuple[int, int]:
+    """Bytes of ``GradientFlowStabilizer``'s state after init and after one clip."""
+    from optax_gradflow.torch import GradientFlowStabilizer
+
+    gen = torch.Generator().manual_seed(0)
+    params = _torch_params(torch, size, gen)
+    _restorer(torch, params, _torch_source(torch, size, gen))()
+    stab = GradientFlowStabilizer(initial_threshold=THRESHOLD)
+    nbytes = lambda: sum(t.nbytes for t in stab.state.values())
+    before = nbytes()
+    stab.clip_gradients(params)
+    return before, nbytes()
+
+
+# ----------------------------------------------------------------------------
+# State size.
+
+
+def run_state(
+    sizes: list[int], widths: dict[str, int], torch_sizes: list[int]
+) -> list[dict[str, Any]]:
+    """Bytes of the stabilizer's state after init and after one step, at each model size.
+
+    JAX: ``stabilize`` on the trees of the update rows and the train step's
+    MLPs; PyTorch: ``GradientFlowStabilizer`` on the PyTorch rows' parameters.
+    """
+    tx = optax_gradflow.stabilize(initial_threshold=THRESHOLD)
+    update = jax.jit(tx.update)
+    trees = [lambda size=size: _tree(size, seed=1, norm=GRAD_NORM) for size in sizes]
+    trees += [lambda width=width: _mlp_params(width, seed=3) for width in widths.values()]
+    rows = []
+    for make in trees:
+        grads = make()
+        state = tx.init(grads)
+        _, after = update(grads, state)
+        size = _count(grads)
+        rows.append(
+            {
+                "framework": "jax",
+                "size": size,
+                "state_bytes_init": _nbytes(state),
+                "state_bytes": _nbytes(after),
+            }
+        )
+    if torch_sizes and _torch_adapter() is not None:
+        import torch
+
+        for size in torch_sizes:
+            before, after = torch_state_bytes(torch, size)
             rows.append(
                 {
                     "framework": "torch",
                     "size": size,
-                    "group": "alone",
-                    "variant": name,
-                    "reference": reference,
-                    **summary[name],
+                    "state_bytes_init": before,
+                    "state_bytes": after,
                 }
             )
-        gc.collect()
-    return rows, skipped
+    for r in rows:
+        print(
+            f"[state] {r['framework']} at {r['size']:,} parameters: "
+            f"{r['state_bytes_init']:,} bytes after init, {r['state_bytes']:,} after a step",
+            flush=True,
+        )
+    return rows
 
 
 # ----------------------------------------------------------------------------
@@ -698,161 +898,294 @@ def _fmt_size(size: int) -> str:
     return f"{size / 1e6:g}M"
 
 
-def format_table(rows: list[dict[str, Any]], framework: str) -> str:
-    if framework == "jax":
-        header = (
-            "| size | group | variant | median ms | vs reference (IQR) | vs floor "
-            "| compile s | compile vs ref | state bytes |"
+def _fmt_ratio(r: dict[str, float]) -> str:
+    return f"{r['ratio']:.3f}x ({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f})"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The isolated update rows."""
+    header = (
+        "| size | group | variant | median ms | vs reference (IQR) | vs floor "
+        "| compile s | compile vs ref | state bytes |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {_fmt_size(r['size'])} | {r['group']} | {r['variant']} "
+            f"| {r['median_s'] * 1e3:.3f} | {_fmt_ratio(r)} | {r['ratio_to_floor']:.2f}x "
+            f"| {r['compile_s']:.2f} | {r['compile_ratio']:.1f}x | {r['state_bytes']:,} |"
         )
-        lines = [header, "|" + "---|" * 9]
-        for r in rows:
-            floor = f"{r['ratio_to_floor']:.2f}x"
-            lines.append(
-                f"| {_fmt_size(r['size'])} | {r['group']} | {r['variant']} "
-                f"| {r['median_s'] * 1e3:.3f} "
-                f"| {r['ratio']:.3f}x ({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f}) | {floor} "
-                f"| {r['compile_s']:.2f} | {r['compile_ratio']:.1f}x | {r['state_bytes']:,} |"
-            )
-    else:
-        lines = ["| size | variant | median ms | vs clip_grad_norm_ (IQR) |", "|---|---|---|---|"]
-        for r in rows:
-            lines.append(
-                f"| {_fmt_size(r['size'])} | {r['variant']} | {r['median_s'] * 1e3:.3f} "
-                f"| {r['ratio']:.3f}x ({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f}) |"
-            )
     return "\n".join(lines)
 
 
-def format_step_table(rows: list[dict[str, Any]]) -> str:
-    """The train-step or eager rows: median time and the paired ratio to the reference."""
+def format_step_table(rows: list[dict[str, Any]], unit: str = "ms") -> str:
+    """Rows timed against one reference: median time and the paired ratio to it.
+
+    A ``vs ZClip`` column is added when the rows have one (the PyTorch rows).
+    """
+    scale = {"ms": 1e3, "s": 1.0}[unit]
+    zclip = any("vs_zclip" in r for r in rows)
+    header = f"| size | group | variant | median {unit} | vs reference (IQR) | reference |"
+    lines = [header + (" vs ZClip (IQR) |" if zclip else ""), "|---" * (6 + zclip) + "|"]
+    for r in rows:
+        line = (
+            f"| {_fmt_size(r['size'])} | {r['group']} | {r['variant']} "
+            f"| {r['median_s'] * scale:.3f} | {_fmt_ratio(r)} | {r['reference']} |"
+        )
+        if zclip:
+            line += f" {_fmt_ratio(r['vs_zclip']) if 'vs_zclip' in r else ''} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_state_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | variant | median ms | vs reference (IQR) | reference |",
-        "|---|---|---|---|---|",
+        "| framework | size | state bytes after init | state bytes after a step |",
+        "|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {_fmt_size(r['size'])} | {r['variant']} | {r['median_s'] * 1e3:.3f} "
-            f"| {r['ratio']:.3f}x ({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f}) "
-            f"| {r['reference']} |"
+            f"| {r['framework']} | {r['size']:,} | {r['state_bytes_init']:,} "
+            f"| {r['state_bytes']:,} |"
         )
     return "\n".join(lines)
 
 
-def targets(jax_rows, torch_rows) -> list[dict[str, Any]]:
-    """The benchmark's targets, each with the measured value and whether it is met."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A ratio that must stay at or under ``limit`` (under it, if ``strict``)."""
+
+    text: str
+    rows: str  # the result's key: "jax", "train_step", "compile" or "torch"
+    match: dict[str, Any]
+    limit: float
+    field: str = ""  # a nested paired ratio (such as "vs_zclip"); the row's own if ""
+    strict: bool = False
+
+
+TARGETS = (
+    Target(
+        "`stabilize` <= 1.5x `clip_by_global_norm` at 4k",
+        "jax",
+        {"size": 4_000, "group": "alone", "variant": "stabilize"},
+        1.5,
+    ),
+    Target(
+        "`chain(stabilize, adam)` <= 1.25x `chain(clip_by_global_norm, adam)` at 100k",
+        "jax",
+        {"size": 100_000, "group": "chained", "variant": "chain(stabilize, adam)"},
+        1.25,
+    ),
+    *(
+        Target(
+            f"whole train step, `chain(stabilize, adam)` <= 1.00x at {label}",
+            "train_step",
+            {"label": label, "variant": "chain(stabilize, adam)"},
+            1.0,
+        )
+        for label in ("1M", "10M")
+    ),
+    Target(
+        "whole train step, `stabilized(adam)` <= 1.05x at 10M",
+        "train_step",
+        {"label": "10M", "variant": "stabilized(adam)"},
+        1.05,
+    ),
+    *(
+        Target(f"compile of the train step, `{v}` <= 2x", "compile", {"variant": v}, 2.0)
+        for v in ("chain(stabilize, adam)", "stabilized(adam)")
+    ),
+    Target(
+        "PyTorch `clip_gradients` <= 1.15x `clip_grad_norm_` at 1M",
+        "torch",
+        {"size": 1_000_000, "group": "eager", "variant": ADAPTER_CALL},
+        1.15,
+    ),
+    Target(
+        "PyTorch `clip_gradients` <= 1.05x `clip_grad_norm_` at 10M",
+        "torch",
+        {"size": 10_000_000, "group": "eager", "variant": ADAPTER_CALL},
+        1.05,
+    ),
+    *(
+        Target(
+            f"PyTorch `clip_gradients` faster than ZClip at {_fmt_size(size)}",
+            "torch",
+            {"size": size, "group": "eager", "variant": ADAPTER_CALL},
+            1.0,
+            field="vs_zclip",
+            strict=True,
+        )
+        for size in (1_000_000, 10_000_000)
+    ),
+)
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured paired ratio (None if not measured) and whether it is met."""
     out = []
-
-    def add(target: str, size: int, measured: float, limit: float) -> None:
-        out.append({"target": target, "size": size, "measured": measured, "met": measured <= limit})
-
-    by_variant = {(r["size"], r["variant"]): r for r in jax_rows}
-    for r in jax_rows:
-        size, variant = r["size"], r["variant"]
-        if variant == "stabilize" and size <= 10_000:
-            add("stabilize <= 2x clip_by_global_norm (the fixed cost)", size, r["ratio"], 2.0)
-        if variant == "stabilize" and size >= 1_000_000:
-            add("stabilize <= 1.05x clip_by_global_norm", size, r["ratio"], 1.05)
-        if variant == "chain(stabilize, adam)" and size >= 1_000_000:
-            add("chain(stabilize, adam) <= 1.00x clip_by_global_norm + adam", size, r["ratio"], 1.0)
-            add("chain(stabilize, adam) <= 1.10x floor + adam", size, r["ratio_to_floor"], 1.10)
-            add(
-                "compile of chain(stabilize, adam) <= 2x clip_by_global_norm + adam",
-                size,
-                r["compile_ratio"],
-                2.0,
-            )
-        chained = by_variant.get((size, "chain(stabilize, adam)"))
-        if variant == "stabilized(adam)" and chained is not None and size >= 1_000_000:
-            add(
-                "stabilized(adam) <= 1.05x chain(stabilize, adam)",
-                size,
-                r["median_s"] / chained["median_s"],
-                1.05,
-            )
-    by_size: dict[int, dict[str, dict[str, Any]]] = {}
-    for r in torch_rows:
-        by_size.setdefault(r["size"], {})[r["variant"]] = r
-    for size, rs in by_size.items():
-        ours = rs.get("GradientFlowStabilizer.clip_gradients")
-        if ours is None:
-            out.append({"target": "PyTorch adapter", "size": size, "measured": None, "met": None})
-            continue
+    for t in TARGETS:
+        row = next(
+            (
+                r
+                for r in result[t.rows]
+                if all(r.get(k) == v for k, v in t.match.items()) and (not t.field or t.field in r)
+            ),
+            None,
+        )
+        entry: dict[str, Any] = {"target": t.text, "measured": None, "iqr": None, "met": None}
+        if row is not None:
+            ratio = row[t.field] if t.field else row
+            entry["measured"] = ratio["ratio"]
+            entry["iqr"] = [ratio["ratio_p25"], ratio["ratio_p75"]]
+            below = ratio["ratio"] < t.limit if t.strict else ratio["ratio"] <= t.limit
+            entry["met"] = bool(below)
+        out.append(entry)
+    for framework in ("jax", "torch"):
+        rows = [r for r in result["state"] if r["framework"] == framework]
+        seen = sorted({r[k] for r in rows for k in ("state_bytes_init", "state_bytes")})
         out.append(
             {
-                "target": "GradientFlowStabilizer <= 1.15x clip_grad_norm_",
-                "size": size,
-                "measured": ours["ratio"],
-                "met": ours["ratio"] <= 1.15,
+                "target": f"{framework} state bytes independent of model size",
+                "measured": seen or None,
+                "iqr": None,
+                # Two sizes at least, else nothing was shown.
+                "met": len(seen) == 1 if len(rows) > 1 else None,
             }
         )
-        if "zclip.ZClip.step" in rs:
-            z = rs["zclip.ZClip.step"]
-            out.append(
-                {
-                    "target": "GradientFlowStabilizer faster than ZClip",
-                    "size": size,
-                    "measured": ours["median_s"] / z["median_s"],
-                    "met": ours["median_s"] < z["median_s"],
-                }
-            )
     return out
+
+
+def format_targets(entries: list[dict[str, Any]]) -> str:
+    lines = []
+    for t in entries:
+        m = t["measured"]
+        if m is None:
+            measured = "n/a"
+        elif t["iqr"] is None:
+            measured = ", ".join(f"{b:,}" for b in m) + " bytes"
+        else:
+            measured = f"{m:.3f}x (IQR {t['iqr'][0]:.2f}-{t['iqr'][1]:.2f})"
+        met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        lines.append(f"{t['target']}: {measured} ({met})")
+    return "\n".join(lines)
+
+
+ROWS = ("update", "step", "compile", "eager", "torch", "torch-compile", "state")
+DEFAULT_ROWS = "update,step,compile,eager,torch,state"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated parameter counts")
+    parser.add_argument(
+        "--rows",
+        default=DEFAULT_ROWS,
+        help=f"comma-separated rows to run, among {','.join(ROWS)}",
+    )
+    parser.add_argument("--sizes", default="1e6,1e7,1e8", help="update rows: parameter counts")
     parser.add_argument("--torch-sizes", default="1e6,1e7", help="sizes of the PyTorch rows")
     parser.add_argument("--repeats", type=int, default=50, help="measured rounds (>= 30)")
     parser.add_argument("--warmup", type=int, default=5, help="discarded rounds")
+    parser.add_argument(
+        "--compile-repeats", type=int, default=7, help="measured rounds of the compile rows"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads for the PyTorch rows (0: PyTorch's default)",
+    )
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
-    parser.add_argument("--quick", action="store_true", help="1e6 only, 10 rounds: a smoke run")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
-    parser.add_argument("--only-torch", action="store_true", help="only the PyTorch rows")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: the smallest sizes, the small MLP, 10 rounds (1 of compile)",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="drop the PyTorch rows")
+    parser.add_argument("--only-torch", action="store_true", help="keep only the PyTorch rows")
     parser.add_argument(
         "--train-widths",
         default="1M,10M",
-        help="whole train steps: MLP sizes among " + ",".join(TRAIN_WIDTHS) + " ('' for none)",
+        help="train step rows: MLP sizes among " + ",".join(TRAIN_WIDTHS) + " ('' for none)",
     )
     parser.add_argument(
-        "--eager-size", default="1e6", help="size of the eager (un-jitted) rows ('' for none)"
+        "--compile-width", default="1M", help="the MLP of the compile rows, as --train-widths"
     )
+    parser.add_argument("--eager-size", default="1e6", help="size of the eager (un-jitted) rows")
     parser.add_argument(
-        "--only-steps", action="store_true", help="only the train-step and eager rows"
+        "--only-steps", action="store_true", help="keep only the train-step, compile and eager rows"
     )
     args = parser.parse_args(argv)
 
+    rows = {r.strip() for r in args.rows.split(",") if r.strip()}
+    if not rows <= set(ROWS):
+        parser.error(f"unknown rows {sorted(rows - set(ROWS))}; choose among {', '.join(ROWS)}")
+    if args.no_torch:
+        rows -= {"torch", "torch-compile"}
+    if args.only_torch:
+        rows &= {"torch", "torch-compile"}
+    if args.only_steps:
+        rows &= {"step", "compile", "eager"}
+
     unit = NUM_LEAVES * LEAF_COLUMNS
     parse = lambda text: [int(float(s)) // unit * unit for s in text.split(",") if s.strip()]
-    sizes, torch_sizes, repeats = parse(args.sizes), parse(args.torch_sizes), args.repeats
-    if args.quick:
-        sizes, torch_sizes, repeats = [min(sizes)], [min(torch_sizes)], 10
-
+    sizes, torch_sizes = parse(args.sizes), parse(args.torch_sizes)
+    repeats, compile_repeats = args.repeats, args.compile_repeats
     widths = {k: TRAIN_WIDTHS[k] for k in args.train_widths.split(",") if k.strip()}
+    compile_label = args.compile_width
     eager_size = parse(args.eager_size)[0] if args.eager_size.strip() else None
     if args.quick:
-        widths, eager_size = {"small": 128}, sizes[0]
-    if args.only_steps:
-        args.no_torch = args.only_torch = True
+        sizes, torch_sizes, repeats, compile_repeats = [min(sizes)], [min(torch_sizes)], 10, 1
+        widths, compile_label, eager_size = {"small": TRAIN_WIDTHS["small"]}, "small", sizes[0]
+    if not widths:
+        rows.discard("step")
+    if not eager_size:
+        rows.discard("eager")
+    with_torch = "torch" in rows or "torch-compile" in rows
 
     start = time.perf_counter()
-    step_rows = run_train_step(widths, repeats, args.warmup) if widths else []
-    eager_rows = run_eager(eager_size, repeats, args.warmup) if eager_size else []
-    # PyTorch first: after the JAX rows, XLA's CPU thread pool and the freed
-    # 100M-parameter buffers disturbed the PyTorch timings.
-    torch_rows, torch_skipped = [], ["--no-torch"]
-    if not args.no_torch:
-        torch_rows, torch_skipped = run_torch(torch_sizes, repeats, args.warmup)
-    jax_rows, jax_skipped = [], ["--only-torch or --only-steps"]
-    if not args.only_torch:
+    # PyTorch first: for a few seconds after a JAX compile, the XLA threads
+    # still running made PyTorch's small multi-threaded kernels (a vecdot of
+    # 40k elements) 1,000x slower on 2 cores; the freed 100M-parameter
+    # buffers disturbed them too.
+    torch_rows, torch_skipped = [], ["not asked for"]
+    if with_torch:
+        torch_rows, torch_skipped = run_torch(
+            torch_sizes,
+            repeats,
+            args.warmup,
+            eager="torch" in rows,
+            compiled="torch-compile" in rows,
+            threads=args.torch_threads,
+        )
+    step_rows = run_train_step(widths, repeats, args.warmup) if "step" in rows else []
+    compile_rows = []
+    if "compile" in rows:
+        width = TRAIN_WIDTHS[compile_label]
+        # One discarded round (a smoke run has compiled these steps already).
+        compile_rows = run_compile(
+            compile_label, width, compile_repeats, warmup=int(not args.quick)
+        )
+    eager_rows = run_eager(eager_size, repeats, args.warmup) if "eager" in rows else []
+    jax_rows, jax_skipped = [], ["not asked for"]
+    if "update" in rows:
         jax_rows, jax_skipped = run_jax(sizes, repeats, args.warmup)
+    state_rows = []
+    if "state" in rows:
+        state_sizes = sizes if "update" in rows else []
+        state_widths = widths if "step" in rows else {}
+        state_rows = run_state(state_sizes, state_widths, torch_sizes if with_torch else [])
     result = {
         "command": "python " + " ".join([pathlib.Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "machine": machine_info(),
         "settings": {
+            "rows": sorted(rows),
             "sizes": sizes,
             "torch_sizes": torch_sizes,
             "repeats": repeats,
             "warmup": args.warmup,
+            "compile_repeats": compile_repeats,
+            "torch_threads": args.torch_threads or "default",
             "num_leaves": NUM_LEAVES,
             "threshold": THRESHOLD,
             "grad_norm": GRAD_NORM,
@@ -862,34 +1195,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_step": step_rows,
         "train_step_settings": {
             "widths": widths,
+            "compile_width": {compile_label: TRAIN_WIDTHS[compile_label]},
             "inputs": TRAIN_INPUTS,
             "batch": TRAIN_BATCH,
             "reference": "clip_by_global_norm + adam",
         },
+        "compile": compile_rows,
         "eager": eager_rows,
         "jax": jax_rows,
         "jax_skipped": jax_skipped,
         "torch": torch_rows,
         "torch_skipped": torch_skipped,
-        "targets": targets(jax_rows, torch_rows),
-        "wall_s": time.perf_counter() - start,
+        "state": state_rows,
     }
-    if step_rows:
-        print("\nWhole jitted train step (params and optimizer state donated):")
-        print(format_step_table(step_rows))
-    if eager_rows:
-        print("\nEager update calls (no jit):")
-        print(format_step_table(eager_rows))
-    print()
-    print(format_table(jax_rows, "jax"))
-    if torch_rows:
-        print()
-        print(format_table(torch_rows, "torch"))
-    print()
-    for t in result["targets"]:
-        measured = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
-        met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        print(f"{t['target']} at {_fmt_size(t['size'])}: {measured} ({met})")
+    result["targets"] = targets(result)
+    result["wall_s"] = time.perf_counter() - start
+    tables = (
+        ("Whole jitted train step (params and optimizer state donated):", step_rows, "ms"),
+        ("Compile time of the train step (trace, lower, compile):", compile_rows, "s"),
+        ("Eager update calls (no jit):", eager_rows, "ms"),
+        ("PyTorch clipping calls (CPU):", torch_rows, "ms"),
+    )
+    for title, table_rows, unit_name in tables:
+        if table_rows:
+            print(f"\n{title}")
+            print(format_step_table(table_rows, unit_name))
+    if jax_rows:
+        print("\nIsolated update steps:")
+        print(format_table(jax_rows))
+    if state_rows:
+        print("\nThe stabilizer's state:")
+        print(format_state_table(state_rows))
+    print("\nTargets:")
+    print(format_targets(result["targets"]))
     path = pathlib.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

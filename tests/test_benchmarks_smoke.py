@@ -414,7 +414,8 @@ def test_overhead_quick_runs_and_writes_json(tmp_path):
             "--quick",
             "--sizes",
             "4e4",
-            "--no-torch",
+            "--torch-sizes",
+            "4e4",
             "--json",
             str(out_json),
         ],
@@ -438,6 +439,36 @@ def test_overhead_quick_runs_and_writes_json(tmp_path):
     eager = {(r["reference"], r["variant"]): r for r in result["eager"]}
     assert eager[("clip_by_global_norm", "clip_by_global_norm")]["ratio"] == pytest.approx(1.0)
     assert ("clip_by_global_norm", "stabilize") in eager
+    # The compile rows: one round of each form, paired with the clip's.
+    compiled = {r["variant"]: r for r in result["compile"]}
+    assert set(compiled) == {
+        "clip_by_global_norm + adam",
+        "chain(stabilize, adam)",
+        "stabilized(adam)",
+    }
+    assert compiled["clip_by_global_norm + adam"]["ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert all(r["samples"] == 1 and r["median_s"] > 0 for r in compiled.values())
+    # PyTorch: the adapter against clip_grad_norm_ and, paired in the same rounds, ZClip.
+    torch_rows = {r["variant"]: r for r in result["torch"]}
+    assert torch_rows["clip_grad_norm_"]["ratio"] == pytest.approx(1.0, abs=1e-12)
+    adapter = torch_rows["GradientFlowStabilizer.clip_gradients"]
+    assert adapter["size"] == 40_000 and adapter["samples"] == 10
+    if "zclip.ZClip.step" in torch_rows:
+        assert torch_rows["zclip.ZClip.step"]["vs_zclip"]["ratio"] == pytest.approx(1.0)
+        assert adapter["vs_zclip"]["ratio"] > 0
+    # The state's bytes at each size, in both frameworks, the same after a step.
+    state = result["state"]
+    assert {(r["framework"], r["size"]) for r in state} == {
+        ("jax", 40_000),
+        ("jax", steps["stabilized(adam)"]["size"]),
+        ("torch", 40_000),
+    }
+    assert all(r["state_bytes"] == r["state_bytes_init"] < 10_000 for r in state)
+    targets = {t["target"]: t for t in result["targets"]}
+    assert targets["jax state bytes independent of model size"]["met"] is True
+    # Sizes the smoke run does not measure are reported as such, not guessed.
+    assert targets["`stabilize` <= 1.5x `clip_by_global_norm` at 4k"]["met"] is None
+    assert "Targets:" in proc.stdout
 
 
 def test_stabilizer_config_from_the_command_line(suite):
