@@ -49,23 +49,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.constants import Event
 from optax_gradflow.loss_scaling import find_states
-from optax_gradflow.report import host_chronological
-from optax_gradflow.state import (
-    FLAG_ADAPTED,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-    FLAG_WARNING,
-    GradientFlowState,
-)
+from optax_gradflow.state import GradientFlowState, host_chronological
 
 logger = logging.getLogger("optax_gradflow")
 
 # Flags worth a log line; a plain clip is routine and is not logged.
 LOGGED_FLAGS = (
-    FLAG_EXPLOSION | FLAG_VANISHING | FLAG_NONFINITE | FLAG_EMERGENCY | FLAG_ADAPTED | FLAG_WARNING
+    Event.EXPLOSION
+    | Event.VANISHING
+    | Event.NONFINITE
+    | Event.EMERGENCY
+    | Event.ADAPTED
+    | Event.WARNING
 )
 DEFAULT_MAX_LINES = 5
 DEFAULT_FOLD_WINDOW = 1000
@@ -83,11 +80,11 @@ KINDS: dict[str, tuple[int, str]] = {
 
 # Counter field -> (kind, flag) for the events that have a total counter.
 _COUNTED = {
-    "explosion_count": ("explosion", FLAG_EXPLOSION),
-    "nonfinite_count": ("nonfinite", FLAG_NONFINITE),
-    "vanishing_count": ("vanishing", FLAG_VANISHING),
-    "emergency_count": ("emergency", FLAG_EMERGENCY),
-    "warning_count": ("warning", FLAG_WARNING),
+    "explosion_count": ("explosion", Event.EXPLOSION),
+    "nonfinite_count": ("nonfinite", Event.NONFINITE),
+    "vanishing_count": ("vanishing", Event.VANISHING),
+    "emergency_count": ("emergency", Event.EMERGENCY),
+    "warning_count": ("warning", Event.WARNING),
 }
 
 
@@ -227,7 +224,7 @@ class InGraphEmitter:
         step, flags = int(ctx["step"]), int(ctx["flags"])
         cfg = self.config
         emit = self.folder.emit
-        if flags & FLAG_EXPLOSION:
+        if flags & Event.EXPLOSION:
             emit(
                 "explosion",
                 step,
@@ -235,7 +232,7 @@ class InGraphEmitter:
                 f"{cfg.explosion_factor:g} x threshold {ctx['threshold']:.4g}; clipped to the "
                 f"threshold (explosions so far: {ctx['explosion_count']})",
             )
-        if flags & FLAG_NONFINITE:
+        if flags & Event.NONFINITE:
             emit(
                 "nonfinite",
                 step,
@@ -243,7 +240,7 @@ class InGraphEmitter:
                 f"{ctx['scale_before']:.4g} -> {ctx['scale_after']:.4g} "
                 f"(non-finite steps so far: {ctx['nonfinite_count']})",
             )
-        if flags & FLAG_VANISHING:
+        if flags & Event.VANISHING:
             emit(
                 "vanishing",
                 step,
@@ -251,15 +248,15 @@ class InGraphEmitter:
                 f"{cfg.vanishing_norm:g}; loss scale {ctx['scale_before']:.4g} -> "
                 f"{ctx['scale_after']:.4g} (vanishing steps so far: {ctx['vanishing_count']})",
             )
-        if flags & FLAG_ADAPTED and not flags & FLAG_EMERGENCY:
+        if flags & Event.ADAPTED and not flags & Event.EMERGENCY:
             emit(
                 "adaptation",
                 step,
                 f"clip threshold adapted at step {step}: {ctx['threshold']:.4g} -> "
                 f"{ctx['threshold_after']:.4g}",
             )
-        if flags & FLAG_EMERGENCY:
-            adapted = " (adapted in the same step)" if flags & FLAG_ADAPTED else ""
+        if flags & Event.EMERGENCY:
+            adapted = " (adapted in the same step)" if flags & Event.ADAPTED else ""
             emit(
                 "emergency",
                 step,
@@ -270,7 +267,7 @@ class InGraphEmitter:
                 f"{ctx['emergency_count']} emergencies, {ctx['explosion_count']} explosions, "
                 f"{ctx['nonfinite_count']} non-finite steps",
             )
-        if flags & FLAG_WARNING:
+        if flags & Event.WARNING:
             emit(
                 "warning",
                 step,
@@ -459,7 +456,7 @@ class EventLogger:
         pushes = iter(before_after)
         for offset, f in enumerate(flags):
             k = first_visible + offset
-            if f & (FLAG_ADAPTED | FLAG_EMERGENCY):
+            if f & (Event.ADAPTED | Event.EMERGENCY):
                 thr_before, thr_after = next(pushes)
             else:
                 thr_before = thr_after = in_force
@@ -481,7 +478,7 @@ class EventLogger:
         # One threshold push per adapted or emergency step (SPEC.md, "Per-step
         # order" 10), so the newest pushes line up with the newest such steps.
         history = host_chronological(*cur.threshold_history).tolist()
-        pushes = sum(1 for f in flags if f & (FLAG_ADAPTED | FLAG_EMERGENCY))
+        pushes = sum(1 for f in flags if f & (Event.ADAPTED | Event.EMERGENCY))
         fallback = float("nan") if prev is None else float(prev.clip_threshold)
         pairs = []
         for j in range(len(history) - pushes, len(history)):
@@ -513,34 +510,34 @@ class EventLogger:
         def total_at_k(field: str, flag: int) -> int:
             return int(getattr(cur, field)) - sum(1 for g in later if g & flag)
 
-        if f & FLAG_EXPLOSION:
+        if f & Event.EXPLOSION:
             folder.emit(
                 "explosion",
                 k,
                 f"gradient explosion at step {k} (threshold {_fmt(thr_before)}{norm})",
             )
-        if f & FLAG_NONFINITE:
+        if f & Event.NONFINITE:
             folder.emit("nonfinite", k, f"non-finite gradient norm at step {k}: update skipped")
-        if f & FLAG_VANISHING:
+        if f & Event.VANISHING:
             folder.emit("vanishing", k, f"vanishing gradient at step {k}{norm}")
-        if f & FLAG_ADAPTED and not f & FLAG_EMERGENCY:
+        if f & Event.ADAPTED and not f & Event.EMERGENCY:
             folder.emit(
                 "adaptation",
                 k,
                 f"clip threshold adapted at step {k}: {_fmt(thr_before)} -> {_fmt(thr_after)}",
             )
-        if f & FLAG_EMERGENCY:
+        if f & Event.EMERGENCY:
             scale = f", loss scale {float(cur.loss_scale):.4g}" if latest else ""
             folder.emit(
                 "emergency",
                 k,
                 f"emergency intervention at step {k}: threshold {_fmt(thr_before)} -> "
                 f"{_fmt(thr_after)}{scale}; totals after step {k}: "
-                f"{total_at_k('emergency_count', FLAG_EMERGENCY)} emergencies, "
-                f"{total_at_k('explosion_count', FLAG_EXPLOSION)} explosions, "
-                f"{total_at_k('nonfinite_count', FLAG_NONFINITE)} non-finite steps",
+                f"{total_at_k('emergency_count', Event.EMERGENCY)} emergencies, "
+                f"{total_at_k('explosion_count', Event.EXPLOSION)} explosions, "
+                f"{total_at_k('nonfinite_count', Event.NONFINITE)} non-finite steps",
             )
-        if f & FLAG_WARNING:
+        if f & Event.WARNING:
             var = host_chronological(*cur.variance_history)
             variance = f", norm variance {float(var[-1]):.4g}" if var.size else ""
             folder.emit(

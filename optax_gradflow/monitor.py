@@ -29,10 +29,9 @@ from optax_gradflow.events import (
     DEFAULT_MAX_LINES,
     BurstFolder,
     EventLogger,
-    host_chronological,
 )
 from optax_gradflow.loss_scaling import find_states
-from optax_gradflow.state import GradientFlowState, Ring, from_flat
+from optax_gradflow.state import GradientFlowState, Ring, from_flat, host_chronological
 
 DEFAULT_EVERY = 100
 DEFAULT_MAX_RECORDS = 2000
