@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "NormStatistics": "optax_gradflow.report",
     "Ring": "optax_gradflow.state",
     "StabilityReport": "optax_gradflow.report",
-    "StabilizedState": "optax_gradflow.transform",
+    "StabilizedState": "optax_gradflow.state",
     "StabilizerConfig": "optax_gradflow.config",
     "StateVersionError": "optax_gradflow.constants",
     "ThresholdStore": "optax_gradflow.store",
@@ -111,11 +111,11 @@ if TYPE_CHECKING:  # Static analysers see the eager imports.
         stability_reports,
     )
     from optax_gradflow.rl import periodic_target_update
-    from optax_gradflow.state import GradientFlowState, Ring
+    from optax_gradflow.state import GradientFlowState, Ring, StabilizedState
     from optax_gradflow.store import (
         ThresholdStore,
         ThresholdStoreError,
         ThresholdStoreWarning,
         fingerprint,
     )
-    from optax_gradflow.transform import StabilizedState, stabilize, stabilized
+    from optax_gradflow.transform import stabilize, stabilized

@@ -12,21 +12,12 @@ import dataclasses
 import math
 from typing import Literal, NamedTuple
 
+from optax_gradflow import constants
 from optax_gradflow.constants import INT32_MAX, Event  # noqa: F401  (re-exported)
 
 AdaptationRule = Literal["track", "percentile", "median_mad", "mean_std", "zscore"]
 ADAPTATION_RULES: tuple[str, ...] = ("track", "percentile", "median_mad", "mean_std", "zscore")
 ZSCORE_CLIPS: tuple[str, ...] = ("adaptive_scaling", "mean", "percentile")
-
-# Bits of one entry of the per-step event flags (SPEC.md, "Event flags"), as
-# plain ints; optax_gradflow.constants.Event is the same as an IntFlag.
-FLAG_CLIPPED = int(Event.CLIPPED)
-FLAG_EXPLOSION = int(Event.EXPLOSION)
-FLAG_VANISHING = int(Event.VANISHING)
-FLAG_NONFINITE = int(Event.NONFINITE)
-FLAG_EMERGENCY = int(Event.EMERGENCY)
-FLAG_ADAPTED = int(Event.ADAPTED)
-FLAG_WARNING = int(Event.WARNING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -668,3 +659,8 @@ def _with_attributes(doc: str) -> str:
 
 
 StabilizerConfig.__doc__ = _with_attributes(StabilizerConfig.__doc__ or "")
+
+
+def __getattr__(name: str) -> int:
+    # The former plain-int event flags (FLAG_CLIPPED, ...): constants.Event now.
+    return constants.legacy_flag(__name__, name)

@@ -2,16 +2,20 @@
 
 This module imports neither JAX nor PyTorch. It holds the names and numbers
 that SPEC.md fixes once for both implementations: the stages of one step, the
-event flags, the state's layout (field names, rings, their sizes, the layout
-version) and the arithmetic constants. The two step implementations read them
-from here and stay otherwise independent.
+event flags (:class:`Event`, their only definition), the state's layout
+(field names, rings, their sizes, the layout version, how a ring read to the
+host is put in order) and the arithmetic constants. The two step
+implementations read them from here and stay otherwise independent.
 """
 
 from __future__ import annotations
 
 import enum
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
 
 # The stages of one step, in SPEC.md's "Per-step order". Both implementations
 # have one function per stage under these names (JAX: optax_gradflow.pipeline,
@@ -40,6 +44,28 @@ class Event(enum.IntFlag):
     EMERGENCY = 16
     ADAPTED = 32
     WARNING = 64
+
+
+def legacy_flag(module: str, name: str) -> int:
+    """The value of a former plain-int flag name (``FLAG_CLIPPED``, ...) of ``module``.
+
+    ``optax_gradflow.config``, ``optax_gradflow.state`` and
+    ``optax_gradflow.torch.state`` once defined the event flags as plain ints;
+    their module ``__getattr__`` sends those names here, which warns and
+    returns the flag of :class:`Event` as an int.
+
+    Raises:
+      AttributeError: ``name`` is no such flag name.
+    """
+    member = name.removeprefix("FLAG_")
+    if not name.startswith("FLAG_") or member not in Event.__members__:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{module}.{name} is deprecated; use optax_gradflow.constants.Event.{member}.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return int(Event[member])
 
 
 # Largest value an int32 counter holds; counters saturate here (SPEC.md,
@@ -112,6 +138,18 @@ RINGS: dict[str, tuple[str, str]] = {
 
 # The parts of one ring, in order.
 RING_PARTS: tuple[str, ...] = ("values", "index", "count")
+
+
+def host_chronological(values: Any, index: Any, count: Any) -> np.ndarray:
+    """The valid entries of a ring read to the host, oldest first (SPEC.md, "Ring buffers").
+
+    ``values``, ``index`` and ``count`` are the ring's three parts (numpy
+    arrays or anything ``numpy.asarray`` takes); no device is read here.
+    """
+    values = np.asarray(values)
+    count = int(count)
+    positions = (int(index) - count + np.arange(count)) % values.shape[0]
+    return values[positions]
 
 
 def flat_name(ring: str, part: str) -> str:

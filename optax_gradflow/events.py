@@ -27,6 +27,10 @@ Two ways to get these lines:
   event window (``event_history_size`` steps) are summarised, not itemised, and
   the norm is only known for the latest step.
 
+Both write one message per kind of event (:func:`event_messages`); a message
+leaves out what its reader cannot know. The host-side reader,
+:func:`read_states`, is the one :class:`~optax_gradflow.Monitor` uses too.
+
 Both fold bursts: at most ``max_lines`` lines per kind of event in each window
 of ``fold_window`` steps (windows aligned to multiples of ``fold_window``); the
 rest is counted and summarised in one line ("... 995 more explosions folded
@@ -42,30 +46,28 @@ import atexit
 import dataclasses
 import logging
 import weakref
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.constants import Event
 from optax_gradflow.loss_scaling import find_states
-from optax_gradflow.report import host_chronological
-from optax_gradflow.state import (
-    FLAG_ADAPTED,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-    FLAG_WARNING,
-    GradientFlowState,
-)
+from optax_gradflow.state import GradientFlowState, host_chronological
 
 logger = logging.getLogger("optax_gradflow")
 
 # Flags worth a log line; a plain clip is routine and is not logged.
 LOGGED_FLAGS = (
-    FLAG_EXPLOSION | FLAG_VANISHING | FLAG_NONFINITE | FLAG_EMERGENCY | FLAG_ADAPTED | FLAG_WARNING
+    Event.EXPLOSION
+    | Event.VANISHING
+    | Event.NONFINITE
+    | Event.EMERGENCY
+    | Event.ADAPTED
+    | Event.WARNING
 )
 DEFAULT_MAX_LINES = 5
 DEFAULT_FOLD_WINDOW = 1000
@@ -83,23 +85,171 @@ KINDS: dict[str, tuple[int, str]] = {
 
 # Counter field -> (kind, flag) for the events that have a total counter.
 _COUNTED = {
-    "explosion_count": ("explosion", FLAG_EXPLOSION),
-    "nonfinite_count": ("nonfinite", FLAG_NONFINITE),
-    "vanishing_count": ("vanishing", FLAG_VANISHING),
-    "emergency_count": ("emergency", FLAG_EMERGENCY),
-    "warning_count": ("warning", FLAG_WARNING),
+    "explosion_count": ("explosion", Event.EXPLOSION),
+    "nonfinite_count": ("nonfinite", Event.NONFINITE),
+    "vanishing_count": ("vanishing", Event.VANISHING),
+    "emergency_count": ("emergency", Event.EMERGENCY),
+    "warning_count": ("warning", Event.WARNING),
 }
 
 
-def _fmt(value: float) -> str:
-    """``%.4g``, or "?" for a value the host-side logger cannot know."""
-    return "?" if value != value else f"{value:.4g}"
+def _fmt(value: float | None) -> str:
+    """``%.4g``, or "?" for a value the reader cannot know (None or NaN)."""
+    return "?" if value is None or value != value else f"{value:.4g}"
+
+
+# --- One message per event kind -----------------------------------------------
+
+
+class EventContext(NamedTuple):
+    """What a reader knows of one step with events; None where it cannot know it.
+
+    The in-graph emitter knows all of its step. The host-side logger reads
+    the state after the step, possibly many steps later: it knows the totals
+    as they stood after the step and the thresholds (NaN where the threshold
+    history no longer holds them), but the norm, the loss scale and the
+    diagnostics only for the latest step it read, and the config never. A
+    message leaves out what its reader cannot know.
+
+    Attributes:
+      step: the step (``stabilizer_step`` on entry).
+      flags: its event flags (:class:`optax_gradflow.constants.Event` bits).
+      threshold: the threshold the step clipped at.
+      threshold_after: the threshold after the step.
+      totals: counter field (``explosion_count``, ...) -> its value after the step.
+      norm: the step's unscaled global norm.
+      scale_before: the loss scale on entry.
+      scale_after: the loss scale after the step.
+      trend: ``norm_trend`` after the step.
+      variance: the windowed norm variance after the step.
+      config: the stabilizer's config, for the limits a message quotes.
+    """
+
+    step: int
+    flags: int
+    threshold: float
+    threshold_after: float
+    totals: Mapping[str, int]
+    norm: float | None = None
+    scale_before: float | None = None
+    scale_after: float | None = None
+    trend: float | None = None
+    variance: float | None = None
+    config: StabilizerConfig | None = None
+
+
+def event_messages(ctx: EventContext) -> list[tuple[str, str]]:
+    """(kind, message) of each logged event of one step, in a fixed order.
+
+    The one catalogue of event lines: the in-graph emitter and the host-side
+    logger both write these.
+    """
+    flags = ctx.flags
+    lines = []
+    if flags & Event.EXPLOSION:
+        lines.append(("explosion", _explosion(ctx)))
+    if flags & Event.NONFINITE:
+        lines.append(("nonfinite", _nonfinite(ctx)))
+    if flags & Event.VANISHING:
+        lines.append(("vanishing", _vanishing(ctx)))
+    if flags & Event.ADAPTED and not flags & Event.EMERGENCY:
+        lines.append(
+            (
+                "adaptation",
+                f"clip threshold adapted at step {ctx.step}: {_fmt(ctx.threshold)} -> "
+                f"{_fmt(ctx.threshold_after)}",
+            )
+        )
+    if flags & Event.EMERGENCY:
+        lines.append(("emergency", _emergency(ctx)))
+    if flags & Event.WARNING:
+        lines.append(("warning", _warning(ctx)))
+    return lines
+
+
+def _loss_scale(ctx: EventContext) -> str | None:
+    """ "loss scale before -> after", "loss scale after", or None when unknown."""
+    if ctx.scale_after is None:
+        return None
+    if ctx.scale_before is None:
+        return f"loss scale {ctx.scale_after:.4g}"
+    return f"loss scale {ctx.scale_before:.4g} -> {ctx.scale_after:.4g}"
+
+
+def _explosion(ctx: EventContext) -> str:
+    norm = "norm" if ctx.norm is None else f"norm {ctx.norm:.4g}"
+    factor = "" if ctx.config is None else f"{ctx.config.explosion_factor:g} x "
+    return (
+        f"gradient explosion at step {ctx.step}: {norm} > {factor}threshold "
+        f"{_fmt(ctx.threshold)}; clipped to the threshold (explosions so far: "
+        f"{ctx.totals['explosion_count']})"
+    )
+
+
+def _nonfinite(ctx: EventContext) -> str:
+    scale = _loss_scale(ctx)
+    return (
+        f"non-finite gradient norm at step {ctx.step}: update skipped"
+        f"{'' if scale is None else ', ' + scale} "
+        f"(non-finite steps so far: {ctx.totals['nonfinite_count']})"
+    )
+
+
+def _vanishing(ctx: EventContext) -> str:
+    details = []
+    if ctx.norm is not None:
+        limit = "" if ctx.config is None else f" < {ctx.config.vanishing_norm:g}"
+        details.append(f"norm {ctx.norm:.3g}{limit}")
+    scale = _loss_scale(ctx)
+    if scale is not None:
+        details.append(scale)
+    detail = ": " + "; ".join(details) if details else ""
+    return (
+        f"vanishing gradient at step {ctx.step}{detail} "
+        f"(vanishing steps so far: {ctx.totals['vanishing_count']})"
+    )
+
+
+def _emergency(ctx: EventContext) -> str:
+    cause = (
+        ""
+        if ctx.config is None
+        else f" after {ctx.config.emergency_patience} consecutive explosions or non-finite steps"
+    )
+    adapted = " (adapted in the same step)" if ctx.flags & Event.ADAPTED else ""
+    details = [] if ctx.norm is None else [f"norm {ctx.norm:.4g}"]
+    details.append(f"threshold {_fmt(ctx.threshold)} -> {_fmt(ctx.threshold_after)}{adapted}")
+    scale = _loss_scale(ctx)
+    if scale is not None:
+        details.append(scale)
+    totals = ctx.totals
+    return (
+        f"emergency intervention at step {ctx.step}{cause}: {', '.join(details)}; totals "
+        f"after step {ctx.step}: {totals['emergency_count']} emergencies, "
+        f"{totals['explosion_count']} explosions, {totals['nonfinite_count']} non-finite steps"
+    )
+
+
+def _warning(ctx: EventContext) -> str:
+    cfg = ctx.config
+    details = []
+    if ctx.trend is not None:
+        limit = "" if cfg is None else f" (limit {cfg.trend_limit:g})"
+        details.append(f"log-norm trend {ctx.trend:.3g} per history entry{limit}")
+    if ctx.variance is not None:
+        limit = "" if cfg is None else f" (limit on variance / mean^2: {cfg.variance_limit:g})"
+        details.append(f"norm variance {ctx.variance:.4g}{limit}")
+    detail = ": " + ", ".join(details) if details else ""
+    return (
+        f"early warning at step {ctx.step}{detail}; warnings so far: {ctx.totals['warning_count']}"
+    )
 
 
 # --- Burst folding ------------------------------------------------------------
 
 
-def _check_count(name: str, value: Any) -> None:
+def check_count(name: str, value: Any) -> None:
+    """Raises ValueError unless ``value`` is an int >= 1 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
 
@@ -136,8 +286,8 @@ class BurstFolder:
         name: str | None = None,
         log: logging.Logger | None = None,
     ):
-        _check_count("max_lines", max_lines)
-        _check_count("window", window)
+        check_count("max_lines", max_lines)
+        check_count("window", window)
         self.max_lines = max_lines
         self.window = window
         self.name = name
@@ -224,61 +374,22 @@ class InGraphEmitter:
 
     def __call__(self, **payload: Any) -> None:
         ctx = {key: np.asarray(value).item() for key, value in payload.items()}
-        step, flags = int(ctx["step"]), int(ctx["flags"])
-        cfg = self.config
-        emit = self.folder.emit
-        if flags & FLAG_EXPLOSION:
-            emit(
-                "explosion",
-                step,
-                f"gradient explosion at step {step}: norm {ctx['norm']:.4g} > "
-                f"{cfg.explosion_factor:g} x threshold {ctx['threshold']:.4g}; clipped to the "
-                f"threshold (explosions so far: {ctx['explosion_count']})",
-            )
-        if flags & FLAG_NONFINITE:
-            emit(
-                "nonfinite",
-                step,
-                f"non-finite gradient norm at step {step}: update skipped, loss scale "
-                f"{ctx['scale_before']:.4g} -> {ctx['scale_after']:.4g} "
-                f"(non-finite steps so far: {ctx['nonfinite_count']})",
-            )
-        if flags & FLAG_VANISHING:
-            emit(
-                "vanishing",
-                step,
-                f"vanishing gradient at step {step}: norm {ctx['norm']:.3g} < "
-                f"{cfg.vanishing_norm:g}; loss scale {ctx['scale_before']:.4g} -> "
-                f"{ctx['scale_after']:.4g} (vanishing steps so far: {ctx['vanishing_count']})",
-            )
-        if flags & FLAG_ADAPTED and not flags & FLAG_EMERGENCY:
-            emit(
-                "adaptation",
-                step,
-                f"clip threshold adapted at step {step}: {ctx['threshold']:.4g} -> "
-                f"{ctx['threshold_after']:.4g}",
-            )
-        if flags & FLAG_EMERGENCY:
-            adapted = " (adapted in the same step)" if flags & FLAG_ADAPTED else ""
-            emit(
-                "emergency",
-                step,
-                f"emergency intervention at step {step} after {cfg.emergency_patience} "
-                f"consecutive explosions or non-finite steps: norm {ctx['norm']:.4g}, threshold "
-                f"{ctx['threshold']:.4g} -> {ctx['threshold_after']:.4g}{adapted}, loss scale "
-                f"{ctx['scale_before']:.4g} -> {ctx['scale_after']:.4g}; totals: "
-                f"{ctx['emergency_count']} emergencies, {ctx['explosion_count']} explosions, "
-                f"{ctx['nonfinite_count']} non-finite steps",
-            )
-        if flags & FLAG_WARNING:
-            emit(
-                "warning",
-                step,
-                f"early warning at step {step}: log-norm trend {ctx['trend']:.3g} per history "
-                f"entry (limit {cfg.trend_limit:g}), norm variance {ctx['variance']:.4g} "
-                f"(limit on variance / mean^2: {cfg.variance_limit:g}); warnings so far: "
-                f"{ctx['warning_count']}",
-            )
+        step = int(ctx["step"])
+        event = EventContext(
+            step=step,
+            flags=int(ctx["flags"]),
+            threshold=ctx["threshold"],
+            threshold_after=ctx["threshold_after"],
+            totals={field: int(ctx[field]) for field in _COUNTED},
+            norm=ctx["norm"],
+            scale_before=ctx["scale_before"],
+            scale_after=ctx["scale_after"],
+            trend=ctx["trend"],
+            variance=ctx["variance"],
+            config=self.config,
+        )
+        for kind, message in event_messages(event):
+            self.folder.emit(kind, step, message)
 
 
 def emit_in_graph(
@@ -329,6 +440,31 @@ def emit_in_graph(
 # --- Host-side logging ----------------------------------------------------------
 
 
+def due(calls: int, every: int) -> bool:
+    """Whether call number ``calls`` (counted from 1) reads the device: calls 1, 1 + every, ..."""
+    return (calls - 1) % every == 0
+
+
+def read_states(opt_state: Any) -> list[tuple[str, GradientFlowState]]:
+    """(key path, host copy) of every stabilizer state in ``opt_state``.
+
+    One ``jax.device_get`` of the stabilizer states only (never of the inner
+    optimizer's moments): a device-to-host transfer of a few KiB per
+    stabilizer. Paths are those of :func:`optax_gradflow.find_states`.
+
+    Raises:
+      ValueError: no stabilizer state in ``opt_state``.
+    """
+    found = find_states(opt_state)
+    if not found:
+        raise ValueError(
+            "No GradientFlowState found in the optimizer state: is optax_gradflow.stabilize "
+            "part of this optimizer?"
+        )
+    host = jax.device_get([state for _, state in found])
+    return [(path, state) for (path, _), state in zip(found, host, strict=True)]
+
+
 class EventLogger:
     """Logs the stabilizer's events from the host, reading the device every ``every`` calls.
 
@@ -340,13 +476,15 @@ class EventLogger:
     adaptation, emergency and early-warning step still in the event window
     (the last ``event_history_size`` steps), one summary line per kind for
     older ones, and the loss-scale change. The other calls cost nothing.
+    States already on the host (read by a :class:`~optax_gradflow.Monitor`,
+    say) are logged with :meth:`log_states`, which reads nothing.
 
-    Exactness: steps and counts are exact. A step's norm is given for the
-    latest step only (the state keeps the norms of explosions in
-    ``explosion_norms``, which this logger does not itemise), and the
-    threshold of a step is the one in force outside warm-up, rebuilt from the
-    threshold history. ``stabilize(..., log_events=True)`` logs exact values
-    from inside the graph instead.
+    Exactness: steps and counts are exact. A step's norm, loss scale and
+    diagnostics are given for the latest step only (the state keeps the
+    norms of explosions in ``explosion_norms``, which this logger does not
+    itemise), and the threshold of a step is the one in force outside
+    warm-up, rebuilt from the threshold history. ``stabilize(...,
+    log_events=True)`` logs exact values from inside the graph instead.
 
     With several stabilizers (``optax.partition``), each one's lines are
     prefixed by its key path.
@@ -377,9 +515,9 @@ class EventLogger:
         fold_window: int = DEFAULT_FOLD_WINDOW,
         log: logging.Logger | None = None,
     ):
-        _check_count("every", every)
-        _check_count("max_lines", max_lines)
-        _check_count("fold_window", fold_window)
+        check_count("every", every)
+        check_count("max_lines", max_lines)
+        check_count("fold_window", fold_window)
         self.every = every
         self.max_lines = max_lines
         self.fold_window = fold_window
@@ -395,7 +533,7 @@ class EventLogger:
         the loss scale) that the next reads compare with.
         """
         self._calls += 1
-        if (self._calls - 1) % self.every:
+        if not due(self._calls, self.every):
             return False
         self.read(opt_state)
         return True
@@ -410,13 +548,19 @@ class EventLogger:
             folder.flush()
 
     def read(self, opt_state: Any) -> None:
-        """Reads the device now (one transfer) and logs what changed."""
-        found = find_states(opt_state)
-        if not found:
-            raise ValueError("No GradientFlowState found in the optimizer state.")
-        host = jax.device_get([state for _, state in found])
-        several = len(found) > 1
-        for (path, _), state in zip(found, host, strict=True):
+        """Reads the device now (one transfer, :func:`read_states`) and logs what changed."""
+        self.log_states(read_states(opt_state))
+
+    def log_states(self, states: Sequence[tuple[str, GradientFlowState]]) -> None:
+        """Logs what changed in states already on the host; reads no device.
+
+        Args:
+          states: (key path, host state) of every stabilizer, as
+            :func:`read_states` gives them; each path's state is compared
+            with the one logged before under that path.
+        """
+        several = len(states) > 1
+        for path, state in states:
             folder = self._folders.get(path)
             if folder is None:
                 folder = BurstFolder(
@@ -426,126 +570,105 @@ class EventLogger:
                     log=self.log,
                 )
                 self._folders[path] = folder
-            self._log_changes(folder, self._seen.get(path), state)
+            _log_changes(folder, self._seen.get(path), state)
             self._seen[path] = state
 
-    def _log_changes(
-        self, folder: BurstFolder, prev: GradientFlowState | None, cur: GradientFlowState
-    ) -> None:
-        step = int(cur.stabilizer_step)
-        if prev is not None and step < int(prev.stabilizer_step):
-            prev = None  # a new run (or a restored earlier checkpoint): start over
-        prev_step = 0 if prev is None else int(prev.stabilizer_step)
-        flags = host_chronological(*cur.event_flags)
-        visible = min(step - prev_step, flags.shape[0])
-        flags = [int(f) for f in flags[flags.shape[0] - visible :]]
-        first_visible = step - visible
 
-        # Events too old for the event window: one summary line per kind.
-        for field, (kind, flag) in _COUNTED.items():
-            before = 0 if prev is None else int(getattr(prev, field))
-            hidden = int(getattr(cur, field)) - before - sum(1 for f in flags if f & flag)
-            if hidden > 0:
-                folder.emit(
-                    kind,
-                    prev_step,
-                    f"{hidden} {KINDS[kind][1]} in steps {prev_step}-{first_visible - 1} are "
-                    f"older than the event window ({cur.event_flags.values.shape[0]} steps) "
-                    f"and not itemised",
-                )
+def _log_changes(
+    folder: BurstFolder, prev: GradientFlowState | None, cur: GradientFlowState
+) -> None:
+    """Logs the events between the host states ``prev`` (None: none yet) and ``cur``."""
+    step = int(cur.stabilizer_step)
+    if prev is not None and step < int(prev.stabilizer_step):
+        prev = None  # a new run (or a restored earlier checkpoint): start over
+    prev_step = 0 if prev is None else int(prev.stabilizer_step)
+    flags = host_chronological(*cur.event_flags)
+    visible = min(step - prev_step, flags.shape[0])
+    flags = [int(f) for f in flags[flags.shape[0] - visible :]]
+    first_visible = step - visible
 
-        before_after = self._threshold_changes(prev, cur, flags)
-        in_force = before_after[0][0] if before_after else float(cur.clip_threshold)
-        pushes = iter(before_after)
-        for offset, f in enumerate(flags):
-            k = first_visible + offset
-            if f & (FLAG_ADAPTED | FLAG_EMERGENCY):
-                thr_before, thr_after = next(pushes)
-            else:
-                thr_before = thr_after = in_force
-            self._log_step(folder, cur, k, f, thr_before, thr_after, flags[offset + 1 :])
-            in_force = thr_after
-
-        if prev is not None and float(cur.loss_scale) != float(prev.loss_scale):
+    # Events too old for the event window: one summary line per kind.
+    for field, (kind, flag) in _COUNTED.items():
+        before = 0 if prev is None else int(getattr(prev, field))
+        hidden = int(getattr(cur, field)) - before - sum(1 for f in flags if f & flag)
+        if hidden > 0:
             folder.emit(
-                "loss_scale",
-                step - 1,
-                f"loss scale {float(prev.loss_scale):.4g} -> {float(cur.loss_scale):.4g} "
-                f"between steps {prev_step} and {step - 1}",
+                kind,
+                prev_step,
+                f"{hidden} {KINDS[kind][1]} in steps {prev_step}-{first_visible - 1} are "
+                f"older than the event window ({cur.event_flags.values.shape[0]} steps) "
+                f"and not itemised",
             )
 
-    @staticmethod
-    def _threshold_changes(
-        prev: GradientFlowState | None, cur: GradientFlowState, flags: list[int]
-    ) -> list[tuple[float, float]]:
-        # One threshold push per adapted or emergency step (SPEC.md, "Per-step
-        # order" 10), so the newest pushes line up with the newest such steps.
-        history = host_chronological(*cur.threshold_history).tolist()
-        pushes = sum(1 for f in flags if f & (FLAG_ADAPTED | FLAG_EMERGENCY))
-        fallback = float("nan") if prev is None else float(prev.clip_threshold)
-        pairs = []
-        for j in range(len(history) - pushes, len(history)):
-            after = history[j] if j >= 0 else float("nan")
-            before = history[j - 1] if j >= 1 else (fallback if j == 0 else float("nan"))
-            pairs.append((before, after))
-        return pairs
+    before_after = _threshold_changes(prev, cur, flags)
+    in_force = before_after[0][0] if before_after else float(cur.clip_threshold)
+    pushes = iter(before_after)
+    for offset, f in enumerate(flags):
+        if f & (Event.ADAPTED | Event.EMERGENCY):
+            thr_before, thr_after = next(pushes)
+        else:
+            thr_before = thr_after = in_force
+        k = first_visible + offset
+        ctx = _host_context(cur, k, f, thr_before, thr_after, flags[offset + 1 :])
+        for kind, message in event_messages(ctx):
+            folder.emit(kind, k, message)
+        in_force = thr_after
 
-    @staticmethod
-    def _log_step(
-        folder: BurstFolder,
-        cur: GradientFlowState,
-        k: int,
-        f: int,
-        thr_before: float,
-        thr_after: float,
-        later: list[int],
-    ) -> None:
-        """Logs step ``k`` (flags ``f``) from the state ``cur`` read after it.
+    if prev is not None and float(cur.loss_scale) != float(prev.loss_scale):
+        folder.emit(
+            "loss_scale",
+            step - 1,
+            f"loss scale {float(prev.loss_scale):.4g} -> {float(cur.loss_scale):.4g} "
+            f"between steps {prev_step} and {step - 1}",
+        )
 
-        ``later`` are the flags of the steps between ``k`` and the read: a
-        total as it stood after step ``k`` is the state's total less their
-        events, and the values only the latest step has (its norm, the loss
-        scale) are given for the latest step only.
-        """
-        latest = not later
-        norm = f", norm {float(cur.last_grad_norm):.4g}" if latest else ""
 
-        def total_at_k(field: str, flag: int) -> int:
-            return int(getattr(cur, field)) - sum(1 for g in later if g & flag)
+def _threshold_changes(
+    prev: GradientFlowState | None, cur: GradientFlowState, flags: list[int]
+) -> list[tuple[float, float]]:
+    # One threshold push per adapted or emergency step (SPEC.md, "Per-step
+    # order" 10), so the newest pushes line up with the newest such steps.
+    history = host_chronological(*cur.threshold_history).tolist()
+    pushes = sum(1 for f in flags if f & (Event.ADAPTED | Event.EMERGENCY))
+    fallback = float("nan") if prev is None else float(prev.clip_threshold)
+    pairs = []
+    for j in range(len(history) - pushes, len(history)):
+        after = history[j] if j >= 0 else float("nan")
+        before = history[j - 1] if j >= 1 else (fallback if j == 0 else float("nan"))
+        pairs.append((before, after))
+    return pairs
 
-        if f & FLAG_EXPLOSION:
-            folder.emit(
-                "explosion",
-                k,
-                f"gradient explosion at step {k} (threshold {_fmt(thr_before)}{norm})",
-            )
-        if f & FLAG_NONFINITE:
-            folder.emit("nonfinite", k, f"non-finite gradient norm at step {k}: update skipped")
-        if f & FLAG_VANISHING:
-            folder.emit("vanishing", k, f"vanishing gradient at step {k}{norm}")
-        if f & FLAG_ADAPTED and not f & FLAG_EMERGENCY:
-            folder.emit(
-                "adaptation",
-                k,
-                f"clip threshold adapted at step {k}: {_fmt(thr_before)} -> {_fmt(thr_after)}",
-            )
-        if f & FLAG_EMERGENCY:
-            scale = f", loss scale {float(cur.loss_scale):.4g}" if latest else ""
-            folder.emit(
-                "emergency",
-                k,
-                f"emergency intervention at step {k}: threshold {_fmt(thr_before)} -> "
-                f"{_fmt(thr_after)}{scale}; totals after step {k}: "
-                f"{total_at_k('emergency_count', FLAG_EMERGENCY)} emergencies, "
-                f"{total_at_k('explosion_count', FLAG_EXPLOSION)} explosions, "
-                f"{total_at_k('nonfinite_count', FLAG_NONFINITE)} non-finite steps",
-            )
-        if f & FLAG_WARNING:
-            var = host_chronological(*cur.variance_history)
-            variance = f", norm variance {float(var[-1]):.4g}" if var.size else ""
-            folder.emit(
-                "warning",
-                k,
-                f"early warning at step {k} (latest diagnostics: log-norm trend "
-                f"{float(cur.norm_trend):.3g} per history entry{variance})",
-            )
+
+def _host_context(
+    cur: GradientFlowState,
+    k: int,
+    f: int,
+    thr_before: float,
+    thr_after: float,
+    later: list[int],
+) -> EventContext:
+    """What the state ``cur``, read after step ``k`` (flags ``f``), tells of that step.
+
+    ``later`` are the flags of the steps between ``k`` and the read: a total
+    as it stood after step ``k`` is the state's total less their events, and
+    the values only the latest step has (its norm, the loss scale, the
+    diagnostics) are given for the latest step only.
+    """
+    totals = {
+        field: int(getattr(cur, field)) - sum(1 for g in later if g & flag)
+        for field, (_, flag) in _COUNTED.items()
+    }
+    if later:
+        return EventContext(k, f, thr_before, thr_after, totals)
+    variances = host_chronological(*cur.variance_history)
+    return EventContext(
+        k,
+        f,
+        thr_before,
+        thr_after,
+        totals,
+        norm=float(cur.last_grad_norm),
+        scale_after=float(cur.loss_scale),
+        trend=float(cur.norm_trend),
+        variance=float(variances[-1]) if variances.size else None,
+    )

@@ -16,10 +16,9 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from optax_gradflow import files
@@ -27,12 +26,12 @@ from optax_gradflow.constants import FLAT_FIELDS, VERSION_FIELD
 from optax_gradflow.events import (
     DEFAULT_FOLD_WINDOW,
     DEFAULT_MAX_LINES,
-    BurstFolder,
     EventLogger,
-    host_chronological,
+    check_count,
+    due,
+    read_states,
 )
-from optax_gradflow.loss_scaling import find_states
-from optax_gradflow.state import GradientFlowState, Ring, from_flat
+from optax_gradflow.state import GradientFlowState, Ring, from_flat, host_chronological
 
 DEFAULT_EVERY = 100
 DEFAULT_MAX_RECORDS = 2000
@@ -167,26 +166,6 @@ class _Track:
     totals: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-class _HostEventLogger(EventLogger):
-    """An :class:`EventLogger` fed with states the :class:`Monitor` has already read.
-
-    ``EventLogger.read`` does its own transfer; the monitor shares its one
-    transfer instead, then runs the logger's own change detection per state.
-    """
-
-    def log_host_states(self, found: Sequence[tuple[str, GradientFlowState]]) -> None:
-        several = len(found) > 1
-        for path, state in found:
-            folder = self._folders.get(path)
-            if folder is None:
-                folder = BurstFolder(
-                    self.max_lines, self.fold_window, name=path if several else None, log=self.log
-                )
-                self._folders[path] = folder
-            self._log_changes(folder, self._seen.get(path), state)
-            self._seen[path] = state
-
-
 class Monitor:
     """Records a whole run, reading the stabilizer states from the device every ``every`` calls.
 
@@ -268,14 +247,15 @@ class Monitor:
         fold_window: int = DEFAULT_FOLD_WINDOW,
         log: Any = None,
     ):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}.")
+        check_count("every", every)
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 2:
             raise ValueError(f"max_records must be an int >= 2, got {max_records!r}.")
         self.every = every
         self.max_records = max_records
+        # The monitor's reads feed the logger (EventLogger.log_states): one
+        # transfer serves both, and the logger's own schedule is never used.
         self.events: EventLogger | None = (
-            _HostEventLogger(every=1, max_lines=max_lines, fold_window=fold_window, log=log)
+            EventLogger(every=1, max_lines=max_lines, fold_window=fold_window, log=log)
             if log_events
             else None
         )
@@ -289,7 +269,7 @@ class Monitor:
     def update(self, opt_state: Any) -> bool:
         """Counts one call; reads on calls 1, 1 + every, ... Returns whether it read."""
         self.calls += 1
-        if (self.calls - 1) % self.every:
+        if not due(self.calls, self.every):
             return False
         self.read(opt_state)
         return True
@@ -304,7 +284,7 @@ class Monitor:
         for path, state in found:
             self._record(path, state)
         if self.events is not None:
-            self.events.log_host_states(found)
+            self.events.log_states(found)
 
     def flush(self, opt_state: Any = None) -> None:
         """Reads ``opt_state`` now (closing the last interval), then writes the
@@ -519,18 +499,12 @@ def _is_torch_stabilizer(x: Any) -> bool:
 
 
 def _read_host(source: Any) -> list[tuple[str, GradientFlowState]]:
-    """(path, host state) of every stabilizer in ``source``, with one transfer for JAX."""
+    """(path, host state) of every stabilizer in ``source``, with one transfer for JAX
+    (:func:`optax_gradflow.events.read_states`)."""
     torch_found = _torch_stabilizers(source)
     if torch_found is not None:
         return [(path, _torch_host_state(stab)) for path, stab in torch_found]
-    found = find_states(source)
-    if not found:
-        raise ValueError(
-            "No GradientFlowState found in the optimizer state (nor a PyTorch "
-            "GradientFlowStabilizer): is optax_gradflow.stabilize part of this optimizer?"
-        )
-    host = jax.device_get([state for _, state in found])
-    return [(path, state) for (path, _), state in zip(found, host, strict=True)]
+    return read_states(source)
 
 
 def _torch_stabilizers(source: Any) -> list[tuple[str, Any]] | None:

@@ -12,22 +12,15 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from optax_gradflow.constants import Event
 from optax_gradflow.monitor import Interval, Monitor
 from optax_gradflow.report import StabilityReport, stability_reports
-from optax_gradflow.state import (
-    FLAG_ADAPTED,
-    FLAG_CLIPPED,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-_EXCLUDED = FLAG_EXPLOSION | FLAG_NONFINITE  # steps that push no norm (SPEC.md, step 6)
-_THRESHOLD_PUSH = FLAG_ADAPTED | FLAG_EMERGENCY
+_EXCLUDED = Event.EXPLOSION | Event.NONFINITE  # steps that push no norm (SPEC.md, step 6)
+_THRESHOLD_PUSH = Event.ADAPTED | Event.EMERGENCY
 
 
 def _pyplot():
@@ -217,12 +210,12 @@ def _draw_norms(ax: Any, report: StabilityReport) -> str:
             if f & flag and not f & exclude
         ]
 
-    clipped = [k for k in marked(FLAG_CLIPPED, exclude=FLAG_EXPLOSION) if k in norm_at]
+    clipped = [k for k in marked(Event.CLIPPED, exclude=Event.EXPLOSION) if k in norm_at]
     if clipped:
         ax.scatter(
             clipped, [norm_at[k] for k in clipped], color="tab:orange", s=16, label="clipped"
         )
-    vanishing = [k for k in marked(FLAG_VANISHING) if k in norm_at]
+    vanishing = [k for k in marked(Event.VANISHING) if k in norm_at]
     if vanishing:
         ax.scatter(
             vanishing,
@@ -233,9 +226,9 @@ def _draw_norms(ax: Any, report: StabilityReport) -> str:
             label="vanishing",
         )
     for flag, style in (
-        (FLAG_EXPLOSION, {"color": "tab:red", "alpha": 0.5, "label": "explosion"}),
-        (FLAG_NONFINITE, {"color": "black", "linestyle": "--", "label": "non-finite"}),
-        (FLAG_EMERGENCY, {"color": "tab:purple", "linewidth": 2.5, "label": "emergency"}),
+        (Event.EXPLOSION, {"color": "tab:red", "alpha": 0.5, "label": "explosion"}),
+        (Event.NONFINITE, {"color": "black", "linestyle": "--", "label": "non-finite"}),
+        (Event.EMERGENCY, {"color": "tab:purple", "linewidth": 2.5, "label": "emergency"}),
     ):
         for j, k in enumerate(marked(flag)):
             ax.axvline(k, **(style if j == 0 else {**style, "label": None}))

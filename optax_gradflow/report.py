@@ -18,28 +18,12 @@ import numpy as np
 # This module imports no framework at module level: the PyTorch adapter builds
 # its report with build_report too. JAX is imported by the functions that read
 # an optax state (stability_reports, metrics).
-from optax_gradflow.config import (
-    FLAG_ADAPTED,
-    FLAG_CLIPPED,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-    FLAG_WARNING,
-)
+from optax_gradflow.constants import Event, host_chronological
 
 if TYPE_CHECKING:
     import jax
 
     from optax_gradflow.state import GradientFlowState
-
-
-def host_chronological(values: Any, index: Any, count: Any) -> np.ndarray:
-    """The valid entries of a host-side ring, oldest first (SPEC.md, "Ring buffers")."""
-    values = np.asarray(values)
-    count = int(count)
-    positions = (int(index) - count + np.arange(count)) % values.shape[0]
-    return values[positions]
 
 
 # Status thresholds (SPEC.md, "Stability report").
@@ -55,7 +39,7 @@ LR_FACTOR = 2.0
 STATUSES = ("healthy", "unstable", "critical", "vanishing_risk")
 RECOMMENDATIONS = ("keep", "decrease", "increase")
 
-_UNSTABLE_FLAGS = FLAG_EXPLOSION | FLAG_NONFINITE
+_UNSTABLE_FLAGS = Event.EXPLOSION | Event.NONFINITE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,13 +216,13 @@ def window_counts(flags: np.ndarray) -> EventCounts:
         return int(np.count_nonzero(flags & flag))
 
     return EventCounts(
-        explosions=count(FLAG_EXPLOSION),
-        nonfinite=count(FLAG_NONFINITE),
-        vanishing=count(FLAG_VANISHING),
-        clipped=count(FLAG_CLIPPED),
-        emergencies=count(FLAG_EMERGENCY),
-        warnings=count(FLAG_WARNING),
-        adaptations=count(FLAG_ADAPTED),
+        explosions=count(Event.EXPLOSION),
+        nonfinite=count(Event.NONFINITE),
+        vanishing=count(Event.VANISHING),
+        clipped=count(Event.CLIPPED),
+        emergencies=count(Event.EMERGENCY),
+        warnings=count(Event.WARNING),
+        adaptations=count(Event.ADAPTED),
     )
 
 
@@ -297,14 +281,14 @@ def nonfinite_cause(flags: np.ndarray, early_warning: bool) -> bool:
     holds no explosion: an emergency that non-finite steps in a row fired.
     """
     flags = np.asarray(flags)
-    if early_warning or not np.any(flags & FLAG_NONFINITE):
+    if early_warning or not np.any(flags & Event.NONFINITE):
         return False
-    if 1.0 - np.count_nonzero(flags & FLAG_EXPLOSION) / flags.size <= STABLE_SCORE:
+    if 1.0 - np.count_nonzero(flags & Event.EXPLOSION) / flags.size <= STABLE_SCORE:
         return False
-    for j in np.flatnonzero(flags & FLAG_EMERGENCY):
+    for j in np.flatnonzero(flags & Event.EMERGENCY):
         k = int(j)
         while k >= 0 and flags[k] & _UNSTABLE_FLAGS:
-            if flags[k] & FLAG_EXPLOSION:
+            if flags[k] & Event.EXPLOSION:
                 return False
             k -= 1
     return True
@@ -457,7 +441,7 @@ def build_report(
 
 
 def _is_wrapper(x: Any) -> bool:
-    from optax_gradflow.transform import StabilizedState
+    from optax_gradflow.state import StabilizedState
 
     return isinstance(x, StabilizedState)
 
@@ -586,12 +570,12 @@ def _metrics_of(s: GradientFlowState, ring: tuple | None) -> dict[str, jax.Array
         "early_warning": s.early_warning.astype(jnp.int32),
         "norm_trend": s.norm_trend,
         "window_steps": events.count,
-        "explosion_rate": rate(FLAG_EXPLOSION),
-        "nonfinite_rate": rate(FLAG_NONFINITE),
-        "vanishing_rate": rate(FLAG_VANISHING),
-        "clip_rate": rate(FLAG_CLIPPED),
+        "explosion_rate": rate(Event.EXPLOSION),
+        "nonfinite_rate": rate(Event.NONFINITE),
+        "vanishing_rate": rate(Event.VANISHING),
+        "clip_rate": rate(Event.CLIPPED),
         "stability_score": 1.0 - rate(_UNSTABLE_FLAGS),
-        "flow_efficiency": 1.0 - rate(FLAG_CLIPPED),
+        "flow_efficiency": 1.0 - rate(Event.CLIPPED),
     }
     if ring is not None:
         history, index, count = ring

@@ -10,18 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_gradflow import constants
-from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
-    FLAG_ADAPTED,
-    FLAG_CLIPPED,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-    FLAG_WARNING,
-    INT32_MAX,
-    StabilizerConfig,
+from optax_gradflow.config import INT32_MAX, StabilizerConfig
+from optax_gradflow.constants import (  # noqa: F401  (host_chronological: a ring helper)
+    RING_PARTS,
+    SCALARS,
+    VERSION_FIELD,
+    flat_name,
+    host_chronological,
 )
-from optax_gradflow.constants import RING_PARTS, SCALARS, VERSION_FIELD, flat_name
 
 RINGS = constants.RINGS
 
@@ -180,6 +176,22 @@ class GradientFlowState(NamedTuple):
     emergency_steps: Ring
     explosion_norms: Ring
     state_version: jax.Array
+
+
+class StabilizedState(NamedTuple):
+    """State of :func:`optax_gradflow.stabilized` (SPEC.md, "Wrapper form").
+
+    Attributes:
+      inner_state: the inner optimizer's state, untouched on skipped steps.
+      flow: the stabilizer's :class:`GradientFlowState`.
+      update_ratio_history: a :class:`Ring` of f32[100], ``|update| / |params|``
+        (global L2 norms) of applied steps, one every
+        ``optax_gradflow.transform.UPDATE_RATIO_INTERVAL`` steps.
+    """
+
+    inner_state: Any
+    flow: GradientFlowState
+    update_ratio_history: Ring
 
 
 def expected_shapes(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
@@ -382,3 +394,8 @@ def saturating_increment(counter: jax.Array, increment: jax.Array) -> jax.Array:
     """
     increment = jnp.asarray(increment).astype(jnp.int32)
     return jnp.where(counter >= INT32_MAX, counter, counter + increment).astype(jnp.int32)
+
+
+def __getattr__(name: str) -> int:
+    # The former plain-int event flags (FLAG_CLIPPED, ...): constants.Event now.
+    return constants.legacy_flag(__name__, name)

@@ -29,8 +29,8 @@ import numpy as np
 
 from optax_gradflow import files
 from optax_gradflow.loss_scaling import find_state
-from optax_gradflow.report import host_chronological, norm_statistics, score_of_flags
-from optax_gradflow.state import GradientFlowState
+from optax_gradflow.report import norm_statistics, score_of_flags
+from optax_gradflow.state import GradientFlowState, host_chronological
 
 logger = logging.getLogger("optax_gradflow")
 

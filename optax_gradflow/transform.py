@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import RINGS, STATE_VERSION, UPDATE_RATIO_HISTORY_SIZE
 from optax_gradflow.pipeline import sum_of_squares
-from optax_gradflow.state import GradientFlowState, Ring, check_state
+from optax_gradflow.state import GradientFlowState, Ring, StabilizedState, check_state
 
 __all__ = ("StabilizedState", "init_state", "stabilize", "stabilized", "step", "sum_of_squares")
 
@@ -389,22 +389,6 @@ def step(
 # norms are a pass over the parameters and one over the updates, which every
 # step would pay for otherwise (SPEC.md, "Wrapper form").
 UPDATE_RATIO_INTERVAL = 10
-
-
-class StabilizedState(NamedTuple):
-    """State of :func:`stabilized` (SPEC.md, "Wrapper form").
-
-    Attributes:
-      inner_state: the inner optimizer's state, untouched on skipped steps.
-      flow: the stabilizer's :class:`GradientFlowState`.
-      update_ratio_history: a :class:`Ring` of f32[100], ``|update| / |params|``
-        (global L2 norms) of applied steps, one every ``UPDATE_RATIO_INTERVAL``
-        steps.
-    """
-
-    inner_state: Any
-    flow: GradientFlowState
-    update_ratio_history: Ring
 
 
 def stabilized(

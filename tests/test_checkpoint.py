@@ -11,10 +11,8 @@ import pytest
 
 import optax_gradflow as og
 from optax_gradflow.config import StabilizerConfig
-from optax_gradflow.constants import StateVersionError
+from optax_gradflow.constants import Event, StateVersionError
 from optax_gradflow.state import (
-    FLAG_ADAPTED,
-    FLAG_EMERGENCY,
     GradientFlowState,
     Ring,
     from_restored,
@@ -117,8 +115,8 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(kind, fmt, tmp_path
     flags = np.asarray(flow.event_flags.values)[:STEPS]
     assert int(flow.emergency_count) == 1
     assert np.asarray(flow.emergency_steps.values)[0] == BURST[-1] > RESUME_AT
-    assert [k for k in range(STEPS) if flags[k] & FLAG_ADAPTED] == [9, 19, 29]
-    assert [k for k in range(STEPS) if flags[k] & FLAG_EMERGENCY] == [16]
+    assert [k for k in range(STEPS) if flags[k] & Event.ADAPTED] == [9, 19, 29]
+    assert [k for k in range(STEPS) if flags[k] & Event.EMERGENCY] == [16]
 
     mid_params, mid_state = train(step, params0, state0, 0, RESUME_AT)
     mid_flow = og.find_states(mid_state)[0][1]

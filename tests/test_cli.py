@@ -2,6 +2,8 @@
 
 import io
 import math
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 
 import optax_gradflow
 from optax_gradflow import cli
+from optax_gradflow._demo import app, results, scenario, training
 from optax_gradflow.monitor import Monitor
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -89,14 +92,14 @@ def test_help_prints_no_doubled_percent(capsys):
 
 def test_the_comparison_is_computed_from_the_numbers():
     def run(name, losses):
-        return cli.RunResult(name, np.asarray(losses), np.ones(len(losses)), 1.0, None, 0.0)
+        return training.RunResult(name, np.asarray(losses), np.ones(len(losses)), 1.0, None, 0.0)
 
     ours_better = [
         run("adam", [0.5, np.nan]),
         run("apply_if_finite", [0.5, 0.4]),
         run("adam+gradflow", [0.5, 0.2]),
     ]
-    lines = cli.findings(ours_better)
+    lines = results.findings(ours_better)
     assert lines[0].startswith("Best final eval loss: adam+gradflow (0.2)")
     assert "adam nan (diverged: yes: NaN from step 1)" in lines[0]
     assert "final loss 0.2 vs 0.4 (lower)" in lines[1]
@@ -106,32 +109,34 @@ def test_the_comparison_is_computed_from_the_numbers():
         run("apply_if_finite", [0.5, 0.2]),
         ours_better[1]._replace(name="adam+gradflow"),
     ]
-    lines = cli.findings(theirs_better)
+    lines = results.findings(theirs_better)
     assert lines[0].startswith("Best final eval loss: apply_if_finite (0.2)")
     assert "final loss 0.4 vs 0.2 (higher)" in lines[1]
     assert "the stabilizer loses on final loss, mean loss over the last 10%" in lines[2]
     tied = [run("apply_if_finite", [0.5, 0.2]), run("adam+gradflow", [0.5, 0.201])]
-    assert cli.findings(tied)[-1] == (
+    assert results.findings(tied)[-1] == (
         "So the stabilizer and apply_if_finite are within 5% of each other on every measure."
     )
 
 
 def test_the_runs_are_the_ones_named():
     params = {"w": np.ones(3, np.float32)}
-    aif = cli._optimizer(cli.AIF)
+    aif = training._optimizer(scenario.AIF)
     state = aif.init(params)
     assert type(state).__name__ == "ApplyIfFiniteState"
     # A NaN gradient is dropped, with no give-up in sight.
     updates, state = aif.update({"w": np.full(3, np.nan, np.float32)}, state, params)
     assert np.all(np.asarray(updates["w"]) == 0) and int(state.total_notfinite) == 1
-    assert cli.MAX_CONSECUTIVE_ERRORS >= 10**6
-    flow = cli._optimizer(cli.GRADFLOW).init(params)
+    assert scenario.MAX_CONSECUTIVE_ERRORS >= 10**6
+    flow = training._optimizer(scenario.GRADFLOW).init(params)
     assert len(optax_gradflow.find_states(flow)) == 1
 
 
 def test_the_stabilizer_run_feeds_a_monitor_and_its_loss(demo_run):
     monitor = Monitor(every=1)
-    result = cli.train(cli.GRADFLOW, steps=2 * cli.CHUNK + 3, seed=0, monitor=monitor)
+    result = training.train(
+        scenario.GRADFLOW, steps=2 * scenario.CHUNK + 3, seed=0, monitor=monitor
+    )
     (path,) = monitor.paths
     records = monitor.records[path]
     # One read per chunk of steps; the padding of the last chunk is not a step.
@@ -148,15 +153,15 @@ def test_progress_bar_is_tqdm_on_a_terminal_and_optional(monkeypatch):
             return True
 
     stream = Terminal()
-    bar = cli._progress_bar(stream, "adam", 20, enabled=True)
+    bar = app._progress_bar(stream, "adam", 20, enabled=True)
     assert type(bar).__module__.startswith("tqdm")
     bar.update(20)
     bar.refresh()
     bar.close()
     assert "20/20" in stream.getvalue()
-    assert cli._progress_bar(stream, "adam", 20, enabled=False) is None
+    assert app._progress_bar(stream, "adam", 20, enabled=False) is None
     monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm not installed: no bar
-    assert cli._progress_bar(stream, "adam", 20, enabled=True) is None
+    assert app._progress_bar(stream, "adam", 20, enabled=True) is None
 
 
 def test_quiet_demo_prints_no_progress(tmp_path, capsys):
@@ -227,12 +232,34 @@ def test_python_dash_m_runs_the_same_parser():
 
 def _result(losses, initial=1.0):
     n = len(losses)
-    return cli.RunResult("adam", np.asarray(losses), np.ones(n), initial, None, 0.0)
+    return training.RunResult("adam", np.asarray(losses), np.ones(n), initial, None, 0.0)
 
 
 def test_verdict_by_hand():
-    assert cli.verdict(_result([0.9, 0.5, 0.2])) == "no"
+    assert results.verdict(_result([0.9, 0.5, 0.2])) == "no"
     # The peak 10.0 is exactly 10x the initial loss: not above it, not diverged.
-    assert cli.verdict(_result([10.0, 0.5])) == "no"
-    assert cli.verdict(_result([0.5, 25.0, 0.4], initial=0.5)) == "yes: blow-up to 50x"
-    assert cli.verdict(_result([0.5, 3.0, np.nan, np.nan])) == "yes: NaN from step 2"
+    assert results.verdict(_result([10.0, 0.5])) == "no"
+    assert results.verdict(_result([0.5, 25.0, 0.4], initial=0.5)) == "yes: blow-up to 50x"
+    assert results.verdict(_result([0.5, 3.0, np.nan, np.nan])) == "yes: NaN from step 2"
+
+
+def test_the_command_line_loads_the_demo_only_when_it_runs():
+    code = (
+        "import sys, optax_gradflow.cli; "
+        "assert optax_gradflow.cli.build_parser().prog == 'optax-gradflow'; "
+        "print(sorted(m for m in sys.modules "
+        "if m in ('jax', 'flax', 'optax_gradflow._demo.app', 'optax_gradflow._demo.training')))"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=root,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

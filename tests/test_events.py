@@ -294,7 +294,7 @@ def test_event_logger_logs_what_changed(caplog):
         ("explosion", 8),
     ]
     assert all(r.levelno == logging.ERROR for r in recs)
-    assert "threshold 1)" in recs[0].getMessage()
+    assert "norm > threshold 1;" in recs[0].getMessage()
     # The next read sees nothing new.
     for _ in range(10):
         logger(state)
@@ -378,7 +378,8 @@ def test_event_logger_summarises_events_older_than_the_window(caplog):
     msgs = [r.getMessage() for r in records(caplog, "explosion")]
     assert msgs == [
         "2 explosions in steps 0-5 are older than the event window (4 steps) and not itemised",
-        "gradient explosion at step 8 (threshold 1)",
+        "gradient explosion at step 8: norm > threshold 1; clipped to the threshold "
+        "(explosions so far: 3)",
     ]
 
 
@@ -413,6 +414,37 @@ def _ten_steps(opt, state, params):
 
         _TEN[opt] = jax.jit(ten)
     return _TEN[opt](state)
+
+
+def test_one_message_per_kind_leaves_out_what_the_reader_cannot_know():
+    totals = dict.fromkeys(events._COUNTED, 0) | {"explosion_count": 2}
+    flags = int(og.constants.Event.CLIPPED | og.constants.Event.EXPLOSION)
+    known = events.EventContext(7, flags, 1.0, 1.0, totals, norm=12.5, config=config())
+    unknown = events.EventContext(7, flags, 1.0, 1.0, totals)
+    assert events.event_messages(known) == [
+        (
+            "explosion",
+            "gradient explosion at step 7: norm 12.5 > 3 x threshold 1; clipped to the "
+            "threshold (explosions so far: 2)",
+        )
+    ]
+    assert events.event_messages(unknown) == [
+        (
+            "explosion",
+            "gradient explosion at step 7: norm > threshold 1; clipped to the threshold "
+            "(explosions so far: 2)",
+        )
+    ]
+
+
+def test_event_logger_logs_states_already_on_the_host_without_a_transfer(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    opt = og.stabilize(config=config(), initial_threshold=1.0)
+    states = events.read_states(run(opt, [0.5, 10.0, 0.5])[-1])
+    monkeypatch.setattr(jax, "device_get", lambda x: pytest.fail("read the device"))
+    EventLogger(every=1).log_states(states)
+    (rec,) = records(caplog)
+    assert rec.gradflow_kind == "explosion" and rec.gradflow_step == 1
 
 
 def test_event_logger_prefixes_paths_of_several_stabilizers(caplog):

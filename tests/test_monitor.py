@@ -56,7 +56,7 @@ def test_reads_the_device_only_every_n_calls(monkeypatch):
         return real_get(x)
 
     # jax.device_get everywhere (the event logger's too): the monitor's read is the only one.
-    monkeypatch.setattr(monitor_mod.jax, "device_get", counting_get)
+    monkeypatch.setattr(jax, "device_get", counting_get)
     monitor = Monitor(every=10, log_events=True)
     untouchable = object()  # a non-read call must not even look at its argument
     assert monitor.update(state0) is True
@@ -374,7 +374,7 @@ def test_event_lines_come_from_the_same_read(caplog, monkeypatch):
     state0, states = states_for(opt, [0.5, 5.0, NAN, 0.5])
     transfers = []
     real_get = jax.device_get
-    monkeypatch.setattr(monitor_mod.jax, "device_get", lambda x: transfers.append(1) or real_get(x))
+    monkeypatch.setattr(jax, "device_get", lambda x: transfers.append(1) or real_get(x))
     monitor = Monitor(every=2, log_events=True)
     with caplog.at_level(logging.INFO, logger="optax_gradflow"):
         for state in [state0, *states]:

@@ -32,13 +32,7 @@ from _helpers import CUT_EMERGENCY_STEP, INJECTED_STEPS, LOUD_STEPS, injected_no
 import optax_gradflow as og
 from optax_gradflow import presets
 from optax_gradflow import threshold as threshold_lib
-from optax_gradflow.state import (
-    FLAG_ADAPTED,
-    FLAG_CLIPPED,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-)
+from optax_gradflow.constants import Event
 
 LN10 = math.log(10.0)
 LN2 = math.log(2.0)
@@ -108,8 +102,8 @@ def run(norms, values=None, *, config=None, initial_threshold=None, learning_rat
 
     state, recs = jax.jit(lambda s, n, v: jax.lax.scan(body, s, (n, v)))(state, norms, values)
     recs = {k: np.asarray(v) for k, v in recs.items()}
-    recs["clipped"] = (recs["flags"] & FLAG_CLIPPED) > 0
-    recs["explosion"] = (recs["flags"] & FLAG_EXPLOSION) > 0
+    recs["clipped"] = (recs["flags"] & Event.CLIPPED) > 0
+    recs["explosion"] = (recs["flags"] & Event.EXPLOSION) > 0
     return state, recs
 
 
@@ -177,7 +171,7 @@ def test_centre_spread_and_threshold_by_hand():
     # Without a loss the gate is shut: the anchor follows the centre.
     np.testing.assert_array_equal(r["anchor"], r["centre"])
     # Adapted flag: the threshold history records every 100th step only.
-    assert not np.any(r["flags"] & FLAG_ADAPTED)
+    assert not np.any(r["flags"] & Event.ADAPTED)
 
 
 def test_loss_gate_learns_running_means_during_the_first_steps():
@@ -465,12 +459,12 @@ def test_data_mode_first_finite_norm_is_not_clipped_and_starts_the_tracker():
     _, r = run([3.0, 300.0, 2.0])
     # Step 0: t = clamp(3) = 3, 3 > 3 is false: the output is the input; then
     # c = ln 3, d = 0, t' = 3, the adapted flag.
-    assert r["out"][0] == 3.0 and r["flags"][0] == FLAG_ADAPTED
+    assert r["out"][0] == 3.0 and r["flags"][0] == Event.ADAPTED
     assert r["centre"][0] == pytest.approx(math.log(3.0), rel=RTOL32)
     assert r["spread"][0] == 0.0 and r["thr"][0] == pytest.approx(3.0, rel=RTOL32)
     # Step 1: a x100 spike against t = 3: clipped to norm 3, an explosion.
     assert r["t"][1] == pytest.approx(3.0, rel=RTOL32)
-    assert r["flags"][1] == FLAG_CLIPPED | FLAG_EXPLOSION
+    assert r["flags"][1] == Event.CLIPPED | Event.EXPLOSION
     assert r["out"][1] == pytest.approx(3.0, rel=RTOL32)
 
 
@@ -478,10 +472,10 @@ def test_data_mode_zero_norm_keeps_waiting():
     _, r = run([0.0, 5.0, 50.0])
     # Step 0: an all-zero gradient has no level to start from: t = clamp(0) =
     # 1e-30, 0 > t is false, the output is 0, vanishing; still waiting.
-    assert r["out"][0] == 0.0 and r["flags"][0] == FLAG_VANISHING
+    assert r["out"][0] == 0.0 and r["flags"][0] == Event.VANISHING
     # Step 1 starts the tracker unclipped, step 2 (50 > 3 * 5) is clipped to 5.
-    assert r["out"][1] == 5.0 and r["flags"][1] == FLAG_ADAPTED
-    assert r["flags"][2] == FLAG_CLIPPED | FLAG_EXPLOSION
+    assert r["out"][1] == 5.0 and r["flags"][1] == Event.ADAPTED
+    assert r["flags"][2] == Event.CLIPPED | Event.EXPLOSION
     assert r["out"][2] == pytest.approx(5.0, rel=RTOL32)
 
 
@@ -489,13 +483,13 @@ def test_data_mode_nan_first_step_keeps_waiting():
     _, r = run([float("nan"), 5.0, 50.0])
     # Step 0: skipped, still waiting; the threshold is the cap, here none
     # (all-zero parameters): max_threshold, inf.
-    assert r["out"][0] == 0.0 and r["flags"][0] == FLAG_NONFINITE
+    assert r["out"][0] == 0.0 and r["flags"][0] == Event.NONFINITE
     assert r["thr"][0] == math.inf
     # Step 1: the first finite norm starts the tracker unclipped.
-    assert r["out"][1] == 5.0 and r["flags"][1] == FLAG_ADAPTED
+    assert r["out"][1] == 5.0 and r["flags"][1] == Event.ADAPTED
     assert r["thr"][1] == pytest.approx(5.0, rel=RTOL32)
     # Step 2: 50 > 3 * 5: clipped to 5.
-    assert r["flags"][2] == FLAG_CLIPPED | FLAG_EXPLOSION
+    assert r["flags"][2] == Event.CLIPPED | Event.EXPLOSION
     assert r["out"][2] == pytest.approx(5.0, rel=RTOL32)
 
 

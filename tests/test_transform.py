@@ -13,14 +13,7 @@ from _helpers import run_steps, vec
 import optax_gradflow as og
 from optax_gradflow import presets
 from optax_gradflow.config import INT32_MAX
-from optax_gradflow.state import (
-    FLAG_ADAPTED,
-    FLAG_CLIPPED,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-)
+from optax_gradflow.constants import Event
 
 RTOL = 1e-6
 
@@ -141,7 +134,7 @@ def test_clipping_rescales_to_the_threshold():
     (out,), (state,) = run_steps(og.stabilize(initial_threshold=2.0), [vec(3.0, 4.0)])
     np.testing.assert_allclose(out["w"], [1.2, 1.6], rtol=RTOL)
     assert int(state.clip_count) == 1 and int(state.explosion_count) == 0
-    assert int(state.event_flags.values[0]) == FLAG_CLIPPED
+    assert int(state.event_flags.values[0]) == Event.CLIPPED
     assert float(state.loss_scale) == 1.0
 
 
@@ -159,7 +152,7 @@ def test_explosion_is_clipped_counted_and_backs_off_the_scale():
     np.testing.assert_allclose(out["w"], [1.2, 1.6], rtol=RTOL)
     assert int(state.explosion_count) == 1 and int(state.clip_count) == 1
     assert int(state.consecutive_explosions) == 1
-    assert int(state.event_flags.values[0]) == FLAG_CLIPPED | FLAG_EXPLOSION
+    assert int(state.event_flags.values[0]) == Event.CLIPPED | Event.EXPLOSION
     assert float(state.loss_scale) == pytest.approx(0.8, rel=RTOL)
     # Explosions stay out of the history.
     assert int(state.norm_history.count) == 0
@@ -188,7 +181,7 @@ def test_all_zero_gradients_are_vanishing_and_stay_zero(cfg, scale):
     (out,), (state,) = run_steps(opt, [vec(0.0, 0.0)])
     np.testing.assert_array_equal(out["w"], [0.0, 0.0])
     assert int(state.vanishing_count) == 1
-    assert int(state.event_flags.values[0]) == FLAG_VANISHING
+    assert int(state.event_flags.values[0]) == Event.VANISHING
     assert float(state.loss_scale) == scale
 
 
@@ -200,7 +193,7 @@ def test_nonfinite_step_outputs_zeros_and_halves_the_scale():
     assert [float(s.loss_scale) for s in states] == [0.5, 0.25]
     assert int(states[-1].nonfinite_count) == 2
     assert int(states[-1].consecutive_explosions) == 2
-    assert int(states[-1].event_flags.values[1]) == FLAG_NONFINITE
+    assert int(states[-1].event_flags.values[1]) == Event.NONFINITE
     assert int(states[-1].norm_history.count) == 0
 
 
@@ -305,7 +298,7 @@ def test_five_consecutive_explosions_fire_one_emergency():
     assert int(fifth.emergency_count) == 1
     assert int(fifth.consecutive_explosions) == 0
     assert int(fifth.emergency_steps.values[0]) == 4
-    assert int(fifth.event_flags.values[4]) & FLAG_EMERGENCY
+    assert int(fifth.event_flags.values[4]) & Event.EMERGENCY
     # The sixth explosion starts a new run of one: no second emergency.
     sixth = states[5]
     assert int(sixth.emergency_count) == 1 and int(sixth.consecutive_explosions) == 1
@@ -364,7 +357,7 @@ def test_data_warmup_thresholds_follow_the_running_median():
     # rule (median) over {5, 7, 1} = 5 becomes the threshold.
     assert int(states[3].warmup_steps_left) == 0
     assert float(states[3].clip_threshold) == pytest.approx(5.0, rel=RTOL)
-    assert int(states[3].event_flags.values[3]) == FLAG_ADAPTED
+    assert int(states[3].event_flags.values[3]) == Event.ADAPTED
     # Step 4 uses it: 2 < 5.
     assert float(states[4].clip_threshold) == pytest.approx(5.0, rel=RTOL)
 
@@ -395,7 +388,7 @@ def test_adaptation_boundaries_99_100_101():
     # Step 99 (the 100th) adapts: median of ten copies each of 0.1 .. 1.0 is
     # (0.5 + 0.6) / 2 = 0.55.
     assert float(states[99].clip_threshold) == pytest.approx(0.55, rel=RTOL)
-    assert int(states[99].event_flags.values[99 % 100]) & FLAG_ADAPTED
+    assert int(states[99].event_flags.values[99 % 100]) & Event.ADAPTED
     assert int(states[99].threshold_history.count) == 1
     # Step 100 uses it: its norm 0.1 passes; step 101 too.
     assert float(states[100].clip_threshold) == pytest.approx(0.55, rel=RTOL)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
+from optax_gradflow.constants import Event
 from optax_gradflow.report import StabilityReport, build_report
 from optax_gradflow.torch import distributed
 from optax_gradflow.torch.functional import (
@@ -32,9 +33,6 @@ from optax_gradflow.torch.functional import (
 )
 from optax_gradflow.torch.state import (
     FIELDS,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
     State,
     _check_config,
     check_version,
@@ -495,12 +493,12 @@ def _newest_flags(state: State) -> torch.Tensor:
 
 def _calm(state: State) -> torch.Tensor:
     """Whether the step just pushed onto ``event_flags`` was calm: finite, no explosion."""
-    return (_newest_flags(state) & (FLAG_EXPLOSION | FLAG_NONFINITE)) == 0
+    return (_newest_flags(state) & (Event.EXPLOSION | Event.NONFINITE)) == 0
 
 
 def _fired(state: State) -> torch.Tensor:
     """Whether the step just pushed onto ``event_flags`` fired an emergency."""
-    return (_newest_flags(state) & FLAG_EMERGENCY) != 0
+    return (_newest_flags(state) & Event.EMERGENCY) != 0
 
 
 def _as_f32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:

@@ -17,16 +17,7 @@ import torch
 
 from optax_gradflow import constants
 from optax_gradflow import learning_rate as learning_rate_lib
-from optax_gradflow.config import (  # noqa: F401  (the flags are re-exported)
-    FLAG_ADAPTED,
-    FLAG_CLIPPED,
-    FLAG_EMERGENCY,
-    FLAG_EXPLOSION,
-    FLAG_NONFINITE,
-    FLAG_VANISHING,
-    FLAG_WARNING,
-    StabilizerConfig,
-)
+from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import (  # noqa: F401  (re-exported)
     LOG_FLOOR,
     MAD_TO_STD,
@@ -355,3 +346,8 @@ def _check_config(config: StabilizerConfig | None) -> StabilizerConfig:
             f"config must be an optax_gradflow.StabilizerConfig, got {type(config).__name__}."
         )
     return config
+
+
+def __getattr__(name: str) -> int:
+    # The former plain-int event flags (FLAG_CLIPPED, ...): constants.Event now.
+    return constants.legacy_flag(__name__, name)
