@@ -85,10 +85,11 @@ def test_stage_names_are_the_shared_ones_in_spec_order():
         lines.append(inspect.getsourcelines(stage)[1])
     # Defined in SPEC.md's per-step order.
     assert lines == sorted(lines)
-    # update calls them in that order.
-    source = inspect.getsource(functional.update)
+    # step calls them in that order, and update calls step.
+    source = inspect.getsource(functional.step)
     calls = [source.index(f"{name}(") for name in constants.STAGES]
     assert calls == sorted(calls)
+    assert "step(" in inspect.getsource(functional.update)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,7 @@ def test_the_step_does_not_compare_the_rule_name(monkeypatch):
     for k in range(5):
         _, state = ogt.update([torch.tensor([3.0, 4.0 * k])], state, config=config)
     assert built == [config]
-    for name in (*constants.STAGES, "update"):
+    for name in (*constants.STAGES, "step", "update"):
         assert "adaptation_rule" not in inspect.getsource(getattr(functional, name)), name
 
 

@@ -38,6 +38,13 @@ def local_shard(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if is_dtensor(x) else x
 
 
+def local_shards(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`local_shard` of each; ``xs`` itself when no DTensor can exist."""
+    if _dtensor_class() is None:
+        return xs
+    return [local_shard(x) for x in xs]
+
+
 def like(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """``local`` as a tensor of the same kind as ``template`` (a DTensor with its layout)."""
     if not is_dtensor(template):
@@ -89,6 +96,9 @@ def global_sum_of_squares(
       process_group: the group plain-tensor leaves are sharded over, or None.
       sum_of_squares: ``(tensors, device) -> float32 scalar``, the local sum.
     """
+    if process_group is None and _dtensor_class() is None:
+        # Nothing is sharded: no DTensor exists, no group is given.
+        return sum_of_squares(list(leaves), device)
     by_groups: dict[tuple[Any, ...], list[torch.Tensor]] = {}
     if process_group is not None:
         # Every rank must join the all-reduce, even one without plain leaves.

@@ -18,6 +18,9 @@ diagnose   the early-warning diagnostics
 record     the loss gate, rings, counters: the next state
 ========== ==========================================================
 
+:func:`step` runs them in this order on checked inputs; :func:`update` checks
+its inputs, then calls it.
+
 Stages take and return small NamedTuples. What differs between adaptation
 rules (the threshold of a step, the adaptation, the emergency's action) is a
 rule object chosen once from the config (:func:`rule_for`); the step never
@@ -74,6 +77,7 @@ __all__ = (
     "record",
     "rescale",
     "rule_for",
+    "step",
     "threshold",
     "update",
 )
@@ -1031,39 +1035,21 @@ def rescale(
             torch._foreach_zero_(leaves)
             return leaves
         return [torch.zeros_like(x) for x in leaves]
-    out: list[torch.Tensor | None] = [None] * len(leaves)
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, x in enumerate(leaves):
-        groups.setdefault(x.dtype, []).append(i)
-    for dtype, members in groups.items():
-        cd = _compute_dtype(dtype)
-        real_cd = _REAL_OF_COMPLEX.get(cd, cd)
-        factor = coef if real_cd == _F32 else coef.to(real_cd)
-        div = None
-        if divide_by is not None:
-            div = divide_by if real_cd == _F32 else divide_by.to(real_cd)
-        xs = [leaves[i] for i in members]
-        if cd == dtype:
-            if inplace:
-                if div is not None:
-                    torch._foreach_div_(xs, div)
-                torch._foreach_mul_(xs, factor)
-                ys = xs
-            elif div is not None:
-                ys = torch._foreach_div(xs, div)
-                torch._foreach_mul_(ys, factor)
-            else:
-                ys = torch._foreach_mul(xs, factor)
-        else:
-            ys = [torch.mul(x.to(cd) if div is None else x.to(cd) / div, factor) for x in xs]
-            if inplace:
-                for x, y in zip(xs, ys, strict=True):
-                    x.copy_(y)
-                ys = xs
-            else:
-                ys = [y.to(dtype) for y in ys]
-        for i, y in zip(members, ys, strict=True):
-            out[i] = y
+    dtype = leaves[0].dtype
+    if all(x.dtype == dtype for x in leaves):
+        out: list[torch.Tensor | None] = list(
+            _rescale_group(leaves, dtype, coef, divide_by, inplace)
+        )
+    else:
+        out = [None] * len(leaves)
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, x in enumerate(leaves):
+            groups.setdefault(x.dtype, []).append(i)
+        for dtype, members in groups.items():
+            xs = [leaves[i] for i in members]
+            ys = _rescale_group(xs, dtype, coef, divide_by, inplace)
+            for i, y in zip(members, ys, strict=True):
+                out[i] = y
     if not host:
         # where, not a multiplication by 0: 0 * NaN is NaN.
         for i, y in enumerate(out):
@@ -1073,6 +1059,39 @@ def rescale(
             else:
                 out[i] = torch.where(finite, y, 0.0)  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
+
+
+def _rescale_group(
+    xs: list[torch.Tensor],
+    dtype: torch.dtype,
+    coef: torch.Tensor,
+    divide_by: torch.Tensor | None,
+    inplace: bool,
+) -> list[torch.Tensor]:
+    """:func:`rescale` of leaves of one ``dtype``: one fused kernel when it computes in it."""
+    cd = _compute_dtype(dtype)
+    real_cd = _REAL_OF_COMPLEX.get(cd, cd)
+    factor = coef if real_cd == _F32 else coef.to(real_cd)
+    div = None
+    if divide_by is not None:
+        div = divide_by if real_cd == _F32 else divide_by.to(real_cd)
+    if cd == dtype:
+        if inplace:
+            if div is not None:
+                torch._foreach_div_(xs, div)
+            torch._foreach_mul_(xs, factor)
+            return xs
+        if div is not None:
+            ys = torch._foreach_div(xs, div)
+            torch._foreach_mul_(ys, factor)
+            return ys
+        return torch._foreach_mul(xs, factor)
+    ys = [torch.mul(x.to(cd) if div is None else x.to(cd) / div, factor) for x in xs]
+    if inplace:
+        for x, y in zip(xs, ys, strict=True):
+            x.copy_(y)
+        return xs
+    return [y.to(dtype) for y in ys]
 
 
 def loss_scale(c: Classes, state: State, config: StabilizerConfig) -> Scale:
@@ -1329,13 +1348,47 @@ def update(
         check_state(state, config, read_version=False)
     check_value(value)
     device = _device_of(grads, state)
-    due = ALL_DUE if due is None else due
-    rule = rule_for(config)
     float_idx = [i for i, g in enumerate(grads) if g is not None and is_float(g)]
     leaves = [grads[i] for i in float_idx]
-    local = [distributed.local_shard(x) for x in leaves]  # type: ignore[arg-type]
+    new_leaves, new_state = step(
+        leaves,  # type: ignore[arg-type]
+        state,
+        device,
+        value=value,
+        config=config,
+        rule=rule_for(config),
+        process_group=process_group,
+        due=ALL_DUE if due is None else due,
+        inplace=inplace,
+    )
+    new_grads: list[torch.Tensor | None] = list(grads)
+    if not inplace:
+        for i, g in zip(float_idx, new_leaves, strict=True):
+            new_grads[i] = distributed.like(grads[i], g)  # type: ignore[arg-type]
+    return new_grads, new_state
 
-    m = measure(leaves, state["loss_scale"], device, process_group)  # type: ignore[arg-type]
+
+def step(
+    leaves: list[torch.Tensor],
+    state: State,
+    device: torch.device,
+    *,
+    value: torch.Tensor | float | None,
+    config: StabilizerConfig,
+    rule: _Rule,
+    process_group: Any,
+    due: Due,
+    inplace: bool,
+) -> tuple[list[torch.Tensor], State]:
+    """The stages of :func:`update` in order, on checked inputs: ``(new leaves, new state)``.
+
+    ``leaves`` are the floating-point gradients only, on ``device`` (the
+    state's); ``value`` is checked and ``rule`` is ``rule_for(config)``. The
+    caller has done :func:`update`'s checks, so a caller that keeps these
+    from one step to the next (``GradientFlowStabilizer``) skips them.
+    """
+    local = distributed.local_shards(leaves)
+    m = measure(leaves, state["loss_scale"], device, process_group)
     th = threshold(rule, m, state, due)
     c = classify(m, th, config)
     coef = coefficient(m, th, c, state["loss_scale"], config)
@@ -1346,8 +1399,4 @@ def update(
     e = emergency(rule, a, c, scale, state)
     d = diagnose(norms, step_after, state, config, due)
     new_state = record(rule, m, c, scale, norms, a, e, d, step_after, value, state, config)
-
-    new_grads: list[torch.Tensor | None] = list(grads)
-    for i, g in zip(float_idx, new_leaves, strict=True):
-        new_grads[i] = grads[i] if inplace else distributed.like(grads[i], g)  # type: ignore[arg-type]
-    return new_grads, new_state
+    return new_leaves, new_state

@@ -21,15 +21,15 @@ import torch
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
 from optax_gradflow.constants import Event
 from optax_gradflow.report import StabilityReport, build_report
-from optax_gradflow.torch import distributed
+from optax_gradflow.torch import distributed, functional
 from optax_gradflow.torch.functional import (
     Due,
     HistoryRule,
+    _device_of,
     _gather,
     _loss_gate,
     check_value,
     rule_for,
-    update,
 )
 from optax_gradflow.torch.state import (
     FIELDS,
@@ -267,16 +267,17 @@ class GradientFlowStabilizer:
         self._process(list(parameters), step=step, loss=loss)
         return self._state["last_grad_norm"]
 
-    def _tag(self, grad: torch.Tensor) -> tuple[int, int, int]:
+    def _tags(self, leaves: list[torch.Tensor]) -> list[tuple[int, int, int]]:
         # A DTensor's own version counter misses in-place writes to its local
         # shard; the shard's counter sees them.
-        return (id(self), self._epoch, distributed.local_shard(grad)._version)
+        owner, epoch = id(self), self._epoch
+        return [(owner, epoch, x._version) for x in distributed.local_shards(leaves)]
 
-    def _is_processed(self, grads: list[torch.Tensor | None], step: int | None) -> bool:
+    def _is_processed(self, leaves: list[torch.Tensor], step: int | None) -> bool:
         if step is not None and step != self._processed_step:
             return False
         seen = [
-            getattr(g, _TAG, None) == self._tag(g) for g in grads if g is not None and is_float(g)
+            getattr(g, _TAG, None) == tag for g, tag in zip(leaves, self._tags(leaves), strict=True)
         ]
         if seen and any(seen) and not all(seen):
             raise ValueError(
@@ -294,7 +295,9 @@ class GradientFlowStabilizer:
         loss: torch.Tensor | float | None,
     ) -> None:
         grads = [p.grad for p in params]
-        if self._is_processed(grads, step):
+        # The floating-point gradients: the ones the step rescales and tags.
+        leaves = [g for g in grads if g is not None and is_float(g)]
+        if self._is_processed(leaves, step):
             if loss is not None:
                 value = _as_f32(loss, self._state["last_loss"].device)
                 self._state["last_loss"] = value
@@ -313,24 +316,27 @@ class GradientFlowStabilizer:
                 self._move_to(g.device)
                 break
         value = loss if loss is not None else self._pending_loss
+        # update's checks but the state's, which is this stabilizer's own
+        # (checked at init and at load); the config and rule are chosen once.
+        check_value(value)
+        device = _device_of(grads, self._state)
         entry = {name: self._state[name] for name in _GATE_FIELDS}
-        # The state is this stabilizer's own, checked at init and at load.
         with torch.no_grad():
-            _, self._state = update(
-                grads,
+            _, self._state = functional.step(
+                leaves,
                 self._state,
+                device,
                 value=value,
                 config=self.config,
+                rule=self._rule,
                 process_group=self.process_group,
                 due=self._due(),
                 inplace=True,
-                validate=False,
             )
         self._advance_count()
         self._gate_entry = (entry, self._state)
-        for g in grads:
-            if g is not None and is_float(g):
-                setattr(g, _TAG, self._tag(g))
+        for g, tag in zip(leaves, self._tags(leaves), strict=True):
+            setattr(g, _TAG, tag)
         self._processed_step = step
         self._pending_loss = None
 

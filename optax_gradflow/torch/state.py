@@ -229,9 +229,12 @@ def sum_of_squares(leaves: list[torch.Tensor], device: torch.device) -> torch.Te
         return torch.zeros((), dtype=torch.float32, device=device)
     sums = []
     for x in leaves:
-        if x.is_complex():
-            x = torch.view_as_real(x)
-        flat = (x if x.dtype == torch.float32 else x.to(torch.float32)).reshape(-1)
+        if x.dtype != torch.float32:  # one comparison for the usual float32 leaf
+            if x.is_complex():
+                x = torch.view_as_real(x)
+            if x.dtype != torch.float32:
+                x = x.to(torch.float32)
+        flat = x.reshape(-1)
         # One read of the leaf; no tensor of squares is materialised.
         sums.append(torch.linalg.vecdot(flat, flat))
     return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
