@@ -184,6 +184,26 @@ def test_due_hint_changes_nothing(rule):
             ), (k, name)
 
 
+@pytest.mark.parametrize("rule", ["track", "median_mad", "zscore"])
+def test_a_step_without_a_loss_does_not_compute_the_loss_gate(monkeypatch, rule):
+    # SPEC.md, "Loss gate": a missing loss changes none of the three levels.
+    config = dataclasses.replace(SMALL, adaptation_rule=rule)
+    state = ogt.init_state(initial_threshold=1.0, config=config)
+    for k in range(3):
+        _, state = ogt.update([torch.tensor([0.3, 0.1 * k])], state, value=2.0 - k, config=config)
+    levels = ("loss_centre", "loss_reference", "loss_spread")
+    assert all(torch.isfinite(state[name]) for name in levels)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the loss gate was computed without a loss")
+
+    monkeypatch.setattr(functional, "_loss_gate", refuse)
+    _, new = ogt.update([torch.tensor([0.3, 0.2])], state, config=config)
+    assert new["stabilizer_step"].item() == 4
+    for name in levels:
+        assert np.array_equal(_bits(new[name]), _bits(state[name])), name
+
+
 def test_a_calm_step_with_the_hint_reads_nothing_on_the_host(monkeypatch):
     config = dataclasses.replace(SMALL, adaptation_rule="median_mad", warmup_steps=0)
     state = ogt.init_state(initial_threshold=1.0, config=config)

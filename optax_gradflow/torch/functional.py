@@ -1180,6 +1180,9 @@ def _loss_value(
 
 _FLAG_WEIGHTS = tuple(int(bit) for bit in Event)
 
+# The loss gate's levels (SPEC.md, "Loss gate").
+_GATE_LEVELS = ("loss_centre", "loss_reference", "loss_spread")
+
 # Counters that add one of the step's event bits, and that bit.
 _COUNTED = (
     ("clip_count", Event.CLIPPED),
@@ -1209,8 +1212,12 @@ def record(
     device = m.norm.device
     false = _const(False, torch.bool, device)
     loss, last_loss = _loss_value(value, state, device)
-    # The loss gate moves under every rule (SPEC.md, "Per-step order" 10).
-    loss_centre, loss_reference, loss_spread = _loss_gate(loss, c.calm, state, config)
+    # The loss gate moves under every rule (SPEC.md, "Per-step order" 10);
+    # without a loss it keeps its levels, so there is nothing to compute.
+    if value is None:
+        loss_centre, loss_reference, loss_spread = (state[k] for k in _GATE_LEVELS)
+    else:
+        loss_centre, loss_reference, loss_spread = _loss_gate(loss, c.calm, state, config)
     loss_reference = rule.gate_reference(e.fired, e.consecutive, loss_centre, loss_reference)
 
     adapted = false if a.adapted is None else a.adapted
