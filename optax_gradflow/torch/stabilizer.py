@@ -316,8 +316,9 @@ class GradientFlowStabilizer:
                 self._move_to(g.device)
                 break
         value = loss if loss is not None else self._pending_loss
-        # update's checks but the state's, which is this stabilizer's own
-        # (checked at init and at load); the config and rule are chosen once.
+        # The checks of update, but for the state's: the state is this
+        # stabilizer's own (checked at init and at load), and the config and
+        # its rule were chosen at construction.
         check_value(value)
         device = _device_of(grads, self._state)
         entry = {name: self._state[name] for name in _GATE_FIELDS}
