@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import torch
 
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
-from optax_gradflow.constants import STAGES, Event, flat_name
+from optax_gradflow.constants import DIAGNOSTICS_LOG_FLOOR, STAGES, Event, flat_name
 from optax_gradflow.torch import distributed
 from optax_gradflow.torch.state import (
     MAD_TO_STD,
@@ -351,7 +351,7 @@ def _diagnose(
     total = w.sum()
     safe_total = torch.clamp(total, min=1.0)
     x = j.to(_F32)
-    floor = max(config.vanishing_norm, 1e-30)
+    floor = max(config.vanishing_norm, DIAGNOSTICS_LOG_FLOOR)
     y = torch.where(valid, torch.log(torch.clamp(recent, min=floor)), 0.0)
     x_mean = (w * x).sum() / safe_total
     y_mean = (w * y).sum() / safe_total
