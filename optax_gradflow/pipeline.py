@@ -137,7 +137,7 @@ class Emergency(NamedTuple):
     scale: jax.Array
     consecutive: jax.Array
     hold_left: jax.Array
-    fire: jax.Array
+    fired: jax.Array
 
 
 # --- Adaptation rules ----------------------------------------------------------
@@ -176,7 +176,7 @@ class Rule:
     def step_threshold(self, m: Measured, state: GradientFlowState) -> StepThreshold:
         raise NotImplementedError
 
-    def adapt_due(self, state: GradientFlowState, norms: Ring, step_after: jax.Array) -> jax.Array:
+    def adapt_due(self, norms: Ring, step_after: jax.Array, state: GradientFlowState) -> jax.Array:
         """Whether this step needs ``from_history`` (history rules only)."""
         return jnp.zeros((), jnp.bool_)
 
@@ -188,44 +188,44 @@ class Rule:
         m: Measured,
         t: StepThreshold,
         c: Classes,
-        state: GradientFlowState,
         norms: Ring,
         step_after: jax.Array,
+        state: GradientFlowState,
         periodic: Periodic,
     ) -> Adapted:
         raise NotImplementedError
 
-    def emergency(self, c: Classes, state: GradientFlowState, a: Adapted, s: Scale) -> Emergency:
+    def emergency(self, c: Classes, s: Scale, a: Adapted, state: GradientFlowState) -> Emergency:
         """The seed's emergency: after ``emergency_patience`` unstable steps in a
         row, the threshold is multiplied by ``emergency_threshold_factor`` and
         the count restarts (SPEC.md, "Emergency intervention")."""
         config = self.config
         consecutive = _consecutive(c, state)
         if config.emergency_patience > 0:
-            fire = consecutive >= config.emergency_patience
+            fired = consecutive >= config.emergency_patience
         else:
-            fire = jnp.zeros((), jnp.bool_)
+            fired = jnp.zeros((), jnp.bool_)
         new_thr = jnp.where(
-            fire,
+            fired,
             jnp.maximum(
                 a.threshold * jnp.float32(config.emergency_threshold_factor),
                 jnp.float32(config.min_threshold),
             ),
             a.threshold,
         )
-        consecutive = jnp.where(fire, 0, consecutive).astype(jnp.int32)
+        consecutive = jnp.where(fired, 0, consecutive).astype(jnp.int32)
         return Emergency(
             threshold=new_thr,
             ema_mean=a.ema_mean,
-            scale=loss_scaling.emergency_loss_scale(s.scale, fire, config),
+            scale=loss_scaling.emergency_loss_scale(s.scale, fired, config),
             consecutive=consecutive,
             hold_left=state.emergency_hold_left,
-            fire=fire,
+            fired=fired,
         )
 
     def gate_reference(
         self,
-        fire: jax.Array,
+        fired: jax.Array,
         consecutive: jax.Array,
         loss_centre: jax.Array,
         loss_reference: jax.Array,
@@ -266,7 +266,7 @@ class HistoryRule(Rule):
         )
         return StepThreshold(thr, thr, in_warmup, jnp.zeros((), jnp.bool_), jnp.float32(0.0))
 
-    def adapt_due(self, state: GradientFlowState, norms: Ring, step_after: jax.Array) -> jax.Array:
+    def adapt_due(self, norms: Ring, step_after: jax.Array, state: GradientFlowState) -> jax.Array:
         left_after = jnp.maximum(state.warmup_steps_left - 1, 0)
         due = state.warmup_steps_left == 1
         if self.config.adaptation_interval > 0:
@@ -278,7 +278,7 @@ class HistoryRule(Rule):
             self._statistic(norms.values, norms.count, self.config), self.config
         )
 
-    def adapt(self, m, t, c, state, norms, step_after, periodic) -> Adapted:
+    def adapt(self, m, t, c, norms, step_after, state, periodic) -> Adapted:
         due = periodic.adapt_due
         return Adapted(
             threshold=jnp.where(due, periodic.from_history, t.clip),
@@ -317,7 +317,7 @@ class ZScoreRule(Rule):
             target=target,
         )
 
-    def adapt(self, m, t, c, state, norms, step_after, periodic) -> Adapted:
+    def adapt(self, m, t, c, norms, step_after, state, periodic) -> Adapted:
         config = self.config
         ends_warmup = state.warmup_steps_left == 1
         warmup_left = jnp.maximum(state.warmup_steps_left - 1, 0).astype(jnp.int32)
@@ -392,7 +392,7 @@ class TrackRule(Rule):
         reference = jnp.where(state.emergency_hold_left > 0, uncut, thr)
         return StepThreshold(thr, reference, in_warmup, jnp.zeros((), jnp.bool_), jnp.float32(0.0))
 
-    def adapt(self, m, t, c, state, norms, step_after, periodic) -> Adapted:
+    def adapt(self, m, t, c, norms, step_after, state, periodic) -> Adapted:
         config = self.config
         ema_mean, ema_var = state.ema_mean, state.ema_var
         x = threshold_lib.log_norm(m.norm)
@@ -446,7 +446,7 @@ class TrackRule(Rule):
             adapted=adapted,
         )
 
-    def emergency(self, c, state, a, s) -> Emergency:
+    def emergency(self, c, s, a, state) -> Emergency:
         """Fires once per unbroken run of explosions, at most once per
         ``emergency_rearm_steps``; halves the centre once and holds its rise
         (SPEC.md, "Tracking rule", "Emergency")."""
@@ -459,27 +459,27 @@ class TrackRule(Rule):
             armed = (steps.count == 0) | (
                 state.stabilizer_step - steps.newest() >= config.emergency_rearm_steps
             )
-            fire = (consecutive == config.emergency_patience) & armed
-            hold_left = jnp.where(fire, jnp.int32(config.emergency_hold_steps), hold_left)
+            fired = (consecutive == config.emergency_patience) & armed
+            hold_left = jnp.where(fired, jnp.int32(config.emergency_hold_steps), hold_left)
         else:
-            fire = jnp.zeros((), jnp.bool_)
+            fired = jnp.zeros((), jnp.bool_)
         # The centre drops by emergency_threshold_factor (at most once per
         # re-arm period, so it cannot compound into a ratchet).
         cut = jnp.log(jnp.float32(config.emergency_threshold_factor))
-        ema_mean = jnp.where(fire, a.ema_mean + cut, a.ema_mean)
+        ema_mean = jnp.where(fired, a.ema_mean + cut, a.ema_mean)
         new_thr = jnp.where(
-            fire, threshold_lib.track_threshold(ema_mean, a.ema_var, config), a.threshold
+            fired, threshold_lib.track_threshold(ema_mean, a.ema_var, config), a.threshold
         )
         return Emergency(
             threshold=new_thr,
             ema_mean=ema_mean,
-            scale=loss_scaling.emergency_loss_scale(s.scale, fire, config),
+            scale=loss_scaling.emergency_loss_scale(s.scale, fired, config),
             consecutive=consecutive,
             hold_left=hold_left,
-            fire=fire,
+            fired=fired,
         )
 
-    def gate_reference(self, fire, consecutive, loss_centre, loss_reference) -> jax.Array:
+    def gate_reference(self, fired, consecutive, loss_centre, loss_reference) -> jax.Array:
         # An emergency accepts the loss level it fires at as the new
         # reference: a loss that keeps climbing closes the gate again within
         # a few steps, while a loss that only settled higher no longer holds
@@ -487,7 +487,7 @@ class TrackRule(Rule):
         # unbroken run of explosions: a loss that keeps climbing while every
         # step is clipped is not climbing because of the steps (a TD loss
         # whose targets grow), and an emergency fires at most once per run.
-        accept = fire
+        accept = fired
         n = self.config.track_accept_steps
         if n > 0:
             accept = accept | ((consecutive > 0) & (consecutive % n == 0))
@@ -520,7 +520,7 @@ def measure(updates: Any, state: GradientFlowState, value: Any, axis_name: str |
     return Measured(raw_norm, norm, jnp.isfinite(norm), loss)
 
 
-def threshold(m: Measured, state: GradientFlowState, rule: Rule) -> StepThreshold:
+def threshold(rule: Rule, m: Measured, state: GradientFlowState) -> StepThreshold:
     """2. The threshold this step clips at (the rule's)."""
     return rule.step_threshold(m, state)
 
@@ -583,7 +583,7 @@ def rescale(
     return jax.tree.map(leaf, updates)
 
 
-def loss_scale(state: GradientFlowState, c: Classes, config: StabilizerConfig) -> Scale:
+def loss_scale(c: Classes, state: GradientFlowState, config: StabilizerConfig) -> Scale:
     """5. The loss-scale rule (nothing without ``loss_scaling``)."""
     scale, growth = loss_scaling.next_loss_scale(
         state.loss_scale,
@@ -596,7 +596,7 @@ def loss_scale(state: GradientFlowState, c: Classes, config: StabilizerConfig) -
     return Scale(scale, growth)
 
 
-def history(state: GradientFlowState, m: Measured, c: Classes) -> Ring:
+def history(m: Measured, c: Classes, state: GradientFlowState) -> Ring:
     """6. Push ``n`` unless non-finite or an explosion (explosions would drag
     the threshold up; vanishing norms are genuine and stay in)."""
     return state.norm_history.push(m.norm, m.finite & ~c.explosion)
@@ -604,9 +604,9 @@ def history(state: GradientFlowState, m: Measured, c: Classes) -> Ring:
 
 def periodic_work(
     rule: Rule,
-    state: GradientFlowState,
     norms: Ring,
     step_after: jax.Array,
+    state: GradientFlowState,
     config: StabilizerConfig,
 ) -> Periodic:
     """The history rule's statistic and the diagnostics, under one ``lax.cond``.
@@ -614,7 +614,7 @@ def periodic_work(
     Most steps need neither: the sort of the history and the trend's window
     run only on the steps that use them.
     """
-    adapt_due = rule.adapt_due(state, norms, step_after) if rule.periodic else None
+    adapt_due = rule.adapt_due(norms, step_after, state) if rule.periodic else None
     if config.diagnostics_interval > 0:
         diag_due = (step_after % config.diagnostics_interval == 0) & (norms.count >= 2)
     else:
@@ -653,18 +653,18 @@ def adapt(
     m: Measured,
     t: StepThreshold,
     c: Classes,
-    state: GradientFlowState,
     norms: Ring,
     step_after: jax.Array,
+    state: GradientFlowState,
     periodic: Periodic,
 ) -> Adapted:
     """7. The rule's next threshold, after the push."""
-    return rule.adapt(m, t, c, state, norms, step_after, periodic)
+    return rule.adapt(m, t, c, norms, step_after, state, periodic)
 
 
-def emergency(rule: Rule, c: Classes, state: GradientFlowState, a: Adapted, s: Scale) -> Emergency:
+def emergency(rule: Rule, c: Classes, s: Scale, a: Adapted, state: GradientFlowState) -> Emergency:
     """8. The emergency intervention, after the adaptation so that it cannot be undone."""
-    return rule.emergency(c, state, a, s)
+    return rule.emergency(c, s, a, state)
 
 
 def diagnose(periodic: Periodic) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -674,14 +674,14 @@ def diagnose(periodic: Periodic) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
     return periodic.trend, periodic.variance, periodic.warning, warned
 
 
-def event_flags(c: Classes, fire: jax.Array, adapted: jax.Array, warned: jax.Array) -> jax.Array:
+def event_flags(c: Classes, fired: jax.Array, adapted: jax.Array, warned: jax.Array) -> jax.Array:
     """The step's entry of the event-flag ring (SPEC.md, "Event flags")."""
     bits = (
         (c.clipped, Event.CLIPPED),
         (c.explosion, Event.EXPLOSION),
         (c.vanishing, Event.VANISHING),
         (c.nonfinite, Event.NONFINITE),
-        (fire, Event.EMERGENCY),
+        (fired, Event.EMERGENCY),
         (adapted, Event.ADAPTED),
         (warned, Event.WARNING),
     )
@@ -720,7 +720,6 @@ class _Events(NamedTuple):
 
 def record(
     rule: Rule,
-    state: GradientFlowState,
     m: Measured,
     c: Classes,
     s: Scale,
@@ -730,6 +729,7 @@ def record(
     periodic: Periodic,
     step_after: jax.Array,
     value: Any,
+    state: GradientFlowState,
     config: StabilizerConfig,
 ) -> GradientFlowState:
     """10. The rings, the counters and the loss gate: the next state.
@@ -750,9 +750,9 @@ def record(
         m.finite & ~c.explosion,
         config,
     )
-    loss_reference = rule.gate_reference(e.fire, e.consecutive, loss_centre, loss_reference)
+    loss_reference = rule.gate_reference(e.fired, e.consecutive, loss_centre, loss_reference)
     unstable = c.nonfinite | c.explosion
-    flags = event_flags(c, e.fire, a.adapted, warned)
+    flags = event_flags(c, e.fired, a.adapted, warned)
     # A diagnostics run pushes its variance even when it raises no flag.
     event = (flags != 0) | periodic.diagnosed
     if config.loss_scaling:
@@ -764,7 +764,7 @@ def record(
             vanishing_count=saturating_increment(state.vanishing_count, c.vanishing),
             nonfinite_count=saturating_increment(state.nonfinite_count, c.nonfinite),
             clip_count=saturating_increment(state.clip_count, c.clipped),
-            emergency_count=saturating_increment(state.emergency_count, e.fire),
+            emergency_count=saturating_increment(state.emergency_count, e.fired),
             warning_count=saturating_increment(state.warning_count, warned),
             variance_history=state.variance_history.push(variance, periodic.diagnosed),
             loss_scale_history=(
@@ -772,8 +772,8 @@ def record(
                 if config.loss_scaling
                 else state.loss_scale_history
             ),
-            threshold_history=state.threshold_history.push(new_thr, a.adapted | e.fire),
-            emergency_steps=state.emergency_steps.push(state.stabilizer_step, e.fire),
+            threshold_history=state.threshold_history.push(new_thr, a.adapted | e.fired),
+            emergency_steps=state.emergency_steps.push(state.stabilizer_step, e.fired),
             explosion_norms=state.explosion_norms.push(m.norm, c.explosion),
         )
 
@@ -820,14 +820,14 @@ def step(
 ) -> tuple[Any, GradientFlowState, jax.Array]:
     """One step, stage by stage; returns (updates, state, the threshold clipped at)."""
     m = measure(updates, state, value, axis_name)
-    t = threshold(m, state, rule)
+    t = threshold(rule, m, state)
     c = classify(m, t, config)
     new_updates = rescale(updates, m, t, c, state, config)
-    s = loss_scale(state, c, config)
-    norms = history(state, m, c)
+    s = loss_scale(c, state, config)
+    norms = history(m, c, state)
     step_after = saturating_increment(state.stabilizer_step, True)
-    periodic = periodic_work(rule, state, norms, step_after, config)
-    a = adapt(rule, m, t, c, state, norms, step_after, periodic)
-    e = emergency(rule, c, state, a, s)
-    new_state = record(rule, state, m, c, s, norms, a, e, periodic, step_after, value, config)
+    periodic = periodic_work(rule, norms, step_after, state, config)
+    a = adapt(rule, m, t, c, norms, step_after, state, periodic)
+    e = emergency(rule, c, s, a, state)
+    new_state = record(rule, m, c, s, norms, a, e, periodic, step_after, value, state, config)
     return new_updates, new_state, t.clip

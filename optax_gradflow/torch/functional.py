@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import torch
 
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
-from optax_gradflow.constants import STAGES, Event, flat_name
+from optax_gradflow.constants import DIAGNOSTICS_LOG_FLOOR, STAGES, Event, flat_name
 from optax_gradflow.torch import distributed
 from optax_gradflow.torch.state import (
     MAD_TO_STD,
@@ -351,7 +351,7 @@ def _diagnose(
     total = w.sum()
     safe_total = torch.clamp(total, min=1.0)
     x = j.to(_F32)
-    floor = max(config.vanishing_norm, 1e-30)
+    floor = max(config.vanishing_norm, DIAGNOSTICS_LOG_FLOOR)
     y = torch.where(valid, torch.log(torch.clamp(recent, min=floor)), 0.0)
     x_mean = (w * x).sum() / safe_total
     y_mean = (w * y).sum() / safe_total
@@ -526,7 +526,7 @@ class Measured(NamedTuple):
 class StepThreshold(NamedTuple):
     """Stage ``threshold``: ``t``, and what explosions are measured against."""
 
-    threshold: torch.Tensor
+    clip: torch.Tensor  # t, the threshold this step clips at
     reference: torch.Tensor
     in_warmup: torch.Tensor
     spike: torch.Tensor | None = None  # zscore
@@ -566,8 +566,8 @@ class Emergency(NamedTuple):
     """Stage ``emergency``: after the intervention, or unchanged."""
 
     threshold: torch.Tensor
-    scale: torch.Tensor
     ema_mean: torch.Tensor
+    scale: torch.Tensor
     consecutive: torch.Tensor
     hold_left: torch.Tensor
     fired: torch.Tensor
@@ -577,9 +577,9 @@ class Diagnosed(NamedTuple):
     """Stage ``diagnose``."""
 
     trend: torch.Tensor
+    variance_history: Ring  # the variance history after this step's push
     warning: torch.Tensor
     warned: torch.Tensor | None  # None: statically not run this step
-    variance: Ring
 
 
 # --- The adaptation rules -----------------------------------------------------------
@@ -591,14 +591,16 @@ class _Rule:
     def __init__(self, config: StabilizerConfig):
         self.config = config
 
-    def threshold(self, m: Measured, state: State, due: Due, device: torch.device) -> StepThreshold:
+    def step_threshold(
+        self, m: Measured, state: State, due: Due, device: torch.device
+    ) -> StepThreshold:
         raise NotImplementedError
 
     def adapt(
         self,
         m: Measured,
+        t: StepThreshold,
         c: Classes,
-        th: StepThreshold,
         norms: Ring,
         step_after: torch.Tensor,
         state: State,
@@ -607,7 +609,7 @@ class _Rule:
         raise NotImplementedError
 
     def emergency(
-        self, a: Adapted, c: Classes, scale: Scale, state: State, device: torch.device
+        self, c: Classes, s: Scale, a: Adapted, state: State, device: torch.device
     ) -> Emergency:
         """SPEC.md, "Per-step order" 8: fires after ``emergency_patience`` in a row."""
         config = self.config
@@ -615,42 +617,42 @@ class _Rule:
             c.nonfinite | c.explosion, _sat_inc(state["consecutive_explosions"]), 0
         )
         if config.emergency_patience > 0:
-            fire = consecutive >= config.emergency_patience
+            fired = consecutive >= config.emergency_patience
         else:
-            fire = _const(False, torch.bool, device)
+            fired = _const(False, torch.bool, device)
         new_threshold = torch.where(
-            fire,
+            fired,
             torch.clamp(a.threshold * config.emergency_threshold_factor, min=config.min_threshold),
             a.threshold,
         )
-        consecutive = torch.where(fire, 0, consecutive)
+        consecutive = torch.where(fired, 0, consecutive)
         return Emergency(
             new_threshold,
-            _emergency_scale(fire, scale.scale, config),
             a.ema_mean,
+            _emergency_scale(s.scale, fired, config),
             consecutive,
             state["emergency_hold_left"],
-            fire,
+            fired,
         )
 
     def gate_reference(
         self,
         fired: torch.Tensor,
         consecutive: torch.Tensor,
-        centre: torch.Tensor,
-        reference: torch.Tensor,
+        loss_centre: torch.Tensor,
+        loss_reference: torch.Tensor,
     ) -> torch.Tensor:
         """The loss reference after the gate moved (the track rule's emergency moves it)."""
-        return reference
+        return loss_reference
 
 
 def _emergency_scale(
-    fire: torch.Tensor, scale: torch.Tensor, config: StabilizerConfig
+    scale: torch.Tensor, fired: torch.Tensor, config: StabilizerConfig
 ) -> torch.Tensor:
     if not config.loss_scaling:
         return scale
     return torch.where(
-        fire,
+        fired,
         torch.clamp(scale * config.emergency_loss_scale_factor, min=config.min_loss_scale),
         scale,
     )
@@ -663,7 +665,9 @@ class HistoryRule(_Rule):
         super().__init__(config)
         self.statistic = _STATISTICS[config.adaptation_rule](config)
 
-    def threshold(self, m: Measured, state: State, due: Due, device: torch.device) -> StepThreshold:
+    def step_threshold(
+        self, m: Measured, state: State, due: Due, device: torch.device
+    ) -> StepThreshold:
         config = self.config
         threshold = state["clip_threshold"]
         # Driven by the state, not by config.warmup_steps: a state resumed under
@@ -680,18 +684,18 @@ class HistoryRule(_Rule):
             threshold = torch.where(in_warmup, warm, threshold)
         return StepThreshold(threshold, threshold, in_warmup)
 
-    def adapt(self, m, c, th, norms, step_after, state, due) -> Adapted:
+    def adapt(self, m, t, c, norms, step_after, state, due) -> Adapted:
         config = self.config
         left = state["warmup_steps_left"]
         left_after = torch.clamp(left - 1, min=0)
-        new_threshold, adapt = th.threshold, None
+        new_threshold, adapt = t.clip, None
         if due.adapt:
             adapt = left == 1
             if config.adaptation_interval > 0:
                 adapt = adapt | ((step_after % config.adaptation_interval == 0) & (left_after == 0))
             adapt = adapt & (norms.count > 0)
             raw = self.statistic(norms.values, norms.count)
-            new_threshold = torch.where(adapt, _clamp_threshold(raw, config), th.threshold)
+            new_threshold = torch.where(adapt, _clamp_threshold(raw, config), t.clip)
         return Adapted(
             new_threshold,
             state["ema_mean"],
@@ -705,7 +709,9 @@ class HistoryRule(_Rule):
 class ZScoreRule(_Rule):
     """``zscore``: ZClip's EMA of the norm (SPEC.md, "Z-score rule")."""
 
-    def threshold(self, m: Measured, state: State, due: Due, device: torch.device) -> StepThreshold:
+    def step_threshold(
+        self, m: Measured, state: State, due: Due, device: torch.device
+    ) -> StepThreshold:
         config = self.config
         in_warmup = state["warmup_steps_left"] > 0
         zs_threshold, spike, target = _zscore_threshold(m.norm, m.finite, state, config)
@@ -716,7 +722,7 @@ class ZScoreRule(_Rule):
         reference = torch.where(in_warmup, warm, state["clip_threshold"])
         return StepThreshold(threshold, reference, in_warmup, spike & ~in_warmup, target)
 
-    def adapt(self, m, c, th, norms, step_after, state, due) -> Adapted:
+    def adapt(self, m, t, c, norms, step_after, state, due) -> Adapted:
         config = self.config
         left = state["warmup_steps_left"]
         left_after = torch.clamp(left - 1, min=0)
@@ -726,17 +732,17 @@ class ZScoreRule(_Rule):
         adapt = ends & (norms.count > 0)
         start_mean, start_var = _history_mean_var(norms.values, norms.count)
         ema_mean, ema_var = state["ema_mean"], state["ema_var"]
-        spike = th.spike
+        spike = t.spike
         moved_mean, moved_var = _zscore_ema(
-            ema_mean, ema_var, torch.where(spike, th.target, m.norm), config
+            ema_mean, ema_var, torch.where(spike, t.target, m.norm), config
         )
-        move = m.finite & ~th.in_warmup
+        move = m.finite & ~t.in_warmup
         if config.zscore_skip_spikes:
             move = move & ~spike
         ema_mean = torch.where(adapt, start_mean, torch.where(move, moved_mean, ema_mean))
         ema_var = torch.where(adapt, start_var, torch.where(move, moved_var, ema_var))
         new_threshold = torch.where(
-            th.in_warmup & ~adapt, th.threshold, _zscore_boundary(ema_mean, ema_var, config)
+            t.in_warmup & ~adapt, t.clip, _zscore_boundary(ema_mean, ema_var, config)
         )
         return Adapted(new_threshold, ema_mean, ema_var, state["centre_anchor"], left_after, adapt)
 
@@ -789,7 +795,9 @@ def _zscore_ema(
 class TrackRule(_Rule):
     """``track``, the default (SPEC.md, "Tracking rule"): no sort, every step."""
 
-    def threshold(self, m: Measured, state: State, due: Due, device: torch.device) -> StepThreshold:
+    def step_threshold(
+        self, m: Measured, state: State, due: Due, device: torch.device
+    ) -> StepThreshold:
         # Waiting for the first finite, positive norm ("Start"): it has nothing
         # to be compared with but the parameters' cap (held in clip_threshold)
         # and is clipped only above it (a zero norm: t = clamp(0), and it
@@ -808,7 +816,7 @@ class TrackRule(_Rule):
         """``threshold(c, d) = clamp(exp(c + track_k * d))``."""
         return _clamp_threshold(torch.exp(centre + spread * self.config.track_k), self.config)
 
-    def adapt(self, m, c, th, norms, step_after, state, due) -> Adapted:
+    def adapt(self, m, t, c, norms, step_after, state, due) -> Adapted:
         config = self.config
         device = m.norm.device
         centre, spread = state["ema_mean"], state["ema_var"]
@@ -840,7 +848,7 @@ class TrackRule(_Rule):
             moved = torch.where(climbing & c.explosion, tightened, moved)
         # Only a finite, positive norm starts the tracker: a zero norm (an
         # all-zero gradient) has no level to start from and keeps waiting.
-        in_warmup = th.in_warmup
+        in_warmup = t.in_warmup
         start = in_warmup & m.finite & (m.norm > 0)
         move = m.finite & ~in_warmup
         x_start = log_floored(torch.minimum(m.norm, state["clip_threshold"]))
@@ -863,7 +871,7 @@ class TrackRule(_Rule):
             adapt = adapt | ((step_after % config.adaptation_interval == 0) & ~in_warmup)
         return Adapted(new_threshold, ema_mean, ema_var, anchor, left_after, adapt)
 
-    def emergency(self, a, c, scale, state, device) -> Emergency:
+    def emergency(self, c, s, a, state, device) -> Emergency:
         """SPEC.md, "Tracking rule", "Emergency": once per unbroken run, then re-armed."""
         config = self.config
         consecutive = torch.where(
@@ -873,33 +881,33 @@ class TrackRule(_Rule):
         if config.emergency_patience == 0:
             # The hold counts down whatever emergency_patience.
             hold_left = torch.clamp(hold_left - 1, min=0)
-            fire = _const(False, torch.bool, device)
-            return Emergency(a.threshold, scale.scale, a.ema_mean, consecutive, hold_left, fire)
+            fired = _const(False, torch.bool, device)
+            return Emergency(a.threshold, a.ema_mean, s.scale, consecutive, hold_left, fired)
         steps = Ring.read(state, "emergency_steps")
         armed = (steps.count == 0) | (
             state["stabilizer_step"] - steps.newest() >= config.emergency_rearm_steps
         )
-        fire = (consecutive == config.emergency_patience) & armed
+        fired = (consecutive == config.emergency_patience) & armed
         hold_left = torch.where(
-            fire, config.emergency_hold_steps, torch.clamp(hold_left - 1, min=0)
+            fired, config.emergency_hold_steps, torch.clamp(hold_left - 1, min=0)
         )
         # The centre drops by the emergency factor, after the adaptation and
         # after the anchor.
         cut_mean = a.ema_mean + _log_constant(config.emergency_threshold_factor, device)
-        ema_mean = torch.where(fire, cut_mean, a.ema_mean)
-        new_threshold = torch.where(fire, self._levels(ema_mean, a.ema_var), a.threshold)
+        ema_mean = torch.where(fired, cut_mean, a.ema_mean)
+        new_threshold = torch.where(fired, self._levels(ema_mean, a.ema_var), a.threshold)
         return Emergency(
             new_threshold,
-            _emergency_scale(fire, scale.scale, config),
             ema_mean,
+            _emergency_scale(s.scale, fired, config),
             consecutive,
             hold_left,
-            fire,
+            fired,
         )
 
-    def gate_reference(self, fired, consecutive, centre, reference):
+    def gate_reference(self, fired, consecutive, loss_centre, loss_reference):
         # "Tracking rule", "Emergency": the loss centre becomes the reference.
-        return _accepted_reference(fired, consecutive, centre, reference, self.config)
+        return _accepted_reference(fired, consecutive, loss_centre, loss_reference, self.config)
 
 
 def _log_constant(value: float, device: torch.device) -> torch.Tensor:
@@ -937,7 +945,7 @@ _cached_rule = functools.lru_cache(maxsize=64)(_make_rule)
 
 def measure(
     leaves: list[torch.Tensor],
-    scale: torch.Tensor,
+    state: State,
     device: torch.device,
     process_group: Any = None,
 ) -> Measured:
@@ -949,16 +957,16 @@ def measure(
     raw_norm = torch.sqrt(
         distributed.global_sum_of_squares(leaves, device, process_group, sum_of_squares)
     )
-    norm = raw_norm / scale
+    norm = raw_norm / state["loss_scale"]
     return Measured(raw_norm, norm, _isfinite(norm))
 
 
 def threshold(rule: _Rule, m: Measured, state: State, due: Due = ALL_DUE) -> StepThreshold:
     """Stage 2: the threshold of this step (the rule's, SPEC.md, "Warm-up threshold")."""
-    return rule.threshold(m, state, due, m.norm.device)
+    return rule.step_threshold(m, state, due, m.norm.device)
 
 
-def classify(m: Measured, th: StepThreshold, config: StabilizerConfig) -> Classes:
+def classify(m: Measured, t: StepThreshold, config: StabilizerConfig) -> Classes:
     """Stage 3 (SPEC.md, "Per-step order" 3)."""
     finite, norm = m.finite, m.norm
     if config.explosion_factor == math.inf:
@@ -966,10 +974,10 @@ def classify(m: Measured, th: StepThreshold, config: StabilizerConfig) -> Classe
         explosion = _const(False, torch.bool, norm.device)
         calm = finite
     else:
-        explosion = finite & (norm > th.reference * config.explosion_factor)
+        explosion = finite & (norm > t.reference * config.explosion_factor)
         calm = finite & ~explosion
     vanishing = calm & (norm < config.vanishing_norm)
-    clipped = finite & (norm > th.threshold)
+    clipped = finite & (norm > t.clip)
     return Classes(finite, ~finite, explosion, vanishing, clipped, calm)
 
 
@@ -983,7 +991,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def coefficient(
-    m: Measured, th: StepThreshold, c: Classes, scale: torch.Tensor, config: StabilizerConfig
+    m: Measured, t: StepThreshold, c: Classes, scale: torch.Tensor, config: StabilizerConfig
 ) -> torch.Tensor:
     """The one float32 factor of the rescale: ``t / r`` when clipped, else ``1 / s`` (or 1).
 
@@ -994,7 +1002,7 @@ def coefficient(
         keep = 1.0 / scale  # 1 / s rounded to float32
     else:
         keep = _f32_constant(1.0, scale.device)
-    clipped = th.threshold if config.exact_clip else th.threshold / m.raw_norm
+    clipped = t.clip if config.exact_clip else t.clip / m.raw_norm
     return torch.where(c.clipped, clipped, keep)
 
 
@@ -1128,20 +1136,20 @@ def history(m: Measured, c: Classes, state: State) -> Ring:
 def adapt(
     rule: _Rule,
     m: Measured,
+    t: StepThreshold,
     c: Classes,
-    th: StepThreshold,
     norms: Ring,
     state: State,
     due: Due = ALL_DUE,
 ) -> tuple[Adapted, torch.Tensor]:
     """Stage 7, after the push: the rule's next threshold; also ``stabilizer_step + 1``."""
     step_after = _sat_inc(state["stabilizer_step"])
-    return rule.adapt(m, c, th, norms, step_after, state, due), step_after
+    return rule.adapt(m, t, c, norms, step_after, state, due), step_after
 
 
-def emergency(rule: _Rule, a: Adapted, c: Classes, scale: Scale, state: State) -> Emergency:
+def emergency(rule: _Rule, c: Classes, s: Scale, a: Adapted, state: State) -> Emergency:
     """Stage 8, after the adaptation so that an adaptation cannot undo it."""
-    return rule.emergency(a, c, scale, state, a.threshold.device)
+    return rule.emergency(c, s, a, state, a.threshold.device)
 
 
 def diagnose(
@@ -1154,14 +1162,14 @@ def diagnose(
     """Stage 9: every ``diagnostics_interval`` steps with at least 2 norms."""
     variance = Ring.read(state, "variance_history")
     if config.diagnostics_interval == 0 or not due.diagnose:
-        return Diagnosed(state["norm_trend"], state["early_warning"], None, variance)
+        return Diagnosed(state["norm_trend"], variance, state["early_warning"], None)
     run = (step_after % config.diagnostics_interval == 0) & (norms.count >= 2)
     trend, var, warning = _diagnose(norms.values, norms.index, norms.count, config)
     return Diagnosed(
         torch.where(run, trend, state["norm_trend"]),
+        variance.push(var, run),
         torch.where(run, warning, state["early_warning"]),
         run & warning,
-        variance.push(var, run),
     )
 
 
@@ -1198,7 +1206,7 @@ def record(
     rule: _Rule,
     m: Measured,
     c: Classes,
-    scale: Scale,
+    s: Scale,
     norms: Ring,
     a: Adapted,
     e: Emergency,
@@ -1270,7 +1278,7 @@ def record(
             "stabilizer_step": step_after,
             "clip_threshold": e.threshold,
             "loss_scale": e.scale,
-            "loss_scale_growth_count": scale.growth_count,
+            "loss_scale_growth_count": s.growth_count,
             "warmup_steps_left": a.warmup_left.to(_I32),
             "consecutive_explosions": e.consecutive.to(_I32),
             "emergency_hold_left": e.hold_left.to(_I32),
@@ -1290,7 +1298,7 @@ def record(
     for (name, _), counter in zip(_COUNTED, counters, strict=False):
         new_state[name] = counter
     new_state.update(norms.fields("norm_history"))
-    new_state.update(d.variance.fields("variance_history"))
+    new_state.update(d.variance_history.fields("variance_history"))
     for name, ring in zip(names, pushed, strict=True):
         new_state.update(ring.fields(name))
     return new_state
@@ -1395,15 +1403,15 @@ def step(
     from one step to the next (``GradientFlowStabilizer``) skips them.
     """
     local = distributed.local_shards(leaves)
-    m = measure(leaves, state["loss_scale"], device, process_group)
-    th = threshold(rule, m, state, due)
-    c = classify(m, th, config)
-    coef = coefficient(m, th, c, state["loss_scale"], config)
+    m = measure(leaves, state, device, process_group)
+    t = threshold(rule, m, state, due)
+    c = classify(m, t, config)
+    coef = coefficient(m, t, c, state["loss_scale"], config)
     new_leaves = rescale(local, coef, m.finite, inplace=inplace, divide_by=divisor(m, c, config))
-    scale = loss_scale(c, state, config)
+    s = loss_scale(c, state, config)
     norms = history(m, c, state)
-    a, step_after = adapt(rule, m, c, th, norms, state, due)
-    e = emergency(rule, a, c, scale, state)
+    a, step_after = adapt(rule, m, t, c, norms, state, due)
+    e = emergency(rule, c, s, a, state)
     d = diagnose(norms, step_after, state, config, due)
-    new_state = record(rule, m, c, scale, norms, a, e, d, step_after, value, state, config)
+    new_state = record(rule, m, c, s, norms, a, e, d, step_after, value, state, config)
     return new_leaves, new_state
