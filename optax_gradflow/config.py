@@ -47,8 +47,6 @@ class StabilizerConfig:
     max_threshold: float = math.inf
     lr_threshold_scale: float = 0.1
     param_threshold_scale: float = 0.05
-    # Off by default: BENCHMARKS.md, "The step bound".
-    param_step_bound: float = 0.0
     warmup_steps: int = 100
     warmup_multiplier: float = 2.0
     adaptation_interval: int = 100
@@ -192,7 +190,6 @@ def _validate(cfg: StabilizerConfig) -> None:
         )
     _check_float(cfg, "lr_threshold_scale", above=0.0)
     _check_float(cfg, "param_threshold_scale", at_least=0.0)
-    _check_float(cfg, "param_step_bound", at_least=0.0)
     _check_int(cfg, "warmup_steps", 0)
     _check_float(cfg, "warmup_multiplier", at_least=1.0)
     _check_int(cfg, "adaptation_interval", 0)
@@ -328,13 +325,6 @@ FIELD_DOCS: dict[str, FieldDoc] = {
         "share of the parameters' norm",
         ">= 0, finite",
         "Tracking rule",
-    ),
-    "param_step_bound": FieldDoc(
-        "with a learning rate `lr`: every step is clipped at most at this times the parameters' "
-        "global norm over `lr`, an SGD step of at most this share of the parameters (0: no bound)",
-        "share of the parameters' norm per step",
-        ">= 0, finite",
-        "Step bound",
     ),
     "warmup_steps": FieldDoc(
         "length of the data warm-up",

@@ -119,25 +119,6 @@ def read(learning_rate: Any, *, steps: int = SCHEDULE_STEPS) -> float | None:
     return peak if peak > 0 else None
 
 
-def bound_scale(lr: float | None, param_step_bound: float) -> np.float32 | None:
-    """``f32(param_step_bound / lr)``, the step bound's scale (SPEC.md, "Step bound").
-
-    ``lr`` is :func:`read`'s result; None (no step bound) when it is None
-    (no learning rate, or one of 0) or ``param_step_bound`` is 0. The
-    division is in float64, then rounded to float32.
-
-    Examples:
-      >>> from optax_gradflow import learning_rate
-      >>> float(learning_rate.bound_scale(1e-2, 1e-3))  # a step of 0.1% of ||w|| at lr 1e-2
-      0.10000000149011612
-      >>> learning_rate.bound_scale(None, 1e-3) is None
-      True
-    """
-    if lr is None or lr <= 0 or param_step_bound == 0:
-        return None
-    return np.float32(param_step_bound / lr)
-
-
 def no_threshold_message(learning_rate: Any) -> str:
     """The warning given when ``read(learning_rate)`` is None."""
     if callable(learning_rate):

@@ -79,18 +79,16 @@ class Measured(NamedTuple):
     norm: jax.Array  # n = r / s
     finite: jax.Array  # isfinite(n)
     loss: jax.Array  # f32(value), NaN when none was given
-    bound: jax.Array | None  # the step bound on the threshold; None: none
 
 
 class StepThreshold(NamedTuple):
     """Stage 2, ``threshold``."""
 
-    clip: jax.Array  # t, the rule's threshold of this step
+    clip: jax.Array  # t, the threshold this step clips at
     reference: jax.Array  # what explosions are measured against (t, but zscore)
     in_warmup: jax.Array  # warmup_steps_left > 0 on entry
     spike: jax.Array  # zscore: a spike (else False)
     target: jax.Array  # zscore: the spike's clip target (else 0)
-    applied: Any = None  # what this step clips at: min(t, the step bound); set by the stage
 
 
 class Classes(NamedTuple):
@@ -508,33 +506,7 @@ def rule_for(config: StabilizerConfig) -> Rule:
 # --- The stages ------------------------------------------------------------------
 
 
-def step_bound(
-    params: Any, bound_scale: Any, config: StabilizerConfig, axis_name: str | None
-) -> jax.Array | None:
-    """The step bound (SPEC.md, "Step bound"): ``clamp(bound_scale * P)``.
-
-    ``bound_scale = param_step_bound / lr``, ``P`` the parameters' global
-    norm (summed across ``axis_name`` like the gradients'); ``inf`` where
-    the product is not finite and positive (all-zero parameters, a traced
-    learning rate of 0). None, and no work, without a scale or parameters.
-    """
-    if bound_scale is None or params is None:
-        return None
-    sq = sum_of_squares(params)
-    if axis_name is not None:
-        sq = jax.lax.psum(sq, axis_name)
-    bound = jnp.asarray(bound_scale, jnp.float32) * jnp.sqrt(sq)
-    usable = jnp.isfinite(bound) & (bound > 0)
-    return jnp.where(usable, threshold_lib.clamp_threshold(bound, config), jnp.inf)
-
-
-def measure(
-    updates: Any,
-    state: GradientFlowState,
-    value: Any,
-    axis_name: str | None,
-    bound: jax.Array | None = None,
-) -> Measured:
+def measure(updates: Any, state: GradientFlowState, value: Any, axis_name: str | None) -> Measured:
     """1. The global norm of the scaled gradients, then unscaled."""
     sq = sum_of_squares(updates)
     if axis_name is not None:
@@ -545,17 +517,12 @@ def measure(
         loss = jnp.float32(jnp.nan)
     else:
         loss = jnp.asarray(value).astype(jnp.float32).reshape(())
-    return Measured(raw_norm, norm, jnp.isfinite(norm), loss, bound)
+    return Measured(raw_norm, norm, jnp.isfinite(norm), loss)
 
 
 def threshold(rule: Rule, m: Measured, state: GradientFlowState) -> StepThreshold:
-    """2. The threshold this step clips at: the rule's, at most the step bound.
-
-    Explosions are still measured against the rule's reference: a step the
-    bound clips is not an explosion for that reason.
-    """
-    t = rule.step_threshold(m, state)
-    return t._replace(applied=t.clip if m.bound is None else jnp.minimum(t.clip, m.bound))
+    """2. The threshold this step clips at (the rule's)."""
+    return rule.step_threshold(m, state)
 
 
 def classify(m: Measured, t: StepThreshold, config: StabilizerConfig) -> Classes:
@@ -565,7 +532,7 @@ def classify(m: Measured, t: StepThreshold, config: StabilizerConfig) -> Classes
         nonfinite=~m.finite,
         explosion=explosion,
         vanishing=m.finite & ~explosion & (m.norm < jnp.float32(config.vanishing_norm)),
-        clipped=m.finite & (m.norm > t.applied),
+        clipped=m.finite & (m.norm > t.clip),
     )
 
 
@@ -596,10 +563,10 @@ def rescale(
         # SPEC.md's two branches as written: (x / r) * t or x * (1 / s).
         def scaled(x, cd):
             kept = x * keep.astype(cd) if config.loss_scaling else x
-            return jnp.where(c.clipped, (x / m.raw_norm.astype(cd)) * t.applied.astype(cd), kept)
+            return jnp.where(c.clipped, (x / m.raw_norm.astype(cd)) * t.clip.astype(cd), kept)
 
     else:
-        coefficient = jnp.where(c.clipped, t.applied / m.raw_norm, keep)
+        coefficient = jnp.where(c.clipped, t.clip / m.raw_norm, keep)
 
         def scaled(x, cd):
             return x * coefficient.astype(cd)
@@ -850,15 +817,9 @@ def step(
     *,
     value: Any = None,
     axis_name: str | None = None,
-    params: Any = None,
-    bound_scale: Any = None,
 ) -> tuple[Any, GradientFlowState, jax.Array]:
-    """One step, stage by stage; returns (updates, state, the threshold clipped at).
-
-    ``bound_scale`` is ``param_step_bound / lr`` (None: no step bound).
-    """
-    bound = step_bound(params, bound_scale, config, axis_name)
-    m = measure(updates, state, value, axis_name, bound)
+    """One step, stage by stage; returns (updates, state, the threshold clipped at)."""
+    m = measure(updates, state, value, axis_name)
     t = threshold(rule, m, state)
     c = classify(m, t, config)
     new_updates = rescale(updates, m, t, c, state, config)
@@ -869,4 +830,4 @@ def step(
     a = adapt(rule, m, t, c, norms, step_after, state, periodic)
     e = emergency(rule, c, s, a, state)
     new_state = record(rule, m, c, s, norms, a, e, periodic, step_after, value, state, config)
-    return new_updates, new_state, t.applied
+    return new_updates, new_state, t.clip

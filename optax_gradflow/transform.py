@@ -259,11 +259,8 @@ def stabilize(
 
   Args:
     learning_rate: the optimizer's learning rate (a number >= 0) or schedule
-      (any optax schedule, warm-ups from 0 included), used for the initial
-      threshold and, with ``config.param_step_bound > 0``, the step bound
-      (every step clipped at most at ``param_step_bound * ||params|| / lr``,
-      the ``params`` given to ``update``; SPEC.md, "Step bound"); read once,
-      here.
+      (any optax schedule, warm-ups from 0 included), used only for the
+      initial threshold; read once, here.
     config: a :class:`StabilizerConfig`; the defaults of SPEC.md if None.
     initial_threshold: an explicit initial threshold; wins over the rest.
     store: an object with ``lookup(params, label=...) -> float | None``, such
@@ -325,18 +322,9 @@ def stabilize(
         )
         return init_state(thr, warmup, config)
 
-    bound_scale = _bound_scale(lr, config)
-
-    def traced_step(updates, state, value, params):
+    def traced_step(updates, state, value):
         new_updates, new_state, threshold = pipeline.step(
-            updates,
-            state,
-            config,
-            rule,
-            value=value,
-            axis_name=axis_name,
-            params=params,
-            bound_scale=bound_scale,
+            updates, state, config, rule, value=value, axis_name=axis_name
         )
         if emitter is not None:
             events.emit_in_graph(state, new_state, emitter, threshold, axis_name)
@@ -358,35 +346,10 @@ def stabilize(
         if params is not None:
             _check_floating(params, "parameter")
             _check_matching(updates, params, sharded=axis_name is not None)
-        elif bound_scale is not None:
-            warnings.warn(NO_PARAMS_MESSAGE, stacklevel=2)
-        if bound_scale is None:
-            params = None  # not read: no step bound
-        eager = axis_name is None and not _any_tracer((updates, state, value, params))
-        return (eager_step if eager else traced_step)(updates, state, value, params)
+        eager = axis_name is None and not _any_tracer((updates, state, value))
+        return (eager_step if eager else traced_step)(updates, state, value)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-NO_PARAMS_MESSAGE = (
-    'update() was called without params: the step bound (SPEC.md, "Step bound") needs '
-    "them and is off for this call. Pass the parameters, update(grads, state, params), or "
-    "set config.param_step_bound = 0."
-)
-
-
-def _bound_scale(lr: Any, config: StabilizerConfig) -> Any:
-    """``param_step_bound / lr`` in float32, or None: no step bound.
-
-    None without a learning rate, with a learning rate of 0 or with
-    ``param_step_bound = 0``. A traced learning rate gives a traced scale
-    (and an ``inf`` one, no bound, where it is 0).
-    """
-    if isinstance(lr, jax.core.Tracer):
-        if config.param_step_bound == 0:
-            return None
-        return jnp.float32(config.param_step_bound) / jnp.asarray(lr, jnp.float32)
-    return learning_rate_lib.bound_scale(lr, config.param_step_bound)
 
 
 def _any_tracer(tree: Any) -> bool:
@@ -409,30 +372,15 @@ def step(
     *,
     value: jax.Array | None = None,
     axis_name: str | None = None,
-    params: Any = None,
-    learning_rate: Any = None,
 ) -> tuple[Any, GradientFlowState]:
     """One stabilizer step (SPEC.md, "Per-step order"); pure, jit-able.
 
     The stages are :mod:`optax_gradflow.pipeline`'s; :func:`stabilize` chooses
-    the rule object once, this convenience chooses it per call. With
-    ``config.param_step_bound > 0``, ``params`` and ``learning_rate`` (a
-    number, a schedule or a traced rate) give the step bound (SPEC.md,
-    "Step bound"); without them there is none.
+    the rule object once, this convenience chooses it per call.
     """
     check_state(state, config)
-    scale = None
-    if params is not None and learning_rate is not None:
-        scale = _bound_scale(_read_learning_rate(learning_rate), config)
     new_updates, new_state, _ = pipeline.step(
-        updates,
-        state,
-        config,
-        pipeline.rule_for(config),
-        value=value,
-        axis_name=axis_name,
-        params=params,
-        bound_scale=scale,
+        updates, state, config, pipeline.rule_for(config), value=value, axis_name=axis_name
     )
     return new_updates, new_state
 

@@ -536,3 +536,17 @@ def test_zclip_leaves_warmup_alone_then_clips_a_spike(suite):
     np.testing.assert_allclose(out["w"], [2.625], rtol=1e-6)
     # The EMA moves with the clipped norm: 0.5 * 2 + 0.5 * 2.625.
     np.testing.assert_allclose(state.mean, 2.3125, rtol=1e-6)
+
+
+def test_softmax_regression_runs_and_prints_its_table():
+    pytest.importorskip("sklearn")
+    proc = _run(["benchmarks/softmax_regression.py", "--seeds", "1", "--steps", "3"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    # The header and one row per optimizer and start (4 x 2).
+    assert len(rows) == 1 + 8, proc.stdout
+    for row in rows[1:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        losses = [float(c) for c in cells[2:5]]
+        # Finite, and at or under chance (ln 10 = 2.303) with some slack, after three steps.
+        assert all(0.0 < v < 2.5 for v in losses), row

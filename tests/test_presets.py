@@ -402,12 +402,9 @@ def test_seed_is_the_original_design_field_by_field():
     assert got == ORIGINAL_DEFAULTS
     new_fields = {f.name for f in dataclasses.fields(cfg)} - set(ORIGINAL_DEFAULTS)
     assert all(
-        name.startswith(("track_", "emergency_"))
-        or name in ("exact_clip", "param_threshold_scale", "param_step_bound")
+        name.startswith(("track_", "emergency_")) or name in ("exact_clip", "param_threshold_scale")
         for name in new_fields
     ), new_fields
-    # The step bound, which the original did not have, is off.
-    assert cfg.param_step_bound == 0.0
     # The original clipped as (g / r) * t.
     assert cfg.exact_clip
 

@@ -46,7 +46,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from optax_gradflow import learning_rate as learning_rate_lib
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
 from optax_gradflow.constants import DIAGNOSTICS_LOG_FLOOR, STAGES, Event, flat_name
 from optax_gradflow.torch import distributed
@@ -517,24 +516,21 @@ ALL_DUE = Due()
 
 
 class Measured(NamedTuple):
-    """Stage ``measure``: the raw norm ``r``, the unscaled norm ``n``, ``isfinite(n)``,
-    the step bound (None: none)."""
+    """Stage ``measure``: the raw norm ``r``, the unscaled norm ``n``, ``isfinite(n)``."""
 
     raw_norm: torch.Tensor
     norm: torch.Tensor
     finite: torch.Tensor
-    bound: torch.Tensor | None = None
 
 
 class StepThreshold(NamedTuple):
     """Stage ``threshold``: ``t``, and what explosions are measured against."""
 
-    clip: torch.Tensor  # t, the rule's threshold of this step
+    clip: torch.Tensor  # t, the threshold this step clips at
     reference: torch.Tensor
     in_warmup: torch.Tensor
     spike: torch.Tensor | None = None  # zscore
     target: torch.Tensor | None = None  # zscore
-    applied: torch.Tensor | None = None  # what this step clips at: min(t, the step bound)
 
 
 class Classes(NamedTuple):
@@ -947,53 +943,27 @@ _cached_rule = functools.lru_cache(maxsize=64)(_make_rule)
 # --- The stages --------------------------------------------------------------------
 
 
-def step_bound(
-    params: list[torch.Tensor] | None,
-    bound_scale: float | None,
-    device: torch.device,
-    process_group: Any,
-    config: StabilizerConfig,
-) -> torch.Tensor | None:
-    """The step bound (SPEC.md, "Step bound"): ``clamp(bound_scale * P)``.
-
-    ``bound_scale = param_step_bound / lr``, ``P`` the parameters' global
-    norm (sharded parameters summed like the gradients); ``inf`` where the
-    product is not finite and positive (all-zero parameters). None, and no
-    work, without a scale or parameters.
-    """
-    if bound_scale is None or params is None:
-        return None
-    total = distributed.global_sum_of_squares(params, device, process_group, sum_of_squares)
-    bound = _f32_constant(float(bound_scale), device) * torch.sqrt(total)
-    usable = _isfinite(bound) & (bound > 0)
-    return torch.where(usable, _clamp_threshold(bound, config), _f32_constant(math.inf, device))
-
-
 def measure(
     leaves: list[torch.Tensor],
     state: State,
     device: torch.device,
     process_group: Any = None,
-    bound: torch.Tensor | None = None,
 ) -> Measured:
     """Stage 1: the global norm of the scaled gradients, then unscaled.
 
     Sharded gradients add their ranks' sums with one scalar all-reduce
-    (SPEC.md, "Distributed"). ``bound`` is :func:`step_bound`'s (None: none).
+    (SPEC.md, "Distributed").
     """
     raw_norm = torch.sqrt(
         distributed.global_sum_of_squares(leaves, device, process_group, sum_of_squares)
     )
     norm = raw_norm / state["loss_scale"]
-    return Measured(raw_norm, norm, _isfinite(norm), bound)
+    return Measured(raw_norm, norm, _isfinite(norm))
 
 
 def threshold(rule: _Rule, m: Measured, state: State, due: Due = ALL_DUE) -> StepThreshold:
-    """Stage 2: the threshold this step clips at: the rule's (SPEC.md, "Warm-up
-    threshold"), at most the step bound. Explosions are still measured against
-    the rule's reference."""
-    t = rule.step_threshold(m, state, due, m.norm.device)
-    return t._replace(applied=t.clip if m.bound is None else torch.minimum(t.clip, m.bound))
+    """Stage 2: the threshold of this step (the rule's, SPEC.md, "Warm-up threshold")."""
+    return rule.step_threshold(m, state, due, m.norm.device)
 
 
 def classify(m: Measured, t: StepThreshold, config: StabilizerConfig) -> Classes:
@@ -1007,7 +977,7 @@ def classify(m: Measured, t: StepThreshold, config: StabilizerConfig) -> Classes
         explosion = finite & (norm > t.reference * config.explosion_factor)
         calm = finite & ~explosion
     vanishing = calm & (norm < config.vanishing_norm)
-    clipped = finite & (norm > t.applied)
+    clipped = finite & (norm > t.clip)
     return Classes(finite, ~finite, explosion, vanishing, clipped, calm)
 
 
@@ -1032,7 +1002,7 @@ def coefficient(
         keep = 1.0 / scale  # 1 / s rounded to float32
     else:
         keep = _f32_constant(1.0, scale.device)
-    clipped = t.applied if config.exact_clip else t.applied / m.raw_norm
+    clipped = t.clip if config.exact_clip else t.clip / m.raw_norm
     return torch.where(c.clipped, clipped, keep)
 
 
@@ -1348,7 +1318,6 @@ def update(
     due: Due | None = None,
     inplace: bool = False,
     validate: bool = True,
-    learning_rate: float | None = None,
 ) -> tuple[list[torch.Tensor | None], State]:
     """One stabilizer step (SPEC.md, "Per-step order"); pure unless ``inplace``.
 
@@ -1358,9 +1327,7 @@ def update(
         are not part of the norm.
       state: a dict from :func:`init_state` (or :func:`from_jax_state`), on the
         gradients' device. It is not modified.
-      params: the parameters (a sequence of tensors), for the step bound
-        (SPEC.md, "Step bound") when ``learning_rate`` is given; otherwise
-        unused.
+      params: unused; accepted for symmetry with optax.
       value: the loss, one number (a float or a one-element tensor), recorded
         as ``last_loss`` and fed to the loss gate (SPEC.md, "Loss gate"); a
         missing or non-finite loss leaves the gate as it is.
@@ -1378,10 +1345,6 @@ def update(
       inplace: write the new gradients into ``grads`` (the floating-point
         ones) and return them; otherwise new tensors are returned.
       validate: check the state's keys, shapes and dtypes (metadata only).
-      learning_rate: the learning rate (a number >= 0) of the step bound:
-        with ``params``, every step clips at most at
-        ``config.param_step_bound * ||params|| / learning_rate``. None or 0:
-        no step bound.
 
     Returns:
       ``(new_grads, new_state)``: the unscaled, clipped gradients (zeros on a
@@ -1394,6 +1357,7 @@ def update(
       StateVersionError: a state of another layout (one without
         ``"state_version"``: layout 1).
     """
+    del params
     config = _check_config(config)
     if validate:
         check_state(state, config, read_version=False)
@@ -1401,12 +1365,6 @@ def update(
     device = _device_of(grads, state)
     float_idx = [i for i, g in enumerate(grads) if g is not None and is_float(g)]
     leaves = [grads[i] for i in float_idx]
-    lr = None if learning_rate is None else learning_rate_lib.read(learning_rate)
-    scale = learning_rate_lib.bound_scale(lr, config.param_step_bound)
-    if scale is not None and params is not None:
-        params = [p.detach() for p in params if isinstance(p, torch.Tensor) and is_float(p)]
-    else:
-        params, scale = None, None
     new_leaves, new_state = step(
         leaves,  # type: ignore[arg-type]
         state,
@@ -1417,8 +1375,6 @@ def update(
         process_group=process_group,
         due=ALL_DUE if due is None else due,
         inplace=inplace,
-        params=params,
-        bound_scale=scale,
     )
     new_grads: list[torch.Tensor | None] = list(grads)
     if not inplace:
@@ -1438,8 +1394,6 @@ def step(
     process_group: Any,
     due: Due,
     inplace: bool,
-    params: list[torch.Tensor] | None = None,
-    bound_scale: float | None = None,
 ) -> tuple[list[torch.Tensor], State]:
     """The stages of :func:`update` in order, on checked inputs: ``(new leaves, new state)``.
 
@@ -1447,12 +1401,9 @@ def step(
     state's); ``value`` is checked and ``rule`` is ``rule_for(config)``. The
     caller has done :func:`update`'s checks, so a caller that keeps these
     from one step to the next (``GradientFlowStabilizer``) skips them.
-    ``params`` (floating-point tensors) and ``bound_scale``
-    (``param_step_bound / lr``) give the step bound; None: none.
     """
     local = distributed.local_shards(leaves)
-    bound = step_bound(params, bound_scale, device, process_group, config)
-    m = measure(leaves, state, device, process_group, bound)
+    m = measure(leaves, state, device, process_group)
     t = threshold(rule, m, state, due)
     c = classify(m, t, config)
     coef = coefficient(m, t, c, state["loss_scale"], config)

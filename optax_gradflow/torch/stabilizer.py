@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import torch
 
-from optax_gradflow import learning_rate as learning_rate_lib
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
 from optax_gradflow.constants import Event
 from optax_gradflow.report import StabilityReport, build_report
@@ -91,10 +90,8 @@ class GradientFlowStabilizer:
     it, else ``"sync"``; it never copies the model or the optimizer state.
 
     Args:
-      learning_rate: as in :func:`optax_gradflow.stabilize` (initial threshold
-        and, with ``config.param_step_bound > 0``, the step bound over the
-        parameters given to :meth:`clip_gradients`): a number, or a schedule
-        ``step -> lr`` read where it is positive.
+      learning_rate: as in :func:`optax_gradflow.stabilize` (initial threshold):
+        a number, or a schedule ``step -> lr`` read where it is positive.
       optimizer: when ``learning_rate`` is None, the learning rate is read from
         this optimizer's param groups (:func:`optimizer_learning_rate`): the
         base rate a ``torch.optim.lr_scheduler`` scales, so a warm-up from 0
@@ -150,19 +147,12 @@ class GradientFlowStabilizer:
         if learning_rate is None and optimizer is not None:
             learning_rate = optimizer_learning_rate(optimizer)
         self.config = _check_config(config)
-        # The step bound's scale, param_step_bound / lr (SPEC.md, "Step
-        # bound"); None: no learning rate, no bound.
-        lr = None if learning_rate is None else learning_rate_lib.read(learning_rate)
-        self._bound_scale = learning_rate_lib.bound_scale(lr, self.config.param_step_bound)
         self.skip_mode = skip_mode
         self.process_group = process_group
         if params is None and optimizer is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
         self._state = init_state(
-            learning_rate if lr is None else lr,  # a schedule is read once
-            config=self.config,
-            initial_threshold=initial_threshold,
-            params=params,
+            learning_rate, config=self.config, initial_threshold=initial_threshold, params=params
         )
         self._rule = rule_for(self.config)
         # Host-side copies of the state's step counter and (for the history
@@ -332,9 +322,6 @@ class GradientFlowStabilizer:
         check_value(value)
         device = _device_of(grads, self._state)
         entry = {name: self._state[name] for name in _GATE_FIELDS}
-        bounded = None
-        if self._bound_scale is not None:
-            bounded = [p for p in params if is_float(p)]
         with torch.no_grad():
             _, self._state = functional.step(
                 leaves,
@@ -346,8 +333,6 @@ class GradientFlowStabilizer:
                 process_group=self.process_group,
                 due=self._due(),
                 inplace=True,
-                params=bounded,
-                bound_scale=self._bound_scale,
             )
         self._advance_count()
         self._gate_entry = (entry, self._state)

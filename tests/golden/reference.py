@@ -40,8 +40,6 @@ DEFAULTS: dict[str, object] = {
     "max_threshold": math.inf,
     "lr_threshold_scale": 0.1,
     "param_threshold_scale": 0.05,
-    # The step bound ("Step bound") is off by default; the oracle's cases leave it off.
-    "param_step_bound": 0.0,
     "warmup_steps": 100,
     "warmup_multiplier": 2.0,
     "adaptation_interval": 100,
