@@ -112,6 +112,15 @@ def _device_of(grads: Sequence[torch.Tensor | None], state: State) -> torch.devi
     return device
 
 
+def float_gradients(
+    grads: Sequence[torch.Tensor | None],
+) -> tuple[list[int], list[torch.Tensor]]:
+    """(positions, tensors) of the floating-point gradients: the ones the norm
+    counts and the step rescales (``None`` and integer entries pass through)."""
+    positions = [i for i, g in enumerate(grads) if g is not None and is_float(g)]
+    return positions, [grads[i] for i in positions]  # type: ignore[misc]
+
+
 def check_value(value: Any) -> None:
     """Raises unless ``value`` (the loss given as ``value=``) is one real number.
 
@@ -1363,10 +1372,9 @@ def update(
         check_state(state, config, read_version=False)
     check_value(value)
     device = _device_of(grads, state)
-    float_idx = [i for i, g in enumerate(grads) if g is not None and is_float(g)]
-    leaves = [grads[i] for i in float_idx]
+    float_idx, leaves = float_gradients(grads)
     new_leaves, new_state = step(
-        leaves,  # type: ignore[arg-type]
+        leaves,
         state,
         device,
         value=value,

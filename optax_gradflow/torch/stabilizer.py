@@ -38,7 +38,6 @@ from optax_gradflow.torch.state import (
     check_version,
     expected_specs,
     init_state,
-    is_float,
     migrate_state,
 )
 
@@ -296,7 +295,7 @@ class GradientFlowStabilizer:
     ) -> None:
         grads = [p.grad for p in params]
         # The floating-point gradients: the ones the step rescales and tags.
-        leaves = [g for g in grads if g is not None and is_float(g)]
+        _, leaves = functional.float_gradients(grads)
         if self._is_processed(leaves, step):
             if loss is not None:
                 value = _as_f32(loss, self._state["last_loss"].device)
