@@ -1,6 +1,7 @@
-"""The loss-scale rule, and finding the loss scale in any optimizer state.
+"""Finding the loss scale in any optimizer state, and scaling a loss by it.
 
-SPEC.md sections "Loss scale rule" and "Emergency intervention".
+The loss-scale rule itself (SPEC.md, "Loss scale rule") is in
+:mod:`optax_gradflow.arithmetic`, written once for both frameworks.
 """
 
 from __future__ import annotations
@@ -10,58 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_gradflow.config import StabilizerConfig
-from optax_gradflow.state import GradientFlowState, Ring, saturating_increment
-
-
-def next_loss_scale(
-    scale: jax.Array,
-    growth_count: jax.Array,
-    *,
-    nonfinite: jax.Array,
-    explosion: jax.Array,
-    vanishing: jax.Array,
-    config: StabilizerConfig,
-) -> tuple[jax.Array, jax.Array]:
-    """One step of the loss-scale rule; returns (scale, growth_count).
-
-    At most one of the three events holds on a step. A step that would carry
-    the scale to a non-finite value keeps the old scale (GradScaler's "never
-    grow to inf"), then the result is clamped into [min, max].
-    """
-    if not config.loss_scaling:
-        return scale, growth_count
-    factor = jnp.where(
-        nonfinite,
-        jnp.float32(config.nonfinite_backoff),
-        jnp.where(
-            explosion,
-            jnp.float32(config.explosion_backoff),
-            jnp.where(vanishing, jnp.float32(config.vanishing_growth), jnp.float32(1.0)),
-        ),
-    )
-    new_scale = scale * factor
-    growth_count = jnp.where(nonfinite, 0, saturating_increment(growth_count, True))
-    if config.growth_interval > 0:
-        grow = growth_count >= config.growth_interval
-        new_scale = jnp.where(grow, new_scale * jnp.float32(config.growth_factor), new_scale)
-        growth_count = jnp.where(grow, 0, growth_count)
-    new_scale = jnp.where(jnp.isfinite(new_scale), new_scale, scale)
-    new_scale = jnp.clip(
-        new_scale, jnp.float32(config.min_loss_scale), jnp.float32(config.max_loss_scale)
-    )
-    return new_scale.astype(jnp.float32), growth_count.astype(jnp.int32)
-
-
-def emergency_loss_scale(scale: jax.Array, fire: jax.Array, config: StabilizerConfig) -> jax.Array:
-    """``max(scale * emergency_loss_scale_factor, min_loss_scale)`` where ``fire``."""
-    if not config.loss_scaling:
-        return scale
-    reduced = jnp.maximum(
-        scale * jnp.float32(config.emergency_loss_scale_factor),
-        jnp.float32(config.min_loss_scale),
-    )
-    return jnp.where(fire, reduced, scale)
+from optax_gradflow.state import GradientFlowState, Ring
 
 
 def _is_flow_state(x: Any) -> bool:

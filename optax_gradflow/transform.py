@@ -118,7 +118,9 @@ def init_state(
     # One buffer per field: a shared zero could not be donated to a jitted step.
     fields: dict[str, Any] = {name: jnp.zeros((), jnp.int32) for name in GradientFlowState._fields}
     threshold = jnp.asarray(threshold, jnp.float32)
-    ema_mean, centre_anchor = pipeline.rule_for(config).initial_levels(threshold)
+    ema_mean, centre_anchor = pipeline.rule_for(config).initial_levels(pipeline.JaxOps(), threshold)
+    # Two buffers: one shared buffer could not be donated to a jitted step.
+    ema_mean, centre_anchor = jnp.array(ema_mean), jnp.array(centre_anchor)
     fields.update(
         clip_threshold=threshold,
         loss_scale=jnp.asarray(config.initial_loss_scale, jnp.float32),
@@ -169,7 +171,7 @@ def _initial_threshold(
     ``lr`` is ``_read_learning_rate(learning_rate)``.
     """
     rule = pipeline.rule_for(config)
-    fixed = rule.fixed_start()
+    fixed = rule.fixed_start(pipeline.JaxOps())
     if fixed is not None:
         return fixed
     if initial_threshold is None:
@@ -185,7 +187,7 @@ def _initial_threshold(
     if learning_rate is not None:
         warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=3)
     # Data mode: the rule's placeholder (the track rule's: the parameters' cap).
-    return rule.data_threshold(params), rule.data_warmup_steps()
+    return rule.data_start(pipeline.JaxOps(), pipeline.sum_of_squares(params))
 
 
 def _check_factory_args(config, initial_threshold) -> StabilizerConfig:

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import optax_gradflow as og
-from optax_gradflow import constants, pipeline, presets
+from optax_gradflow import arithmetic, constants, pipeline, presets
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import STATE_VERSION, StateVersionError
 from optax_gradflow.state import Ring, check_state, from_flat, to_flat
@@ -33,15 +33,24 @@ def test_the_stages_are_the_spec_order():
     assert tuple(named) == constants.STAGES
 
 
-def test_each_stage_is_a_function_of_the_pipeline_in_that_order():
-    positions = []
-    source = inspect.getsource(pipeline.step)
+def test_each_stage_is_a_function_of_the_arithmetic_in_that_order():
+    # Written once, for both frameworks: defined and called in SPEC.md's order.
+    defined, called = [], []
+    source = inspect.getsource(arithmetic.step)
     for name in constants.STAGES:
-        assert callable(getattr(pipeline, name)), name
+        stage = getattr(arithmetic, name)
+        assert inspect.isfunction(stage) and stage.__module__ == arithmetic.__name__, name
+        defined.append(inspect.getsourcelines(stage)[1])
         if name == "diagnose":  # called by record, after the merged conditional
+            assert "diagnose(" in inspect.getsource(arithmetic.record)
             continue
-        positions.append(source.index(f"{name}("))
-    assert positions == sorted(positions)
+        called.append(source.index(f"{name}("))
+    assert defined == sorted(defined)
+    assert called == sorted(called)
+
+
+def test_the_jax_step_is_the_shared_arithmetic():
+    assert "arithmetic.step(JaxOps(" in inspect.getsource(pipeline.step)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +70,7 @@ def test_the_rule_object_is_chosen_from_the_config(rule, cls):
 
 def test_the_step_never_compares_the_rule_name():
     for name in (*constants.STAGES, "step", "periodic_work"):
-        assert "adaptation_rule" not in inspect.getsource(getattr(pipeline, name)), name
+        assert "adaptation_rule" not in inspect.getsource(getattr(arithmetic, name)), name
 
 
 # --- The ring ----------------------------------------------------------------
@@ -285,19 +294,18 @@ def test_clip_only_is_still_the_form_of_clip_by_global_norm():
 # --- Imports ----------------------------------------------------------------------
 
 
-def test_the_shared_constants_import_no_framework():
+def test_the_shared_constants_and_arithmetic_import_no_framework():
     code = (
-        "import sys, optax_gradflow.constants, optax_gradflow.config; "
+        "import sys, optax_gradflow.constants, optax_gradflow.config, "
+        "optax_gradflow.arithmetic; "
         "assert 'jax' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_constants_are_the_ones_both_sides_use():
-    from optax_gradflow import threshold
-
-    assert threshold.MAD_TO_STD == constants.MAD_TO_STD
-    assert np.float32(threshold.TRACK_LOG_FLOOR) == np.float32(2.0**-126)
+    assert arithmetic.MAD_TO_STD is constants.MAD_TO_STD == 1.4826
+    assert np.float32(arithmetic.LOG_FLOOR) == np.float32(2.0**-126)
     assert constants.Event.WARNING == 64
     config_fields = {f.name for f in dataclasses.fields(StabilizerConfig)}
     assert {size for size, _ in constants.RINGS.values()} <= config_fields

@@ -30,9 +30,9 @@ import pytest
 from _helpers import CUT_EMERGENCY_STEP, INJECTED_STEPS, LOUD_STEPS, injected_norms
 
 import optax_gradflow as og
-from optax_gradflow import presets
-from optax_gradflow import threshold as threshold_lib
+from optax_gradflow import arithmetic, presets
 from optax_gradflow.constants import Event
+from optax_gradflow.pipeline import JaxOps
 
 LN10 = math.log(10.0)
 LN2 = math.log(2.0)
@@ -351,15 +351,15 @@ def test_a_hold_lets_the_centre_fall_only_beyond_its_spread():
 )
 def test_the_loss_gate_unit_is_a_share_of_the_reference(centre, rising):
     levels = (jnp.float32(centre), jnp.float32(1.0), jnp.float32(0.0))
-    assert bool(threshold_lib.loss_rising(*levels, HAND)) == rising
+    assert bool(arithmetic.loss_rising(JaxOps(), *levels, HAND)) == rising
     # Climbing needs 1 + 1.5 * 0.2 = 1.3: neither is.
-    assert not bool(threshold_lib.loss_climbing(*levels, HAND))
+    assert not bool(arithmetic.loss_climbing(JaxOps(), *levels, HAND))
     gate = {"loss_centre": centre, "loss_reference": 1.0, "loss_spread": 0.0}
     _, new = one_step(fresh(**{**LATE, **gate}), 1.5)
     assert float(new.ema_mean) == pytest.approx(0.0 if rising else 0.02, abs=1e-6)
     # track_loss_rel = 0: the unit is the spread, 0, and 1.15 is above 1.
     rel0 = dataclasses.replace(HAND, track_loss_rel=0.0)
-    assert bool(threshold_lib.loss_rising(*levels, rel0))
+    assert bool(arithmetic.loss_rising(JaxOps(), *levels, rel0))
 
 
 def test_an_unbroken_run_of_explosions_still_moves_the_reference():

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from optax_gradflow import arithmetic
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
 from optax_gradflow.constants import Event
 from optax_gradflow.report import StabilityReport, build_report
@@ -25,9 +26,9 @@ from optax_gradflow.torch import distributed, functional
 from optax_gradflow.torch.functional import (
     Due,
     HistoryRule,
+    TorchOps,
     _device_of,
     _gather,
-    _loss_gate,
     check_value,
     rule_for,
 )
@@ -302,9 +303,17 @@ class GradientFlowStabilizer:
                 self._state["last_loss"] = value
                 if self._gate_entry is not None:
                     entry, after = self._gate_entry
-                    centre, reference, spread = _loss_gate(value, _calm(after), entry, self.config)
+                    xp = TorchOps(value.device)
+                    centre, reference, spread = arithmetic.loss_gate(
+                        xp,
+                        value,
+                        _calm(after),
+                        (entry["loss_centre"], entry["loss_reference"], entry["loss_spread"]),
+                        entry["stabilizer_step"],
+                        self.config,
+                    )
                     reference = self._rule.gate_reference(
-                        _fired(after), after["consecutive_explosions"], centre, reference
+                        xp, _fired(after), after["consecutive_explosions"], centre, reference
                     )
                     self._state["loss_centre"] = centre
                     self._state["loss_reference"] = reference
