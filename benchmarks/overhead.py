@@ -25,7 +25,9 @@ Rows, chosen with ``--rows`` (default: all but ``torch-compile``):
 - ``eager``: ``update`` called outside ``jit``.
 - ``torch``: one clipping call on gradients restored (outside the timed
   region) before every call, against ``torch.nn.utils.clip_grad_norm_``, with
-  the paired ratio to ZClip where it is installed.
+  the paired ratio to ZClip where it is installed; the adapter twice: its
+  default (on the CPU, the scalar logic on the host) and ``path="device"``
+  (tensor operations, the path taken off the CPU).
 - ``torch-compile``: the same under ``torch.compile(fullgraph=True)``; the
   adapter documents it for its functional ``update``, so that is what runs.
 - ``state``: the stabilizer's state in bytes at every size measured.
@@ -655,6 +657,9 @@ def _restorer(torch, params, source) -> Callable[[], None]:
 # "PyTorch"; SPEC.md, "torch.compile": `update` compiles with fullgraph=True), so
 # the compiled rows compile `update`, not the class.
 ADAPTER_CALL = "GradientFlowStabilizer.clip_gradients"
+# The same call with the scalar logic as tensor operations (the path taken off
+# the CPU); on the CPU the default takes the host path.
+ADAPTER_DEVICE_CALL = "GradientFlowStabilizer.clip_gradients (path='device')"
 ADAPTER_COMPILED = "update (torch.compile, in place)"
 CLASS_NOT_COMPILED = (
     "GradientFlowStabilizer.clip_gradients under torch.compile: not measured, the "
@@ -701,6 +706,9 @@ def _torch_calls(torch, size: int, clippers: dict[str, Any]):
         # Configured like the JAX rows: an explicit initial threshold, so no warm-up.
         stab = clippers["adapter"](initial_threshold=THRESHOLD)
         register(ADAPTER_CALL, ps_a, lambda: stab.clip_gradients(ps_a))
+        ps_d = _torch_params(torch, size, gen)
+        on_device = clippers["adapter"](initial_threshold=THRESHOLD, path="device")
+        register(ADAPTER_DEVICE_CALL, ps_d, lambda: on_device.clip_gradients(ps_d))
     return calls
 
 

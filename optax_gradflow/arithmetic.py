@@ -145,7 +145,9 @@ class Ops:
 
     def only_if(self, pred: Array, fn: Callable[[], Any], otherwise: Callable[[], Any]) -> Any:
         """``fn()``, which equals ``otherwise()`` whenever ``pred`` is false: a
-        framework may skip it then (or always run it)."""
+        framework may skip it then (or always run it). A framework that can
+        branch on ``pred`` may return None for "``otherwise()``, unchanged":
+        the fields ``fn`` computes are then left as the state holds them."""
         return self.cond(pred, fn, otherwise)
 
     # --- the gradients and the state ---------------------------------------------
@@ -1225,7 +1227,7 @@ def record(
     def calm() -> tuple[Any, ...]:
         return tuple(getattr(state, name) for name in names)
 
-    events = xp.only_if(event, after_event, calm) if names else ()
+    events = xp.only_if(event, after_event, calm) if names else None
     unstable = c.nonfinite | c.explosion
     (event_ring,) = xp.push_all([state.event_flags], [flags], [None])
     fields = {
@@ -1252,7 +1254,8 @@ def record(
         "norm_history": norms,
         "event_flags": event_ring,
     }
-    fields.update(zip(names, events, strict=True))
+    if events is not None:
+        fields.update(zip(names, events, strict=True))
     return fields
 
 

@@ -23,6 +23,21 @@ def vec(*values, dtype=jnp.float32):
     return {"w": jnp.asarray(values, dtype)}
 
 
+# --- Short intervals: every event fires within a few hundred steps ---------------
+
+EVENTFUL = dict(
+    adaptation_interval=7,
+    norm_history_size=32,
+    diagnostics_interval=9,
+    diagnostics_window=16,
+    trend_limit=0.005,
+    variance_limit=0.3,
+    emergency_patience=3,
+    growth_interval=11,
+    event_history_size=16,
+)
+
+
 # --- Eleven injected batches under the default config ---------------------------
 
 INJECTED_STEPS = (100, 200, 201, 202, 203, 204, 205, 300, 400, 500, 650)

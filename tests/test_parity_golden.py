@@ -26,6 +26,7 @@ the default config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -108,7 +109,9 @@ def _jax_trace(run: dict):
         yield [np.asarray(o) for o in out], {n: np.asarray(flat[n]) for n in fields}
 
 
-def _torch_trace(run: dict):
+def _torch_trace(run: dict, path: str = "device"):
+    """The PyTorch adapter's functional update, its scalar logic on the
+    device (tensor operations) or on the host (NumPy scalars)."""
     torch = pytest.importorskip("torch")
     import optax_gradflow.torch as ogt
 
@@ -123,11 +126,15 @@ def _torch_trace(run: dict):
     yield {name: state[name].numpy() for name in golden_io.SCALAR_FIELDS}
     for leaves, value in golden_io.expand(run):
         grads = [torch.from_numpy(a.copy()) for a in leaves]
-        out, state = ogt.update(grads, state, value=value, config=config)
+        out, state = ogt.update(grads, state, value=value, config=config, path=path)
         yield [o.numpy() for o in out], {n: t.numpy() for n, t in state.items()}
 
 
-TRACES = {"jax": _jax_trace, "torch": _torch_trace}
+TRACES = {
+    "jax": _jax_trace,
+    "torch": _torch_trace,
+    "torch-host": functools.partial(_torch_trace, path="host"),
+}
 
 
 # --- Comparison ----------------------------------------------------------------
@@ -195,7 +202,7 @@ def _check_run(impl: str, name: str, index: int) -> None:
 
 
 @pytest.mark.parametrize("name, index", RUNS)
-@pytest.mark.parametrize("impl", ["jax", "torch"])
+@pytest.mark.parametrize("impl", sorted(TRACES))
 def test_golden(impl, name, index, request):
     reason = KNOWN_DISAGREEMENTS.get((impl, name, index))
     if reason is not None:

@@ -26,6 +26,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from _helpers import EVENTFUL
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -196,19 +197,7 @@ def _run_both(
 def test_every_event_fires_and_both_agree():
     # A fixed run of the original design (presets.seed()) in which every event
     # bit occurs, so the comparison covers each branch of "Per-step order".
-    config = dataclasses.replace(
-        presets.seed(),
-        warmup_steps=10,
-        adaptation_interval=7,
-        norm_history_size=32,
-        diagnostics_interval=9,
-        diagnostics_window=16,
-        trend_limit=0.005,
-        variance_limit=0.3,
-        emergency_patience=3,
-        growth_interval=11,
-        event_history_size=16,
-    )
+    config = dataclasses.replace(presets.seed(), warmup_steps=10, **EVENTFUL)
     flags = _run_both(config, {}, seed=1234, steps=400)
     seen = 0
     for f in flags:
@@ -221,18 +210,7 @@ def test_every_event_fires_under_the_track_rule():
     # explosions (the gate closes, the centre is cut) and short hold and
     # re-arm periods, so that several emergencies fire.
     config = StabilizerConfig(
-        adaptation_interval=7,
-        norm_history_size=32,
-        diagnostics_interval=9,
-        diagnostics_window=16,
-        trend_limit=0.005,
-        variance_limit=0.3,
-        emergency_patience=3,
-        emergency_hold_steps=10,
-        emergency_rearm_steps=40,
-        loss_scaling=True,
-        growth_interval=11,
-        event_history_size=16,
+        **EVENTFUL, emergency_hold_steps=10, emergency_rearm_steps=40, loss_scaling=True
     )
     flags = _run_both(config, {}, seed=4321, steps=400, losses="climbing")
     seen = 0

@@ -24,7 +24,7 @@ import optax_gradflow.torch as ogt  # noqa: E402
 from optax_gradflow import arithmetic, constants, presets  # noqa: E402
 from optax_gradflow.config import StabilizerConfig  # noqa: E402
 from optax_gradflow.constants import StateVersionError  # noqa: E402
-from optax_gradflow.torch import functional  # noqa: E402
+from optax_gradflow.torch import functional, traced  # noqa: E402
 from optax_gradflow.torch import stabilizer as stabilizer_module  # noqa: E402
 from optax_gradflow.torch.functional import Due  # noqa: E402
 
@@ -90,13 +90,17 @@ def test_the_rule_object_is_chosen_once_per_config(rule, cls):
     assert functional.rule_for(config) is chosen  # chosen once, not per step
 
 
-def test_the_rule_is_built_once_per_config():
+@pytest.mark.parametrize("path", ["device", "host"])
+def test_the_step_is_built_once_per_config(path):
+    # The device path chooses the rule object once per config; the host path
+    # traces the step once per config (and per with / without a loss).
     config = dataclasses.replace(SMALL, adaptation_rule="median_mad", loss_scaling=True)
-    arithmetic.rule_for.cache_clear()
+    cached = arithmetic.rule_for if path == "device" else traced.function_for
+    cached.cache_clear()
     state = ogt.init_state(initial_threshold=1.0, config=config)
     for k in range(5):
-        _, state = ogt.update([torch.tensor([3.0, 4.0 * k])], state, config=config)
-    info = arithmetic.rule_for.cache_info()
+        _, state = ogt.update([torch.tensor([3.0, 4.0 * k])], state, config=config, path=path)
+    info = cached.cache_info()
     assert (info.misses, info.hits) == (1, 4)
 
 
@@ -179,7 +183,9 @@ def test_a_calm_step_with_the_hint_reads_nothing_on_the_host(monkeypatch):
     grads = [torch.tensor([0.3, 0.4]), torch.tensor([[0.0, 0.1]])]
     with monkeypatch.context() as m:
         _guard_host_reads(m)
-        out, new = ogt.update(grads, state, config=config, due=Due(False, False, False))
+        out, new = ogt.update(
+            grads, state, config=config, due=Due(False, False, False), path="device"
+        )
     assert new["stabilizer_step"].item() == 1
     # Norm sqrt(0.26) < t = 1: unchanged (loss scale 1).
     assert torch.equal(out[0], grads[0]) and torch.equal(out[1], grads[1])
@@ -187,7 +193,7 @@ def test_a_calm_step_with_the_hint_reads_nothing_on_the_host(monkeypatch):
 
 def test_the_class_step_reads_nothing_on_the_host(monkeypatch):
     p = torch.nn.Parameter(torch.zeros(3))
-    stab = ogt.GradientFlowStabilizer(1e-2, config=SMALL)
+    stab = ogt.GradientFlowStabilizer(1e-2, config=SMALL, path="device")
     for k in range(6):
         p.grad = torch.tensor([0.1, 0.2, 0.3 + k])
         with monkeypatch.context() as m:

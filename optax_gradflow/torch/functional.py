@@ -29,7 +29,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -44,7 +44,7 @@ from optax_gradflow.arithmetic import (
 )
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
 from optax_gradflow.constants import RINGS, SCALARS, flat_name
-from optax_gradflow.torch import distributed
+from optax_gradflow.torch import distributed, host, traced
 from optax_gradflow.torch.state import (
     State,
     _check_config,
@@ -60,6 +60,7 @@ __all__ = (
     "TorchOps",
     "TrackRule",
     "ZScoreRule",
+    "host_path",
     "rescale_leaves",
     "rule_for",
     "step",
@@ -510,6 +511,25 @@ def _cached_log(value: float, device: torch.device) -> torch.Tensor:
     return torch.log(torch.full((), value, dtype=_F32, device=device))
 
 
+Path = Literal["auto", "host", "device"]
+PATHS: tuple[str, ...] = ("auto", "host", "device")
+
+
+def host_path(path: str, device: torch.device) -> bool:
+    """Whether a step on ``device`` runs its scalar logic on the host, for ``path``."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
+    if path == "device" or torch.compiler.is_compiling():
+        return False
+    on_cpu = device.type in _HOST_READ_DEVICES
+    if path == "host" and not on_cpu:
+        raise ValueError(
+            f'path="host" reads the state on the host: it needs the gradients and the '
+            f'state on the CPU, not on {device}; use path="device" or "auto".'
+        )
+    return on_cpu
+
+
 def rule_for(config: StabilizerConfig) -> Rule:
     """The rule object of ``config.adaptation_rule``, chosen once per config
     (built anew while ``torch.compile`` traces: its cache is not traced)."""
@@ -532,6 +552,7 @@ def update(
     due: Due | None = None,
     inplace: bool = False,
     validate: bool = True,
+    path: Path = "auto",
 ) -> tuple[list[torch.Tensor | None], State]:
     """One stabilizer step (SPEC.md, "Per-step order"); pure unless ``inplace``.
 
@@ -559,6 +580,12 @@ def update(
       inplace: write the new gradients into ``grads`` (the floating-point
         ones) and return them; otherwise new tensors are returned.
       validate: check the state's keys, shapes and dtypes (metadata only).
+      path: where the step's scalar logic runs (the same arithmetic either
+        way): ``"host"``, on NumPy scalars read from the CPU (gradients and
+        state on the CPU only); ``"device"``, as tensor operations on the
+        gradients' device, with no read on the host; ``"auto"``, the host on
+        the CPU (outside ``torch.compile``) and the device elsewhere. See
+        :mod:`optax_gradflow.torch.host`.
 
     Returns:
       ``(new_grads, new_state)``: the unscaled, clipped gradients (zeros on a
@@ -567,7 +594,8 @@ def update(
     Raises:
       ValueError: gradients on several devices, or not on the state's device;
         a state whose keys, shapes or dtypes do not match ``config``; a
-        ``value`` of more than one element.
+        ``value`` of more than one element; ``path="host"`` off the CPU, or
+        an unknown ``path``.
       StateVersionError: a state of another layout (one without
         ``"state_version"``: layout 1).
     """
@@ -577,18 +605,32 @@ def update(
         check_state(state, config, read_version=False)
     check_value(value)
     device = _device_of(grads, state)
+    on_host = host_path(path, device)
     float_idx, leaves = float_gradients(grads)
-    new_leaves, new_state = step(
-        leaves,
-        state,
-        device,
-        value=value,
-        config=config,
-        rule=rule_for(config),
-        process_group=process_group,
-        due=ALL_DUE if due is None else due,
-        inplace=inplace,
-    )
+    if on_host:
+        # update is pure: the host step writes into copies of the state's tensors.
+        work = {name: tensor.clone() for name, tensor in state.items()}
+        new_leaves, new_state = traced.step(
+            leaves,
+            host.HostState(work),
+            value=value,
+            config=config,
+            rescale=rescale_leaves,
+            process_group=process_group,
+            inplace=inplace,
+        )
+    else:
+        new_leaves, new_state = step(
+            leaves,
+            state,
+            device,
+            value=value,
+            config=config,
+            rule=rule_for(config),
+            process_group=process_group,
+            due=ALL_DUE if due is None else due,
+            inplace=inplace,
+        )
     new_grads: list[torch.Tensor | None] = list(grads)
     if not inplace:
         for i, g in zip(float_idx, new_leaves, strict=True):

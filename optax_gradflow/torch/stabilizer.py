@@ -22,7 +22,7 @@ from optax_gradflow import arithmetic
 from optax_gradflow.config import INT32_MAX, StabilizerConfig
 from optax_gradflow.constants import Event
 from optax_gradflow.report import StabilityReport, build_report
-from optax_gradflow.torch import distributed, functional
+from optax_gradflow.torch import distributed, functional, host, traced
 from optax_gradflow.torch.functional import (
     Due,
     HistoryRule,
@@ -54,9 +54,12 @@ class GradientFlowStabilizer:
 
     The state is a dict of tensors (SPEC.md, "State") that lives on the
     gradients' device: it is created on the CPU and moved, once, to the device
-    of the first loss or gradients it sees. ``get_scaled_loss``,
+    of the first loss or gradients it sees. Off the CPU, ``get_scaled_loss``,
     ``unscale_gradients`` and ``clip_gradients`` never read a device value on
-    the host.
+    the host. On the CPU, where a read waits for nothing, the step's scalar
+    logic runs on NumPy scalars and writes the state's tensors in place
+    (``path``; :mod:`optax_gradflow.torch.host`): the same arithmetic, without
+    the fixed cost of dozens of tiny tensor operations.
 
     The gradients are rescaled in place: one multiplication of every gradient
     by one scalar (``t / r`` when clipped, ``1 / s`` otherwise), the same
@@ -107,6 +110,9 @@ class GradientFlowStabilizer:
         same decision. Not needed for FSDP2 (DTensor gradients are reduced over
         their mesh) and wrong for DDP (its gradients are already all-reduced:
         they would be counted once per rank). SPEC.md, "Distributed".
+      path: where the scalar logic of a step runs, as in
+        :func:`optax_gradflow.torch.update`: ``"auto"`` (the host on the
+        CPU, the device elsewhere), ``"host"`` or ``"device"``.
       params: the model's parameters (a module, or an iterable of tensors;
         ``optimizer``'s when None). Without a learning rate (data mode) the
         first threshold is at most ``config.param_threshold_scale`` times
@@ -141,9 +147,13 @@ class GradientFlowStabilizer:
         process_group: Any = None,
         optimizer: torch.optim.Optimizer | None = None,
         params: Any = None,
+        path: functional.Path = "auto",
     ):
         if skip_mode not in _SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {_SKIP_MODES}, got {skip_mode!r}.")
+        if path not in functional.PATHS:
+            raise ValueError(f"path must be one of {functional.PATHS}, got {path!r}.")
+        self.path = path
         if learning_rate is None and optimizer is not None:
             learning_rate = optimizer_learning_rate(optimizer)
         self.config = _check_config(config)
@@ -172,7 +182,10 @@ class GradientFlowStabilizer:
         # entry and whether the step was calm), so that a loss given after the
         # step ran (clip_gradients(loss=...) after unscale_gradients) is the
         # step's value for the gate too, as if it had been given to update.
-        self._gate_entry: tuple[State, State] | None = None
+        self._gate_entry: tuple[dict[str, Any], State] | None = None
+        # NumPy views of the state's tensors, for the host path; rebuilt when
+        # the state dict is replaced (a move, a load).
+        self._host: host.HostState | None = None
 
     # --- Host-side step count ---------------------------------------------------
 
@@ -204,7 +217,9 @@ class GradientFlowStabilizer:
 
     @property
     def state(self) -> State:
-        """The current state (a new dict; the tensors are the live ones)."""
+        """The current state (a new dict; the tensors are the live ones: a step
+        on the CPU writes into them, so clone what you keep, or use
+        :meth:`state_dict`)."""
         return dict(self._state)
 
     @property
@@ -265,7 +280,9 @@ class GradientFlowStabilizer:
           transfer.
         """
         self._process(list(parameters), step=step, loss=loss)
-        return self._state["last_grad_norm"]
+        norm = self._state["last_grad_norm"]
+        # The host path writes the state in place: hand out a tensor of its own.
+        return norm.clone() if self._host is not None else norm
 
     def _tags(self, leaves: list[torch.Tensor]) -> list[tuple[int, int, int]]:
         # A DTensor's own version counter misses in-place writes to its local
@@ -300,7 +317,7 @@ class GradientFlowStabilizer:
         if self._is_processed(leaves, step):
             if loss is not None:
                 value = _as_f32(loss, self._state["last_loss"].device)
-                self._state["last_loss"] = value
+                self._write("last_loss", value)
                 if self._gate_entry is not None:
                     entry, after = self._gate_entry
                     xp = TorchOps(value.device)
@@ -308,16 +325,16 @@ class GradientFlowStabilizer:
                         xp,
                         value,
                         _calm(after),
-                        (entry["loss_centre"], entry["loss_reference"], entry["loss_spread"]),
-                        entry["stabilizer_step"],
+                        tuple(_as_tensor(entry[name], value.device) for name in _GATE_LEVELS),
+                        _as_tensor(entry["stabilizer_step"], value.device),
                         self.config,
                     )
                     reference = self._rule.gate_reference(
                         xp, _fired(after), after["consecutive_explosions"], centre, reference
                     )
-                    self._state["loss_centre"] = centre
-                    self._state["loss_reference"] = reference
-                    self._state["loss_spread"] = spread
+                    self._write("loss_centre", centre)
+                    self._write("loss_reference", reference)
+                    self._write("loss_spread", spread)
             return
         for g in grads:
             if g is not None:
@@ -329,19 +346,36 @@ class GradientFlowStabilizer:
         # its rule were chosen at construction.
         check_value(value)
         device = _device_of(grads, self._state)
-        entry = {name: self._state[name] for name in _GATE_FIELDS}
-        with torch.no_grad():
-            _, self._state = functional.step(
-                leaves,
-                self._state,
-                device,
-                value=value,
-                config=self.config,
-                rule=self._rule,
-                process_group=self.process_group,
-                due=self._due(),
-                inplace=True,
-            )
+        if functional.host_path(self.path, device):
+            if self._host is None or self._host.flat is not self._state:
+                self._host = host.HostState(self._state)
+            # The levels on entry, as values: the step writes the tensors in place.
+            entry = {name: self._host.views[name][()] for name in _GATE_FIELDS}
+            with torch.no_grad():
+                _, self._state = traced.step(
+                    leaves,
+                    self._host,
+                    value=value,
+                    config=self.config,
+                    rescale=functional.rescale_leaves,
+                    process_group=self.process_group,
+                    inplace=True,
+                )
+        else:
+            self._host = None
+            entry = {name: self._state[name] for name in _GATE_FIELDS}
+            with torch.no_grad():
+                _, self._state = functional.step(
+                    leaves,
+                    self._state,
+                    device,
+                    value=value,
+                    config=self.config,
+                    rule=self._rule,
+                    process_group=self.process_group,
+                    due=self._due(),
+                    inplace=True,
+                )
         self._advance_count()
         self._gate_entry = (entry, self._state)
         for g, tag in zip(leaves, self._tags(leaves), strict=True):
@@ -396,6 +430,13 @@ class GradientFlowStabilizer:
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             return "found_inf"
         return "sync"
+
+    def _write(self, name: str, value: torch.Tensor) -> None:
+        """Sets a state field: in place under the host path (its views stay valid)."""
+        if self._host is not None and self._host.flat is self._state:
+            self._state[name].copy_(value)
+        else:
+            self._state[name] = value
 
     # --- Reporting and checkpoints -------------------------------------------
 
@@ -496,7 +537,15 @@ _LR_KEYS = ("lr", "initial_lr", "max_lr")
 
 
 # What the loss gate reads from the state on entry (SPEC.md, "Loss gate").
-_GATE_FIELDS = ("loss_centre", "loss_reference", "loss_spread", "stabilizer_step")
+_GATE_LEVELS = ("loss_centre", "loss_reference", "loss_spread")
+_GATE_FIELDS = (*_GATE_LEVELS, "stabilizer_step")
+
+
+def _as_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    """A state value of the gate's entry (a tensor, or a NumPy scalar of the host path)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(value, device=device)
 
 
 def _newest_flags(state: State) -> torch.Tensor:
