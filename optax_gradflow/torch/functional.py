@@ -608,16 +608,21 @@ def update(
     on_host = host_path(path, device)
     float_idx, leaves = float_gradients(grads)
     if on_host:
-        # update is pure: the host step writes into copies of the state's tensors.
-        work = {name: tensor.clone() for name, tensor in state.items()}
+        # update is pure: the host step writes into copies of the tensors it
+        # may write; the others are shared with the new state, as on the device.
+        fn = traced.function_for(config, value is not None)
+        work = dict(state)
+        for name in fn.writes:
+            work[name] = state[name].clone()
         new_leaves, new_state = traced.step(
             leaves,
-            host.HostState(work),
+            host.HostState(work, fn.reads | fn.writes),
             value=value,
             config=config,
             rescale=rescale_leaves,
             process_group=process_group,
             inplace=inplace,
+            function=fn,
         )
     else:
         new_leaves, new_state = step(

@@ -74,10 +74,12 @@ class HostState:
     :class:`HostRing`. Writes go into the tensors' own memory
     (:meth:`HostOps.store`)."""
 
-    def __init__(self, flat: State):
+    def __init__(self, flat: State, names: Any = None):
         self.flat = flat
-        self.views = {name: tensor.numpy() for name, tensor in flat.items()}
-        self._scalars = [(name, self.views[name]) for name in SCALARS]
+        # Only the fields a traced step uses, when it says which (``names``).
+        keys = flat.keys() if names is None else names
+        self.views = {name: flat[name].numpy() for name in keys}
+        self._scalars = [(name, self.views[name]) for name in SCALARS if name in self.views]
 
     def read(self) -> HostState:
         """Reads every scalar once, for one step (an attribute each)."""

@@ -154,6 +154,7 @@ class _State:
         self._tracer = tracer
         self._sizes = sizes
         self._read: dict[str, Any] = {}
+        self.keys: set[str] = set()  # the flat keys the step reads
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -166,8 +167,11 @@ class _State:
                 index = t.fresh(None, prologue=f"V[{name + '_index'!r}][()]")
                 count = t.fresh(None, prologue=f"V[{name + '_count'!r}][()]")
                 read[name] = SymRing(values, index, count)
+                t.ring_of[values.name] = name
+                self.keys.update((name, name + "_index", name + "_count"))
             elif name in SCALARS:
                 read[name] = t.fresh(None, prologue=f"V[{name!r}][()]")
+                self.keys.add(name)
             else:
                 raise AttributeError(name)
         return read[name]
@@ -193,6 +197,8 @@ class Tracer(arithmetic.Ops):
         self._const_names: dict[tuple[type, str], Sym] = {}
         self._indent = 1
         self._names = itertools.count()
+        self.ring_of: dict[str, str] = {}  # a ring's values (local name) -> its field
+        self.written: set[str] = set()  # the flat keys the step may write
 
     # --- writing lines ---------------------------------------------------------
     def line(self, text: str) -> None:
@@ -324,6 +330,7 @@ class Tracer(arithmetic.Ops):
     def push_all(self, rings, items, wheres):
         out = []
         for ring, item, where in zip(rings, items, wheres, strict=True):
+            self.written.add(self.ring_of[ring.values.name])
             index, count = self.fresh(None), self.fresh(None)
             args = f"{ring.values.name}, {ring.index.name}, {ring.count.name}, {self.text(item)}"
             if where is None:
@@ -378,8 +385,10 @@ class Tracer(arithmetic.Ops):
                     new = getattr(value, part)
                     if new is not getattr(old, part):
                         self.line(f"V[{name + '_' + part!r}][...] = {new.name}")
+                        self.written.add(f"{name}_{part}")
             elif value is not old:
                 self.line(f"V[{name!r}][...] = {self.text(value)}")
+                self.written.add(name)
 
 
 def _flatten(tree: Any) -> tuple[list[Any], Any]:
@@ -420,7 +429,9 @@ def function_for(
     sum_of_squares, rescale) -> new leaves``, traced and compiled once.
 
     ``views`` maps the flat state's keys to NumPy views of its CPU tensors;
-    the function reads and writes the state through them.
+    the function reads and writes the state through them. Its ``reads`` and
+    ``writes`` are the flat keys it reads and may write (the views it needs),
+    ``source`` its text.
     """
     tracer = Tracer()
     state = _State(tracer, _sizes(config))
@@ -443,6 +454,8 @@ def function_for(
     exec(compile(source, f"<optax_gradflow host step {id(config):x}>", "exec"), namespace)
     fn = namespace["step"]
     fn.source = source
+    fn.reads = frozenset(state.keys)
+    fn.writes = frozenset(tracer.written)
     return fn
 
 
@@ -455,12 +468,14 @@ def step(
     rescale: Callable[..., list[torch.Tensor]],
     process_group: Any = None,
     inplace: bool = False,
+    function: Callable[..., list[torch.Tensor]] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """One step on the host (:func:`function_for` of ``config``): writes the
-    next state into ``state``'s tensors and returns ``(new leaves, the state
-    dict)``. The same operations as :func:`optax_gradflow.torch.host.step`."""
+    """One step on the host (``function``, by default :func:`function_for` of
+    ``config``): writes the next state into ``state``'s tensors and returns
+    ``(new leaves, the state dict)``. The same operations as
+    :func:`optax_gradflow.torch.host.step`."""
     xp = host.HostOps(rescale, process_group=process_group, inplace=inplace)
-    fn = function_for(config, value is not None)
+    fn = function_for(config, value is not None) if function is None else function
     # Overflow to inf and invalid operations (inf - inf) are values here, as
     # they are in the tensors of the device path.
     with np.errstate(all="ignore"):
