@@ -217,7 +217,8 @@ class Tracer(arithmetic.Ops):
 
     def const(self, value: Any) -> Sym:
         """A constant of the function (a NumPy scalar or array), bound once."""
-        key = (type(value), repr(value))
+        # Arrays (the cached aranges) by identity: a long array's repr is abridged.
+        key = ("array", id(value)) if isinstance(value, np.ndarray) else (type(value), repr(value))
         if key not in self._const_names:
             size = value.size if isinstance(value, np.ndarray) else None
             sym = Sym(f"k{len(self._const_names)}", size, self)
