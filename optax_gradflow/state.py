@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_gradflow import constants
-from optax_gradflow.config import INT32_MAX, StabilizerConfig
+from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import (  # noqa: F401  (host_chronological: a ring helper)
     RING_PARTS,
     SCALARS,
@@ -385,15 +385,6 @@ def check_state(state: GradientFlowState, config: StabilizerConfig) -> None:
                 f"but this stabilizer's config expects shape {shape} and dtype "
                 f"{jnp.dtype(dtype)}: the state was built by a different configuration."
             )
-
-
-def saturating_increment(counter: jax.Array, increment: jax.Array) -> jax.Array:
-    """``counter + increment`` for an int32 counter, stopping at 2**31 - 1.
-
-    ``increment`` is a bool or a 0/1 int; counters never wrap to negative.
-    """
-    increment = jnp.asarray(increment).astype(jnp.int32)
-    return jnp.where(counter >= INT32_MAX, counter, counter + increment).astype(jnp.int32)
 
 
 def __getattr__(name: str) -> int:

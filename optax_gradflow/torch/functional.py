@@ -147,10 +147,6 @@ def _const(value: float | int | bool, dtype: torch.dtype, device: torch.device) 
     return _cached(value, dtype, device)
 
 
-def _f32_constant(value: float, device: torch.device) -> torch.Tensor:
-    return _const(float(value), _F32, device)
-
-
 @functools.lru_cache(maxsize=64)
 def _cached_arange(size: int, device: torch.device) -> torch.Tensor:
     return torch.arange(size, device=device, dtype=_I32)
@@ -160,11 +156,6 @@ def _arange(size: int, device: torch.device) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.arange(size, device=device, dtype=_I32)
     return _cached_arange(size, device)
-
-
-def _isfinite(x: torch.Tensor) -> torch.Tensor:
-    """``isfinite`` of a float tensor in two operations (``|x| < inf``: false for NaN)."""
-    return torch.abs(x) < math.inf
 
 
 def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
