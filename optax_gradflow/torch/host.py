@@ -61,6 +61,14 @@ class HostRing(NamedTuple):
         return self.values[positions], valid
 
 
+def push(values: np.ndarray, index: Any, count: Any, item: Any) -> tuple[np.int32, np.int32]:
+    """Writes ``item`` into slot ``index`` of a ring's values, in place (the
+    state's tensor, one slot); returns the ring's next (index, count)."""
+    values[index] = item
+    size = values.shape[0]
+    return _I32((int(index) + 1) % size), _I32(min(int(count) + 1, size))
+
+
 @functools.lru_cache(maxsize=64)
 def _arange(size: int) -> np.ndarray:
     out = np.arange(size, dtype=_I32)
@@ -216,16 +224,7 @@ class HostOps(arithmetic.Ops):
             if where is not None and not where:
                 out.append(ring)
                 continue
-            size = ring.values.shape[0]
-            # In place: the state's tensor is written, one slot.
-            ring.values[ring.index] = item
-            out.append(
-                HostRing(
-                    ring.values,
-                    _I32((int(ring.index) + 1) % size),
-                    _I32(min(int(ring.count) + 1, size)),
-                )
-            )
+            out.append(HostRing(ring.values, *push(ring.values, ring.index, ring.count, item)))
         return out
 
     @staticmethod

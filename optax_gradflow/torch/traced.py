@@ -181,12 +181,6 @@ def _chronological(values, index, count, window):
     return host.HostRing(values, index, count).chronological(window)
 
 
-def _push(values, index, count, item):
-    values[index] = item
-    size = values.shape[0]
-    return _I32((int(index) + 1) % size), _I32(min(int(count) + 1, size))
-
-
 class Tracer(arithmetic.Ops):
     """:class:`optax_gradflow.arithmetic.Ops` that writes the step as Python source."""
 
@@ -447,7 +441,7 @@ def function_for(
         "np": np,
         "F32": _F32,
         "I32": _I32,
-        "_push": _push,
+        "_push": host.push,
         "_chronological": _chronological,
         "_loss": host.HostOps.loss,
         **tracer.constants,
