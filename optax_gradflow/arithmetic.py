@@ -496,6 +496,7 @@ class StepThreshold(NamedTuple):
     in_warmup: Array  # warmup_steps_left > 0 on entry
     spike: Array | None = None  # zscore: a spike
     target: Array | None = None  # zscore: the spike's clip target
+    above: Array | None = None  # track: lnf(n) above the tracked quantile u (None: no quantile)
 
 
 class Classes(NamedTuple):
@@ -506,6 +507,7 @@ class Classes(NamedTuple):
     vanishing: Array
     clipped: Array
     calm: Array  # finite and not an explosion
+    high: Array  # finite and n > explosion_factor * reference (the explosion test without u)
 
 
 class Scale(NamedTuple):
@@ -535,6 +537,7 @@ class Adapted(NamedTuple):
     centre_anchor: Array
     warmup_left: Array
     adapted: Array | None  # the "adapted" flag (None: statically false)
+    norm_quantile: Array  # the track rule's u (the others: the state's, unchanged)
 
 
 class Emergency(NamedTuple):
@@ -574,9 +577,9 @@ class Rule:
         """(threshold, warm-up steps) of a data warm-up; the threshold is a placeholder."""
         return xp.f32(self.config.min_threshold), self.config.warmup_steps
 
-    def initial_levels(self, xp: Ops, threshold: Array) -> tuple[Array, Array]:
-        """(ema_mean, centre_anchor) of a fresh state."""
-        return xp.f32(0.0), xp.f32(0.0)
+    def initial_levels(self, xp: Ops, threshold: Array) -> tuple[Array, Array, Array]:
+        """(ema_mean, centre_anchor, norm_quantile) of a fresh state."""
+        return xp.f32(0.0), xp.f32(0.0), xp.f32(0.0)
 
     # --- the step ---------------------------------------------------------------------
     def step_threshold(self, xp: Ops, m: Measured, state: Any, due: Due) -> StepThreshold:
@@ -694,6 +697,7 @@ class HistoryRule(Rule):
             ema_mean=state.ema_mean,
             ema_var=state.ema_var,
             centre_anchor=state.centre_anchor,
+            norm_quantile=state.norm_quantile,
             warmup_left=xp.maximum(state.warmup_steps_left - 1, xp.i32(0)),
             adapted=due,
         )
@@ -795,7 +799,15 @@ class ZScoreRule(Rule):
         ema_mean = xp.where(start, start_mean, xp.where(move, moved_mean, state.ema_mean))
         ema_var = xp.where(start, start_var, xp.where(move, moved_var, state.ema_var))
         threshold = xp.where(t.in_warmup & ~start, t.clip, self._boundary(xp, ema_mean, ema_var))
-        return Adapted(threshold, ema_mean, ema_var, state.centre_anchor, warmup_left, start)
+        return Adapted(
+            threshold,
+            ema_mean,
+            ema_var,
+            state.centre_anchor,
+            warmup_left,
+            start,
+            state.norm_quantile,
+        )
 
 
 class TrackRule(Rule):
@@ -813,10 +825,28 @@ class TrackRule(Rule):
         usable = xp.isfinite(cap) & (cap > 0)
         return xp.where(usable, clamp_threshold(xp, cap, config), xp.f32(config.max_threshold)), 1
 
-    def initial_levels(self, xp, threshold) -> tuple[Array, Array]:
-        # The tracker starts from the initial threshold: c = anchor = lnf(t0)
-        # (in data mode a placeholder, replaced by the first norm).
-        return log_floored(xp, threshold), log_floored(xp, threshold)
+    def initial_levels(self, xp, threshold) -> tuple[Array, Array, Array]:
+        # The tracker starts from the initial threshold: c = anchor = lnf(t0),
+        # u = c + ln(explosion_factor) (in data mode placeholders, replaced by
+        # the first norm).
+        centre = log_floored(xp, threshold)
+        return centre, log_floored(xp, threshold), self.quantile_start(xp, centre)
+
+    def quantile_start(self, xp: Ops, centre: Array) -> Array:
+        """``u`` at the tracker's start: ``c + ln(explosion_factor)`` (``c``
+        where the factor is infinite: no step is an explosion then)."""
+        if self.config.explosion_factor == math.inf:
+            return centre
+        return centre + xp.log_f32(self.config.explosion_factor)
+
+    def quantile_step(self, xp: Ops, u: Array, above: Array) -> Array:
+        """One step of the quantile tracker: ``u + rate * q`` after a log-norm
+        above ``u``, ``u - rate * (1 - q)`` otherwise (SPEC.md, "Tracking rule")."""
+        config = self.config
+        # Both steps computed in float64 and rounded to float32 once.
+        up = xp.f32(config.track_quantile_rate * config.track_quantile)
+        down = xp.f32(config.track_quantile_rate * (1.0 - config.track_quantile))
+        return xp.where(above, u + up, u - down)
 
     def levels_threshold(self, xp: Ops, centre: Array, spread: Array) -> Array:
         """``clamp(exp(centre + track_k * spread))``: the threshold of the next step."""
@@ -858,7 +888,12 @@ class TrackRule(Rule):
         # clip, it does not make the ordinary norms after it explosions.
         uncut = thr / xp.f32(self.config.emergency_threshold_factor)
         reference = xp.where(state.emergency_hold_left > 0, uncut, thr)
-        return StepThreshold(thr, reference, in_warmup)
+        # Whether the log-norm is above the tracked quantile u: an explosion
+        # must be (track_quantile 0: no quantile).
+        above = None
+        if self.config.track_quantile > 0 and self.config.explosion_factor != math.inf:
+            above = log_floored(xp, m.norm) > state.norm_quantile
+        return StepThreshold(thr, reference, in_warmup, above=above)
 
     def adapt(self, xp, m, t, c, norms, step_after, state, periodic) -> Adapted:
         config = self.config
@@ -882,16 +917,20 @@ class TrackRule(Rule):
                 xp.minimum(floor, centre),
             )
             climbing = loss_climbing(xp, *gate, config)
-            moved = xp.where(climbing & c.explosion, tightened, moved)
+            # The cut acts on every norm over explosion_factor * t, in the
+            # quantile or not: a loss that climbs with such norms is followed down.
+            moved = xp.where(climbing & c.high, tightened, moved)
         # A zero norm (an all-zero gradient) has no level to start from.
         start = t.in_warmup & m.finite & (m.norm > 0)
         move = m.finite & ~t.in_warmup
         x_start = log_floored(xp, xp.minimum(m.norm, state.clip_threshold))
         ema_mean = xp.where(start, x_start, xp.where(move, moved, centre))
         ema_var = xp.where(start, xp.f32(0.0), xp.where(move, moved_spread, spread))
-        # The anchor follows the centre on calm steps while the loss does not
-        # climb: explosions never move it, so one climb cannot re-anchor lower.
-        anchor = xp.where(start | (c.calm & ~rising), ema_mean, state.centre_anchor)
+        # The anchor follows the centre on steps under explosion_factor * t
+        # while the loss does not climb: norms over it never move it, so one
+        # climb cannot re-anchor lower.
+        low = m.finite & ~c.high
+        anchor = xp.where(start | (low & ~rising), ema_mean, state.centre_anchor)
         # A step that neither starts nor moves the tracker keeps the threshold
         # (while waiting: the parameters' cap, not the zero norm's clamp(0)).
         threshold = xp.where(
@@ -904,7 +943,16 @@ class TrackRule(Rule):
         if config.adaptation_interval > 0:
             adapted = adapted | ((step_after % config.adaptation_interval == 0) & ~t.in_warmup)
         warmup_left = xp.where(t.in_warmup & ~start, xp.i32(1), xp.i32(0))
-        return Adapted(threshold, ema_mean, ema_var, anchor, warmup_left, adapted)
+        # The quantile u: restarted with the tracker, one step on every step
+        # that moves it.
+        u = state.norm_quantile
+        if t.above is not None:
+            u = xp.where(
+                start,
+                self.quantile_start(xp, ema_mean),
+                xp.where(move, self.quantile_step(xp, u, t.above), u),
+            )
+        return Adapted(threshold, ema_mean, ema_var, anchor, warmup_left, adapted, u)
 
     def emergency(self, xp, c, s, a, state) -> Emergency:
         """Fires once per unbroken run of explosions, at most once per
@@ -987,10 +1035,13 @@ def classify(xp: Ops, m: Measured, t: StepThreshold, config: StabilizerConfig) -
     """3. Non-finite, explosion, vanishing, clipped."""
     if config.explosion_factor == math.inf:
         # n > inf * t never holds (inf * 0 is NaN, and n > NaN is false too).
-        explosion = xp.false()
+        high = explosion = xp.false()
         calm = m.finite
     else:
-        explosion = m.finite & (m.norm > xp.f32(config.explosion_factor) * t.reference)
+        high = m.finite & (m.norm > xp.f32(config.explosion_factor) * t.reference)
+        # The track rule: an explosion is also a norm the stream itself rarely
+        # produces, above the tracked quantile of its own log-norms.
+        explosion = high if t.above is None else high & t.above
         calm = m.finite & ~explosion
     return Classes(
         nonfinite=~m.finite,
@@ -998,6 +1049,7 @@ def classify(xp: Ops, m: Measured, t: StepThreshold, config: StabilizerConfig) -
         vanishing=calm & (m.norm < xp.f32(config.vanishing_norm)),
         clipped=m.finite & (m.norm > t.clip),
         calm=calm,
+        high=high,
     )
 
 
@@ -1251,6 +1303,7 @@ def record(
         "ema_mean": e.ema_mean,
         "ema_var": a.ema_var,
         "centre_anchor": a.centre_anchor,
+        "norm_quantile": a.norm_quantile,
         "norm_history": norms,
         "event_flags": event_ring,
     }

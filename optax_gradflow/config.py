@@ -68,6 +68,8 @@ class StabilizerConfig:
     track_loss_rel: float = 0.2
     track_accept_steps: int = 50
     track_max_cut: float = 10.0
+    track_quantile: float = 0.95
+    track_quantile_rate: float = 0.1
 
     # The "zscore" rule ("Z-score rule"): ZClip's EMA of the norm.
     zscore_alpha: float = 0.97
@@ -209,6 +211,8 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_float(cfg, "track_loss_rel", at_least=0.0)
     _check_int(cfg, "track_accept_steps", 0)
     _check_float(cfg, "track_max_cut", at_least=1.0)
+    _check_float(cfg, "track_quantile", at_least=0.0, below=1.0)
+    _check_float(cfg, "track_quantile_rate", above=0.0)
     _check_float(cfg, "zscore_alpha", above=0.0, below=1.0)
     _check_float(cfg, "zscore_threshold", above=0.0)
     _check_float(cfg, "zscore_eps", at_least=0.0)
@@ -412,6 +416,20 @@ FIELD_DOCS: dict[str, FieldDoc] = {
         "an explosion in progress may lower the centre at most this factor under its anchor",
         "x (ratio of thresholds)",
         ">= 1",
+        "Tracking rule",
+    ),
+    "track_quantile": FieldDoc(
+        "an explosion must also be a norm over this quantile of the stream's own norms, "
+        "tracked (0: a norm over `explosion_factor * t` is one)",
+        "share of steps",
+        "[0, 1)",
+        "Tracking rule",
+    ),
+    "track_quantile_rate": FieldDoc(
+        "the quantile tracker's step: up by `rate * q` after a norm over it, down by "
+        "`rate * (1 - q)` after one under it",
+        "log units per step",
+        "(0, inf)",
         "Tracking rule",
     ),
     "adaptation_percentile": FieldDoc(

@@ -92,8 +92,9 @@ UPDATE_RATIO_HISTORY_SIZE = 100
 # The layout of the state, raised whenever a field is added, removed or
 # regrouped. Layout 1 kept each ring as three flat fields (X, X_index,
 # X_count); layout 2 keeps a ring as one (values, index, count) record;
-# layout 3 adds the ring of exploding norms.
-STATE_VERSION = 3
+# layout 3 adds the ring of exploding norms; layout 4 the track rule's
+# quantile of the log-norms.
+STATE_VERSION = 4
 VERSION_FIELD = "state_version"
 
 # Scalar fields in SPEC.md's order, with their dtype names.
@@ -122,6 +123,7 @@ SCALARS: dict[str, str] = {
     "ema_mean": "float32",
     "ema_var": "float32",
     "centre_anchor": "float32",
+    "norm_quantile": "float32",
 }
 
 # Ring name -> (the config field holding its size, the dtype name of its values).
@@ -190,41 +192,72 @@ class StateVersionError(ValueError):
     """A state saved with another layout of the state than this library's."""
 
 
-# The layout that :func:`migrate_flat` reads, and the ring it lacks.
-MIGRATED_VERSION = 2
-MIGRATED_RING = "explosion_norms"
+# The layouts that :func:`migrate_flat` reads, and the keys each lacks.
+MIGRATED_VERSIONS = (2, 3)
+MIGRATED_RING = "explosion_norms"  # not in layout 2
+MIGRATED_SCALAR = "norm_quantile"  # not in layouts 2 and 3
+
+
+def missing_keys(version: int) -> tuple[str, ...]:
+    """The flat keys a state of the migrated layout ``version`` lacks."""
+    ring = tuple(flat_name(MIGRATED_RING, part) for part in RING_PARTS)
+    return (ring if version == 2 else ()) + (MIGRATED_SCALAR,)
 
 
 def migrate_flat(
-    flat: Mapping[str, Any], full: Callable[[tuple[int, ...], int, str], Any]
+    flat: Mapping[str, Any],
+    full: Callable[[tuple[int, ...], int, str], Any],
+    like: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """The flat form of a state in this layout (SPEC.md, "Layout version").
 
     A flat state of layout 2 gains an empty ring of exploding norms (values
     zeros of the size of ``event_flags``, which has the same size E; index 0,
-    count 0), and its ``state_version`` becomes 3; every other key is kept as
-    it is, the same objects. Any other state comes back unchanged, for
-    :func:`check_version` to judge. ``full(shape, value, dtype_name)`` makes
-    one of the framework's arrays (``numpy.full`` with the dtype by name).
+    count 0); a state of layout 2 or 3 gains ``norm_quantile``, a copy of its
+    ``ema_mean`` (the track rule's quantile then restarts from the centre and
+    climbs to its level within tens of steps). Its ``state_version`` becomes
+    4; every other key is kept as it is, the same objects. Any other state
+    comes back unchanged, for :func:`check_version` to judge.
+    ``full(shape, value, dtype_name)`` makes one of the framework's arrays
+    (``numpy.full`` with the dtype by name); ``like(x)`` copies one (a copy
+    by default).
 
     Reads ``state_version`` once (a device-to-host transfer where it is on a
     device).
     """
     found = flat.get(VERSION_FIELD)
-    if found is None or int(found) != MIGRATED_VERSION:
+    if found is None or int(found) not in MIGRATED_VERSIONS:
         return dict(flat)
-    sized_by = flat_name("event_flags", "values")
-    if sized_by not in flat:
-        raise ValueError(f"A state of layout 2 lacks {sized_by!r}, which sizes the ring it gains.")
-    size = len(flat[sized_by])
-    _, dtype = RINGS[MIGRATED_RING]
-    parts = [flat_name(MIGRATED_RING, part) for part in RING_PARTS]
-    migrated = {name: value for name, value in flat.items() if name not in parts}
-    migrated[parts[0]] = full((size,), 0, dtype)
-    migrated[parts[1]] = full((), 0, "int32")
-    migrated[parts[2]] = full((), 0, "int32")
+    version = int(found)
+    lacks = missing_keys(version)
+    migrated = {name: value for name, value in flat.items() if name not in lacks}
+    if version == 2:
+        sized_by = flat_name("event_flags", "values")
+        if sized_by not in flat:
+            raise ValueError(
+                f"A state of layout 2 lacks {sized_by!r}, which sizes the ring it gains."
+            )
+        size = len(flat[sized_by])
+        _, dtype = RINGS[MIGRATED_RING]
+        values, index, count = (flat_name(MIGRATED_RING, part) for part in RING_PARTS)
+        migrated[values] = full((size,), 0, dtype)
+        migrated[index] = full((), 0, "int32")
+        migrated[count] = full((), 0, "int32")
+    if "ema_mean" not in flat:
+        raise ValueError(
+            f"A state of layout {version} lacks 'ema_mean', from which {MIGRATED_SCALAR!r} starts."
+        )
+    copy = like if like is not None else _copy
+    migrated[MIGRATED_SCALAR] = copy(flat["ema_mean"])
     migrated[VERSION_FIELD] = full((), STATE_VERSION, "int32")
     return {name: migrated[name] for name in sorted(migrated, key=_flat_position)}
+
+
+def _copy(x: Any) -> Any:
+    """A copy of one array of any framework (``clone`` for torch, ``copy`` otherwise)."""
+    if hasattr(x, "clone"):
+        return x.clone()
+    return x.copy() if hasattr(x, "copy") else x
 
 
 def _flat_position(name: str) -> int:
@@ -236,16 +269,17 @@ def check_version(found, where: str) -> None:
     """Raises :class:`StateVersionError` unless ``found`` is :data:`STATE_VERSION`.
 
     ``found`` is the layout version read from a saved state (None when the
-    state has no version field: layout 1, which had none). Layout 2 is read
-    by migration (:func:`migrate_flat`), before this check.
+    state has no version field: layout 1, which had none). Layouts 2 and 3
+    are read by migration (:func:`migrate_flat`), before this check.
     """
     got = 1 if found is None else int(found)
     if got == STATE_VERSION:
         return
-    if got == MIGRATED_VERSION:
+    if got in MIGRATED_VERSIONS:
+        lacks = "no ring 'explosion_norms' and " if got == 2 else ""
         advice = (
-            " (layout 2 had no ring 'explosion_norms'). A layout-2 state is read by "
-            "migration, which adds that ring empty: optax_gradflow.state.from_flat for the "
+            f" (layout {got} had {lacks}no 'norm_quantile'). A layout-{got} state is read by "
+            "migration, which adds what it lacks: optax_gradflow.state.from_flat for the "
             "flat form, optax_gradflow.state.from_restored for a checkpoint restored without "
             "a target (Orbax's restore(path), flax.serialization.msgpack_restore), and the "
             "PyTorch adapter's load_state_dict or migrate_state."

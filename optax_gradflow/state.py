@@ -130,6 +130,9 @@ class GradientFlowState(NamedTuple):
       centre_anchor: f32[], the "track" rule: the centre when the loss last
         did not climb; the floor of the tightening is this minus
         ``ln(track_max_cut)``.
+      norm_quantile: f32[], the "track" rule: ``u``, the tracked
+        ``track_quantile`` quantile of the log-norms; an explosion's log-norm
+        is above it. 0 for the other rules.
       norm_history: :class:`Ring` of f32[H], finite, non-exploding unscaled norms.
       variance_history: :class:`Ring` of f32[V], windowed norm variances.
       loss_scale_history: :class:`Ring` of f32[L], loss-scale values, pushed on
@@ -168,6 +171,7 @@ class GradientFlowState(NamedTuple):
     ema_mean: jax.Array
     ema_var: jax.Array
     centre_anchor: jax.Array
+    norm_quantile: jax.Array
     norm_history: Ring
     variance_history: Ring
     loss_scale_history: Ring
@@ -222,10 +226,11 @@ def from_flat(
 
     Also takes the nested form, each ring a mapping of ``values``, ``index``
     and ``count``: what a checkpoint read without a target holds for the
-    state (see :func:`from_restored`). A state of layout 2 is migrated
-    (SPEC.md, "Layout version"): it gains an empty ``explosion_norms`` ring,
-    sized like ``event_flags`` (both are E long), and every other field is
-    kept bit for bit. Reads ``state_version`` on the host.
+    state (see :func:`from_restored`). A state of layout 2 or 3 is migrated
+    (SPEC.md, "Layout version"): layout 2 gains an empty ``explosion_norms``
+    ring, sized like ``event_flags`` (both are E long), both gain
+    ``norm_quantile``, a copy of ``ema_mean``, and every other field is kept
+    bit for bit. Reads ``state_version`` on the host.
 
     Raises:
       StateVersionError: the flat state was written with a layout this
@@ -275,10 +280,11 @@ def from_restored(restored: Any, target: Any) -> Any:
     fields, a tuple as a list or as a dict keyed ``"0"``, ``"1"``, ...). Each
     leaf of ``target`` is looked up there by its path, and each
     :class:`GradientFlowState` in it is rebuilt by :func:`from_flat`, so a
-    stabilizer state of layout 2 is migrated on the way (SPEC.md, "Layout
-    version"). This is the way to read a checkpoint of layout 2: a restore
-    into a target of this layout fails inside Orbax or flax, whose trees
-    differ by the new ring. The arrays are copied to the default device.
+    stabilizer state of layout 2 or 3 is migrated on the way (SPEC.md,
+    "Layout version"). This is the way to read a checkpoint of layout 2 or 3:
+    a restore into a target of this layout fails inside Orbax or flax, whose
+    trees differ by the new fields. The arrays are copied to the default
+    device.
 
     Args:
       restored: the tree a checkpoint restored without a target.
@@ -303,7 +309,7 @@ def from_restored(restored: Any, target: Any) -> Any:
       >>> raw = flax.serialization.msgpack_restore(data)
       >>> state = from_restored(raw, jax.eval_shape(tx.init, params))
       >>> int(state.flow.state_version)
-      3
+      4
     """
 
     def fill(path, like):
@@ -355,7 +361,7 @@ def check_state(state: GradientFlowState, config: StabilizerConfig) -> None:
         if isinstance(state, Mapping):
             # A raw restore (a checkpoint read without a target): refuse
             # another layout by name, and say how to rebuild this one (a
-            # layout-2 state is migrated on the way).
+            # layout-2 or layout-3 state is migrated on the way).
             found = state.get(VERSION_FIELD)
             if not isinstance(found, jax.core.Tracer):
                 constants.check_version(found, "The state passed to update")

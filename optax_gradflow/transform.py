@@ -118,9 +118,12 @@ def init_state(
     # One buffer per field: a shared zero could not be donated to a jitted step.
     fields: dict[str, Any] = {name: jnp.zeros((), jnp.int32) for name in GradientFlowState._fields}
     threshold = jnp.asarray(threshold, jnp.float32)
-    ema_mean, centre_anchor = pipeline.rule_for(config).initial_levels(pipeline.JaxOps(), threshold)
-    # Two buffers: one shared buffer could not be donated to a jitted step.
+    ema_mean, centre_anchor, norm_quantile = pipeline.rule_for(config).initial_levels(
+        pipeline.JaxOps(), threshold
+    )
+    # Buffers of their own: one shared buffer could not be donated to a jitted step.
     ema_mean, centre_anchor = jnp.array(ema_mean), jnp.array(centre_anchor)
+    norm_quantile = jnp.array(norm_quantile, jnp.float32)
     fields.update(
         clip_threshold=threshold,
         loss_scale=jnp.asarray(config.initial_loss_scale, jnp.float32),
@@ -135,6 +138,7 @@ def init_state(
         ema_mean=ema_mean,
         ema_var=jnp.zeros((), jnp.float32),
         centre_anchor=centre_anchor,
+        norm_quantile=norm_quantile,
         state_version=jnp.asarray(STATE_VERSION, jnp.int32),
     )
     for ring, (size_field, dtype) in RINGS.items():

@@ -145,7 +145,7 @@ def test_round_trip_keeps_types_and_dtypes(fmt, tmp_path):
     assert_bitwise_equal(restored, state)
 
 
-# --- A checkpoint of layout 2 -------------------------------------------------
+# --- A checkpoint of layout 2 or 3 --------------------------------------------
 
 
 def map_flows(fn, tree):
@@ -157,21 +157,27 @@ def map_flows(fn, tree):
     )
 
 
-def as_layout_2(flow, version=2):
-    """``flow`` as the previous release saved it: the same names and paths, no
-    ring of exploding norms, ``state_version`` 2."""
+def as_layout(flow, version):
+    """``flow`` as an earlier release saved it: the same names and paths, no
+    ``norm_quantile`` (layouts 2 and 3), no ring of exploding norms (layout
+    2), ``state_version`` ``version``."""
+    dropped = {"norm_quantile"} | ({"explosion_norms"} if version == 2 else set())
     fields = {
         name: value._asdict() if isinstance(value, Ring) else value
         for name, value in flow._asdict().items()
-        if name != "explosion_norms"
+        if name not in dropped
     }
     fields["state_version"] = jnp.int32(version)
     return fields
 
 
-def emptied(flow):
-    """``flow`` with its ring of exploding norms as a fresh init has it."""
-    return flow._replace(explosion_norms=Ring.empty(CONFIG.event_history_size, jnp.float32))
+def migrated(flow, version):
+    """``flow`` as SPEC.md's migration of layout ``version`` rebuilds it: the
+    quantile at the centre, and (layout 2) the ring of exploding norms empty."""
+    flow = flow._replace(norm_quantile=flow.ema_mean)
+    if version == 2:
+        flow = flow._replace(explosion_norms=Ring.empty(CONFIG.event_history_size, jnp.float32))
+    return flow
 
 
 def save_orbax(tree, directory):
@@ -204,30 +210,44 @@ def restore_msgpack(data, target=None):
 SAVES = {"orbax": (save_orbax, restore_orbax), "msgpack": (save_msgpack, restore_msgpack)}
 
 
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("kind", ["chain", "wrapper"])
 @pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
-def test_a_layout_2_checkpoint_is_migrated_and_resumes_bit_for_bit(kind, fmt, tmp_path):
+def test_a_layout_2_or_3_checkpoint_is_migrated_and_resumes_bit_for_bit(
+    kind, fmt, version, tmp_path
+):
     save, restore = SAVES[fmt]
     opt, step = compiled(kind)
     params0 = init_params()
     params, state = train(step, params0, opt.init(params0), 0, RESUME_AT)
     flow = og.find_states(state)[0][1]
     assert int(flow.explosion_norms.count) == 2  # steps 12 and 13: the ring to be lost
-    saved = save({"params": params, "opt_state": map_flows(as_layout_2, state)}, tmp_path)
+    # The quantile to be lost is not the centre it restarts from.
+    assert float(flow.norm_quantile) != float(flow.ema_mean)
+    old = map_flows(lambda f: as_layout(f, version), state)
+    saved = save({"params": params, "opt_state": old}, tmp_path)
     target = jax.eval_shape(lambda: {"params": params0, "opt_state": opt.init(params0)})
 
-    # A target of layout 3 does not match the saved tree: Orbax and flax refuse it.
+    # A target of layout 4 does not match the saved tree: Orbax and flax refuse it.
     with pytest.raises(ValueError):
         restore(saved, target)
     restored = from_restored(restore(saved), target)
 
-    ring = og.find_states(restored["opt_state"])[0][1].explosion_norms
-    np.testing.assert_array_equal(ring.values, np.zeros(CONFIG.event_history_size, np.float32))
-    assert (int(ring.index), int(ring.count)) == (0, 0)
-    # Everything else bit for bit, state_version 3 (as in the source).
-    expected = {"params": params, "opt_state": map_flows(emptied, state)}
+    restored_flow = og.find_states(restored["opt_state"])[0][1]
+    assert float(restored_flow.norm_quantile) == float(flow.ema_mean)
+    ring = restored_flow.explosion_norms
+    if version == 2:
+        np.testing.assert_array_equal(ring.values, np.zeros(CONFIG.event_history_size, np.float32))
+        assert (int(ring.index), int(ring.count)) == (0, 0)
+    else:
+        assert int(ring.count) == 2
+    # Everything else bit for bit, state_version 4 (as in the source).
+    expected = {
+        "params": params,
+        "opt_state": map_flows(lambda f: migrated(f, version), state),
+    }
     assert_bitwise_equal(restored, expected)
-    assert int(og.find_states(restored["opt_state"])[0][1].state_version) == 3
+    assert int(restored_flow.state_version) == 4
 
     # Resumed, the migrated state runs as the source with its ring emptied.
     got = train(step, restored["params"], restored["opt_state"], RESUME_AT, STEPS)
@@ -245,13 +265,13 @@ def test_a_checkpoint_of_layout_1_or_of_a_newer_layout_is_refused(fmt, tmp_path)
     def layout_1(flow):
         # Each ring as three flat fields, no state_version.
         flat = to_flat(flow)
-        del flat["state_version"], flat["explosion_norms"]
+        del flat["state_version"], flat["explosion_norms"], flat["norm_quantile"]
         del flat["explosion_norms_index"], flat["explosion_norms_count"]
         return flat
 
     old = save(map_flows(layout_1, state), tmp_path / "old")
-    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 3"):
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 4"):
         from_restored(restore(old), target)
-    newer = save(map_flows(lambda f: as_layout_2(f, version=4), state), tmp_path / "newer")
+    newer = save(map_flows(lambda f: as_layout(f, version=5), state), tmp_path / "newer")
     with pytest.raises(StateVersionError, match="newer release"):
         from_restored(restore(newer), target)

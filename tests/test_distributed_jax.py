@@ -43,7 +43,7 @@ ADAM_ATOL = 1e-8
 # them, and the spread, an EMA of differences of logs, is small (~1e-2), so a
 # relative tolerance would demand more than float32 gives. They are compared
 # with this absolute tolerance too (log units: a relative 1e-7 of the norm).
-LOG_FIELDS = ("ema_mean", "ema_var", "centre_anchor")
+LOG_FIELDS = ("ema_mean", "ema_var", "centre_anchor", "norm_quantile")
 LOG_ATOL = 1e-7
 # The diagnostics' windowed variance of the norms, sum (n - mean)^2 / W,
 # loses to cancellation: a rounding delta ~6e-8 n of each norm moves it by

@@ -42,7 +42,7 @@ PARAM_ATOL = 1e-7
 # means nothing: the norm's last-bit difference becomes an absolute one of
 # about 1e-8 in the log. Compared with this absolute tolerance too (log
 # units: a relative 1e-7 of the norm).
-LOG_FIELDS = ("ema_mean", "ema_var", "centre_anchor", "norm_trend")
+LOG_FIELDS = ("ema_mean", "ema_var", "centre_anchor", "norm_quantile", "norm_trend")
 LOG_ATOL = 1e-7
 # The loss gate's spread is an average of |loss - centre|, a difference of two
 # nearly equal losses: a last-bit difference of the (all-reduced) loss is an

@@ -47,7 +47,7 @@ DIAG_FIELDS = frozenset({"norm_trend", "variance_history"})
 # fields also get an absolute tolerance, because the centre crosses 0 when the
 # norms cross 1, where a relative tolerance means nothing.
 TRACK_RTOL = 4e-6
-LOG_FIELDS = frozenset({"ema_mean", "ema_var", "centre_anchor"})
+LOG_FIELDS = frozenset({"ema_mean", "ema_var", "centre_anchor", "norm_quantile"})
 LOG_ATOL = 2e-6
 # The loss gate's spread is an EMA of |loss - loss_centre|, a difference of
 # nearly equal numbers: XLA's CPU backend contracts the centre's
@@ -230,6 +230,7 @@ def test_every_listed_scenario_has_a_file():
         "track_bad_start",
         "track_level_shift",
         "track_explosion",
+        "track_quantile",
         "track_loss_outlier",
         "track_zero_start",
         "track_waiting",

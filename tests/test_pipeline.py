@@ -107,7 +107,7 @@ def test_ring_push_is_an_in_place_one_element_update():
 
 def test_fresh_state_carries_the_layout_version():
     state = og.stabilize(1e-2).init({"w": jnp.ones(3)})
-    assert int(state.state_version) == STATE_VERSION == 3
+    assert int(state.state_version) == STATE_VERSION == 4
     flat = to_flat(state)
     assert tuple(flat) == constants.FLAT_FIELDS
     back = from_flat(flat)
@@ -124,11 +124,11 @@ def _old_layout(state) -> dict:
 
 def test_an_old_layout_gets_an_error_naming_both_versions():
     state = og.stabilize(1e-2).init({"w": jnp.ones(3)})
-    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 3"):
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 4"):
         from_flat(_old_layout(state))
-    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 3"):
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 4"):
         check_state(_old_layout(state), StabilizerConfig())
-    newer = dict(to_flat(state), state_version=np.int32(4))
+    newer = dict(to_flat(state), state_version=np.int32(5))
     with pytest.raises(StateVersionError, match="newer release"):
         from_flat(newer)
 
@@ -147,11 +147,46 @@ def _with_explosions():
 
 
 def _layout_2(flat) -> dict:
-    """The flat form of ``flat`` as the previous release wrote it: no ring of
-    exploding norms, ``state_version`` 2."""
-    old = {k: np.asarray(v) for k, v in flat.items() if not k.startswith("explosion_norms")}
+    """The flat form of ``flat`` as layout 2 had it: no ring of exploding
+    norms, no ``norm_quantile``, ``state_version`` 2."""
+    old = {k: np.asarray(v) for k, v in _layout_3(flat).items()}
+    old = {k: v for k, v in old.items() if not k.startswith("explosion_norms")}
     old[constants.VERSION_FIELD] = np.int32(2)
     return old
+
+
+def _layout_3(flat) -> dict:
+    """The flat form of ``flat`` as layout 3 had it: no ``norm_quantile``,
+    ``state_version`` 3."""
+    old = {k: np.asarray(v) for k, v in flat.items() if k != "norm_quantile"}
+    old[constants.VERSION_FIELD] = np.int32(3)
+    return old
+
+
+def _same_steps(tx, params, a, b):
+    """The next step from ``a`` is, bit for bit, the step from ``b``."""
+    update = jax.jit(tx.update)
+    grads = {"w": jnp.full(3, 60.0, jnp.float32)}
+    for x, y in zip(
+        jax.tree.leaves(update(grads, a, params)),
+        jax.tree.leaves(update(grads, b, params)),
+        strict=True,
+    ):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_a_layout_3_flat_state_is_migrated_with_the_quantile_at_the_centre():
+    tx, params, state = _with_explosions()
+    migrated = from_flat(_layout_3(to_flat(state)))
+    assert int(migrated.state_version) == 4
+    # SPEC.md, "Layout version": u starts from the centre c.
+    assert migrated.norm_quantile.dtype == jnp.float32
+    assert float(migrated.norm_quantile) == float(state.ema_mean)
+    restarted = state._replace(norm_quantile=state.ema_mean)
+    for name, value in to_flat(restarted).items():
+        got = np.asarray(to_flat(migrated)[name])
+        assert got.dtype == value.dtype and got.tobytes() == np.asarray(value).tobytes(), name
+    _same_steps(tx, params, migrated, restarted)
 
 
 def test_a_layout_2_flat_state_is_migrated_with_an_empty_ring_of_exploding_norms():
@@ -162,21 +197,17 @@ def test_a_layout_2_flat_state_is_migrated_with_an_empty_ring_of_exploding_norms
     assert ring.values.dtype == jnp.float32
     # Sized like event_flags: both rings are E = event_history_size long.
     np.testing.assert_array_equal(ring.values, np.zeros(StabilizerConfig().event_history_size))
-    assert int(migrated.state_version) == 3
+    assert int(migrated.state_version) == 4
     assert isinstance(migrated, og.GradientFlowState)
-    emptied = state._replace(explosion_norms=Ring.empty(ring.values.shape[0], jnp.float32))
+    emptied = state._replace(
+        explosion_norms=Ring.empty(ring.values.shape[0], jnp.float32),
+        norm_quantile=state.ema_mean,
+    )
     for name, value in to_flat(emptied).items():
         got = np.asarray(to_flat(migrated)[name])
         assert got.dtype == value.dtype and got.tobytes() == np.asarray(value).tobytes(), name
     # The next step from the migrated state is the step from the emptied one.
-    update = jax.jit(tx.update)
-    grads = {"w": jnp.full(3, 60.0, jnp.float32)}
-    for a, b in zip(
-        jax.tree.leaves(update(grads, migrated, params)),
-        jax.tree.leaves(update(grads, emptied, params)),
-        strict=True,
-    ):
-        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    _same_steps(tx, params, migrated, emptied)
 
 
 def test_from_flat_takes_the_nested_form_of_a_raw_restore():
@@ -185,7 +216,7 @@ def test_from_flat_takes_the_nested_form_of_a_raw_restore():
     back = from_flat(nested)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-    del nested["explosion_norms"]
+    del nested["explosion_norms"], nested["norm_quantile"]
     nested[constants.VERSION_FIELD] = np.int32(2)
     assert int(from_flat(nested).explosion_norms.count) == 0
 

@@ -30,7 +30,7 @@ from optax_gradflow.constants import Event  # noqa: E402
 from optax_gradflow.torch import functional, host, traced  # noqa: E402
 
 RTOL = 1e-5
-LOG_FIELDS = frozenset({"ema_mean", "ema_var", "centre_anchor"})
+LOG_FIELDS = frozenset({"ema_mean", "ema_var", "centre_anchor", "norm_quantile"})
 LOSS_FIELDS = frozenset({"loss_centre", "loss_reference", "loss_spread"})
 
 CONFIGS = {

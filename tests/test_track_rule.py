@@ -58,6 +58,9 @@ HAND = dataclasses.replace(
     emergency_threshold_factor=0.5,
     emergency_hold_steps=100,
     emergency_rearm_steps=400,
+    # No quantile: these hand computations pin the threshold, the cut and the
+    # emergency; the quantile's own tests below use the default.
+    track_quantile=0.0,
 )
 
 
@@ -563,6 +566,87 @@ def test_scale_free(c):
     np.testing.assert_allclose(got["thr"] / np.float32(c), ref["thr"], rtol=1e-4)
 
 
+# --- The quantile: an explosion is a norm the stream itself rarely produces --
+
+
+def bimodal(periods: int) -> np.ndarray:
+    """Norms 1, 1, 1, 100, repeated: a quarter of the steps in an upper mode
+    100x over the rest (as PPO's first rollouts give)."""
+    return np.tile(np.float32([1.0, 1.0, 1.0, 100.0]), periods)
+
+
+def test_a_regular_upper_mode_stops_counting_as_explosions():
+    # Default config, t0 = 1: c = 0, u = ln 3 = 1.0986 (SPEC.md, "Tracking
+    # rule"). A norm of 1 is under u: u falls by 0.1 * 0.05 = 0.005; a norm of
+    # 100 (lnf = 4.6052) over u: u rises by 0.1 * 0.95 = 0.095. The threshold
+    # stays near 1.4 (c near 0.13, spread near 0.2), so every 100 is over
+    # 3 * t: an explosion exactly while it is above u. The j-th 100 (step
+    # 4j + 3) enters with u = 1.0986 - 0.015 + 0.08 j, above 4.6052 from j = 45
+    # on: steps 3, 7, ..., 179 are the explosions of the start. The 45th
+    # (j = 44, u = 4.6036) leaves u at 4.6986; the next periods enter with
+    # 4.6836, 4.6636, 4.6436, 4.6236, and j = 49 with 4.6036 again: step 199
+    # is the next explosion.
+    _, r = run(bimodal(500), initial_threshold=1.0)
+    hundreds = np.arange(3, 2000, 4)
+    assert (r["thr"] * 3 < 100).all()
+    first = np.flatnonzero(r["explosion"][:180])
+    np.testing.assert_array_equal(first, hundreds[:45])
+    assert np.flatnonzero(r["explosion"][180:])[0] + 180 == 199
+    # From then on u falls by 4 * 0.005 = 0.02 a period and rises by 0.095 on
+    # each explosion, so explosions come 4 or 5 periods (16 or 20 steps)
+    # apart: between 80 and 100 of the 1600 steps from 400 on, about 5% (1 -
+    # track_quantile); never two in a row, so no emergency.
+    late = np.flatnonzero(r["explosion"][400:]) + 400
+    assert 80 <= len(late) <= 100
+    assert set(np.diff(late)) <= {16, 20}
+    assert r["emergencies"][-1] == 0
+    # The report's clip count still sees every 100: each is clipped.
+    assert r["clipped"][hundreds].all()
+
+
+def test_a_lone_spike_and_a_divergence_are_still_explosions():
+    # After the bimodal stream u sits at the upper mode, lnf(100) = 4.6: a
+    # norm 100x over it (lnf 9.2) is above u and over 3 * t.
+    spike = np.concatenate([bimodal(500), np.float32([1e4]), bimodal(10)])
+    _, r = run(spike, initial_threshold=1.0)
+    assert r["explosion"][2000]
+    # A calm stream of norm 1 (c = 0, spread 0, t = 1; u falls 0.005 a step
+    # from ln 3 to 0.5986 after 100 steps), then norms 1.5^k, k = 1, 2, ...:
+    # k = 1 (lnf 0.405) is under u, k = 2 (0.811) above it. From k = 3 each
+    # log-norm grows 0.405 a step, u at most 0.095, and the threshold by at
+    # most e^0.04 (track_max_rise, and a spread step of at most 0.05 * 0.4):
+    # 1.5^3 = 3.375 > 3 * 1.08 (t after k = 2: e^(0.04 + 0.039)), so every
+    # step from k = 3 on is an explosion, and the fifth in a row (k = 7,
+    # step 106) fires the emergency.
+    norms = np.concatenate([np.ones(100, np.float32), np.float32(1.5) ** np.arange(1, 13)])
+    _, r = run(norms, initial_threshold=1.0)
+    assert not r["explosion"][:102].any()
+    assert r["explosion"][102:].all()
+    assert list(np.flatnonzero(np.diff(r["emergencies"], prepend=0))) == [106]
+
+
+def test_track_quantile_zero_counts_every_norm_over_three_thresholds():
+    # track_quantile = 0: no quantile; every 100 of the bimodal stream is over
+    # 3 * t, so each is an explosion.
+    config = dataclasses.replace(DEFAULT, track_quantile=0.0)
+    _, r = run(bimodal(100), config=config, initial_threshold=1.0)
+    np.testing.assert_array_equal(np.flatnonzero(r["explosion"]), np.arange(3, 400, 4))
+
+
+def test_a_norm_over_three_thresholds_under_the_quantile_is_cut_but_not_counted():
+    # The cut and the anchor act on every norm over 3 * t, counted or not:
+    # the case (0.0, -0.05) of the test above with u = 20 on entry (lnf(1e4)
+    # = 9.21 under it). No explosion is counted, the centre is cut to -0.05
+    # as there, the anchor stays 0, and u falls by 0.1 * 0.05 = 0.005.
+    config = dataclasses.replace(HAND, track_quantile=0.95)
+    state = fresh(norm_quantile=20.0, **RISING)
+    _, new = one_step(state, 1e4, config=config)
+    assert int(new.explosion_count) == 0 and int(new.consecutive_explosions) == 0
+    assert float(new.ema_mean) == pytest.approx(-0.05, abs=1e-5)
+    assert float(new.centre_anchor) == 0.0
+    assert float(new.norm_quantile) == pytest.approx(19.995, rel=RTOL32)
+
+
 # --- The loss gate: a climbing loss marks an explosion in progress ----------
 
 
@@ -599,7 +683,7 @@ def test_an_explosion_with_a_climbing_loss_is_tightened_within_the_floor():
     u = DEFAULT.track_loss_rel * abs(r["loss_reference"][fire])
     per_step = DEFAULT.track_rate * 10 * r["loss_spread"][fire]
     reopened = math.ceil(u / per_step) + 1
-    assert reopened < 15
+    assert reopened < climb // 5
     accepts = 1 + math.ceil((end - first) / DEFAULT.track_accept_steps)
     assert rising[first:end].sum() >= (end - first) - accepts * reopened
     # From then on every step is an explosion or enters with the gate rising:

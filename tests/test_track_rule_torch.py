@@ -693,3 +693,24 @@ def test_data_mode_caps_the_first_norm_by_the_parameters():
     # Given explicitly, without an optimizer.
     stab = ogt.GradientFlowStabilizer(params=[weight])
     assert float(stab.state_dict()["clip_threshold"]) == pytest.approx(0.25, rel=1e-6)
+
+
+# --- The quantile ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_a_regular_upper_mode_stops_counting_as_explosions(path):
+    # Norms 1, 1, 1, 100 repeated from t0 = 1 (the JAX twin in
+    # test_track_rule.py derives it): u = ln 3 falls 0.005 under a 1 and rises
+    # 0.095 over a 100, so the 100s of steps 3, 7, ..., 179 are explosions
+    # (until u passes lnf(100) = 4.6052), then the next is at step 199; that
+    # one leaves u where the 45th did (4.6986), so the cycle repeats every 5
+    # periods: 219, 239.
+    state = ogt.init_state(initial_threshold=1.0)
+    explosions = []
+    for k, n in enumerate(np.tile(np.float32([1.0, 1.0, 1.0, 100.0]), 60)):
+        _, state = ogt.update([torch.tensor([n])], state, path=path)
+        if _flag(state) & 2:
+            explosions.append(k)
+    assert explosions == [*range(3, 180, 4), 199, 219, 239]
+    assert int(state["emergency_count"]) == 0

@@ -82,8 +82,8 @@ def to_jax_state(state: Mapping[str, torch.Tensor]) -> Any:
 
     Imports JAX.
 
-    A state dict of layout 2 is migrated first (:func:`migrate_state`; SPEC.md,
-    "Layout version").
+    A state dict of layout 2 or 3 is migrated first (:func:`migrate_state`;
+    SPEC.md, "Layout version").
 
     Raises:
       StateVersionError: a state dict of layout 1 (without

@@ -462,7 +462,8 @@ class GradientFlowStabilizer:
 
         The tensors are copied onto the device the current state is on.
 
-        A state dict of layout 2 is migrated first (:func:`migrate_state`:
+        A state dict of layout 2 or 3 is migrated first
+        (:func:`migrate_state`: the quantile at the centre, and for layout 2
         an empty ring of exploding norms; SPEC.md, "Layout version").
 
         Raises:

@@ -45,11 +45,6 @@ RINGS: dict[str, tuple[str, torch.dtype]] = {
 
 State = dict[str, torch.Tensor]
 
-# The keys that layout 3 added (SPEC.md, "Layout version").
-_MIGRATED_KEYS = tuple(
-    constants.flat_name(constants.MIGRATED_RING, part) for part in constants.RING_PARTS
-)
-
 
 def expected_specs(config: StabilizerConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Field name -> (shape, dtype) of a state built from ``config``."""
@@ -77,9 +72,10 @@ def check_version(state: Mapping[str, Any], where: str, *, read: bool = True) ->
 
 def migrate_state(state: Mapping[str, Any]) -> State:
     """``state`` in this layout: a state dict of layout 2 gains an empty ring
-    of exploding norms (SPEC.md, "Layout version").
+    of exploding norms, one of layout 2 or 3 ``norm_quantile``, a copy of its
+    ``ema_mean`` (SPEC.md, "Layout version").
 
-    The new tensors are on the device of ``state["event_flags"]``; every other
+    The new ring is on the device of ``state["event_flags"]``; every other
     tensor is the one given, not a copy. A state of any other layout comes back
     as a new dict of the same tensors, for :func:`check_version` to judge.
     Reads ``"state_version"`` on the host (one int32).
@@ -107,10 +103,11 @@ def check_state(
         raise TypeError(f"The state must be a dict of tensors, got {type(state).__name__}.")
     check_version(state, "The stabilizer state", read=read_version)
     missing = [name for name in FIELDS if name not in state]
-    if missing == list(_MIGRATED_KEYS):
-        # The keys of layout 2, told apart without reading the version: the
-        # step does not migrate (migrate_state does, before it).
-        constants.check_version(constants.MIGRATED_VERSION, "The stabilizer state")
+    for version in constants.MIGRATED_VERSIONS:
+        if set(missing) == set(constants.missing_keys(version)):
+            # The keys of layout 2 or 3, told apart without reading the
+            # version: the step does not migrate (migrate_state does, before it).
+            constants.check_version(version, "The stabilizer state")
     if missing:
         raise ValueError(f"State is missing key(s) {missing}.")
     extra = sorted(str(name) for name in state if name not in FIELDS)
@@ -152,11 +149,6 @@ def _f32(value: float) -> torch.Tensor:
 
 def _clamp_threshold(value: torch.Tensor, config: StabilizerConfig) -> torch.Tensor:
     return torch.clamp(value, min=config.min_threshold, max=config.max_threshold)
-
-
-def log_floored(x: torch.Tensor) -> torch.Tensor:
-    """``lnf(x) = ln(max(x, 2^-126))`` in float32 (SPEC.md, "Tracking rule")."""
-    return torch.log(torch.clamp(x, min=LOG_FLOOR))
 
 
 def threshold_at_init(
@@ -323,12 +315,14 @@ def init_state(
     # The loss gate knows no loss yet (SPEC.md, "Loss gate").
     state["loss_centre"] = _f32(math.nan)
     state["loss_reference"] = _f32(math.nan)
-    if config.adaptation_rule == "track":
-        # The tracker starts from the initial threshold: c = anchor = lnf(t0)
-        # (in data mode a placeholder, replaced by the first finite, positive norm).
-        start = log_floored(threshold)
-        state["ema_mean"] = start.clone()
-        state["centre_anchor"] = start.clone()
+    # The rule's starting levels (the track rule: c = anchor = lnf(t0), u = c +
+    # ln(explosion_factor); in data mode placeholders, replaced by the first
+    # finite, positive norm), computed by the shared arithmetic.
+    from optax_gradflow.torch.functional import TorchOps, rule_for
+
+    levels = rule_for(config).initial_levels(TorchOps(torch.device("cpu")), threshold)
+    for name, value in zip(("ema_mean", "centre_anchor", "norm_quantile"), levels, strict=True):
+        state[name] = torch.as_tensor(value, dtype=torch.float32).clone()
     # The loss-scale history starts with the initial scale.
     state["loss_scale_history"][0] = config.initial_loss_scale
     state["loss_scale_history_index"] = torch.tensor(

@@ -403,9 +403,12 @@ SCENARIOS = {
         "description": "An explicit start 100x below the norms (0.05 against ~5): every step "
         f"explodes, the fifth fires the one emergency (centre - ln 2, a hold of {HOLD} steps in "
         f"which the centre cannot rise), then the centre rises by track_max_rise = {RISE} per "
-        "step until the threshold is back around the norms; the unbroken run of explosions "
-        "fires no second emergency. A start 100x above falls by track_max_fall = "
-        f"{FALL} per step (e is clipped at -track_max_fall / track_rate).",
+        "step until the threshold is back around the norms. The norms stay over 3x the "
+        "threshold all that time, but they are explosions only while above the quantile u, "
+        "which climbs from ln 0.05 + ln 3 by track_quantile_rate * track_quantile a step: "
+        "the first 40 steps or so, then a few, and none fires a second emergency. A start 100x "
+        f"above falls by track_max_fall = {FALL} per step (e is clipped at -track_max_fall / "
+        "track_rate).",
         "spec_sections": ["Initial threshold", "Tracking rule"],
         "runs": [
             run(
@@ -425,8 +428,9 @@ SCENARIOS = {
     "track_level_shift": {
         "description": "A lasting x10 rise of the norm at step 50 with a steady loss "
         "(value = 1 every step, so the loss gate stays open): one emergency at step 54 "
-        f"(centre - ln 2, hold of {HOLD} steps), no other during the unbroken run of explosions, "
-        f"then the centre follows the new level at {RISE} per step. A burst of six x100 "
+        f"(centre - ln 2, hold of {HOLD} steps), then the centre follows the new level at {RISE} "
+        "per step; the steps of the new level are explosions only until the quantile u reaches "
+        "it, and no other emergency fires. A burst of six x100 "
         "explosions at steps 340-345 reaches the patience at step 344, 290 steps after the "
         "emergency: not re-armed (emergency_rearm_steps = 400), no emergency. A second x10 "
         "rise at step 520 (470 steps after the first emergency) fires the second one at "
@@ -454,7 +458,8 @@ SCENARIOS = {
         "centre above reference + track_loss_k spreads) within a few steps, before the first "
         "explosion: the centre stops rising and the anchor stays at the last calm centre. "
         "A step later the loss is climbing (above reference + track_loss_cut_k spreads): on "
-        f"explosions the centre falls by track_max_fall = {FALL} per step, never below "
+        "norms over 3x the threshold (explosions, or under the quantile u once it has caught "
+        f"up) the centre falls by track_max_fall = {FALL} per step, never below "
         "anchor - ln(track_max_cut), and one emergency fires. After the explosion the loss "
         "falls back, the gate reopens and the tracker climbs back. The second run has loss "
         "scaling on (the emergency also cuts the scale). Both set track_loss_rel = 0, so that "
@@ -482,6 +487,33 @@ SCENARIOS = {
                 ("loss climbs with the norm", {"track_loss_rel": 0.0}, 450),
                 ("with loss scaling", {"loss_scaling": True, "track_loss_rel": 0.0}, 260),
                 ("default track_loss_rel", {}, 260),
+            )
+        ],
+    },
+    "track_quantile": {
+        "description": "The quantile u of the track rule (start t0 = 1: c = 0, u = ln 3). "
+        "Norms 1, 1, 1, 100 repeated: u falls by track_quantile_rate * (1 - track_quantile) "
+        "under a 1 and rises by track_quantile_rate * track_quantile over a 100, so every 100 "
+        "(over 3x the threshold) is an explosion until u passes lnf(100), then about one in "
+        "five; never two in a row, no emergency. At step 300 a single 1e4 is above u and an "
+        "explosion. The second run has track_quantile = 0: every 100 is an explosion.",
+        "spec_sections": ["Tracking rule", "Per-step order"],
+        "runs": [
+            run(
+                label,
+                seed=False,
+                config=config,
+                init={"initial_threshold": 1.0},
+                inputs=formula(
+                    "1e4 if k == 300 else 100.0 if k % 4 == 3 else 1.0",
+                    320,
+                    base=[[1.0]],
+                    dtypes=["float32"],
+                ),
+            )
+            for label, config in (
+                ("bimodal norms, a 1e4 spike at step 300", {}),
+                ("bimodal norms, track_quantile = 0", {"track_quantile": 0.0}),
             )
         ],
     },

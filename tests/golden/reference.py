@@ -54,6 +54,8 @@ DEFAULTS: dict[str, object] = {
     "track_loss_rel": 0.2,
     "track_accept_steps": 50,
     "track_max_cut": 10.0,
+    "track_quantile": 0.95,
+    "track_quantile_rate": 0.1,
     "adaptation_percentile": 90.0,
     "adaptation_k": 3.0,
     "norm_history_size": 1000,
@@ -194,6 +196,8 @@ def init(
     # The track rule starts its centre (and anchor) at lnf(t0); the others
     # leave both at 0.
     centre = lnf(threshold) if cfg["adaptation_rule"] == "track" else f32(0.0)
+    # ... and its quantile u at c + ln(explosion_factor) ("Tracking rule").
+    quantile = quantile_start(centre, cfg) if cfg["adaptation_rule"] == "track" else f32(0.0)
     state: dict = {
         "stabilizer_step": 0,
         "clip_threshold": threshold,
@@ -219,6 +223,7 @@ def init(
         "ema_mean": centre,
         "ema_var": f32(0.0),
         "centre_anchor": centre,
+        "norm_quantile": quantile,
     }
     for ring, size_field in RING_SIZES.items():
         size = cfg[size_field]
@@ -325,7 +330,7 @@ def loss_climbing(centre, reference, spread, cfg: dict) -> bool:
     return _loss_above(centre, reference, spread, cfg["track_loss_cut_k"], cfg["track_loss_rel"])
 
 
-def track_adapt(c, d, anchor, n, *, hold: bool, climbing: bool, explosion: bool, cfg: dict):
+def track_adapt(c, d, anchor, n, *, hold: bool, climbing: bool, high: bool, cfg: dict):
     """(c', d') of a finite step after the start ("Tracking rule", "Adaptation")."""
     r = f32(cfg["track_rate"])
     # The bounds: computed in float64, rounded to float32.
@@ -336,12 +341,32 @@ def track_adapt(c, d, anchor, n, *, hold: bool, climbing: bool, explosion: bool,
     step = f32(min(f32(e + d), f32(0.0))) if hold else e
     c1 = f32(c + f32(r * step))
     d_new = f32(d + f32(r * f32(abs(e) - d)))
-    # An explosion in progress: the loss climbing (track_loss_cut_k) and an explosion.
-    if climbing and explosion:
+    # An explosion in progress: the loss climbing (track_loss_cut_k) and a norm
+    # over explosion_factor * t (in the quantile u or not).
+    if climbing and high:
         down = f32(c - f32(cfg["track_max_fall"]))
         floor = f32(anchor - f32(np.log(f32(cfg["track_max_cut"]))))
         c1 = f32(max(min(c1, down), min(floor, c)))
     return c1, d_new
+
+
+def quantile_start(c, cfg: dict):
+    """``u = c + ln(explosion_factor)`` at the tracker's start (``c`` for an infinite factor)."""
+    if math.isinf(cfg["explosion_factor"]):
+        return c
+    return f32(c + f32(np.log(f32(cfg["explosion_factor"]))))
+
+
+def uses_quantile(cfg: dict) -> bool:
+    """Whether the track rule's explosions also need ``lnf(n) > u``."""
+    return cfg["track_quantile"] > 0 and not math.isinf(cfg["explosion_factor"])
+
+
+def quantile_step(u, above: bool, cfg: dict):
+    """``u + rate * q`` after a log-norm above u, else ``u - rate * (1 - q)``;
+    each step computed in float64 and rounded to float32 once."""
+    rate, q = cfg["track_quantile_rate"], cfg["track_quantile"]
+    return f32(u + f32(rate * q)) if above else f32(u - f32(rate * (1.0 - q)))
 
 
 def learning_steps(cfg: dict) -> int:
@@ -471,7 +496,11 @@ def _step(state, leaves, dtypes, cfg, value):
     if track and st["emergency_hold_left"] > 0:
         t_explosion = f32(t / f32(cfg["emergency_threshold_factor"]))
     nonfinite = not finite
-    explosion = finite and bool(n > f32(f32(cfg["explosion_factor"]) * t_explosion))
+    # "high": over explosion_factor times the threshold. Under the track rule
+    # an explosion is also above the quantile u of the state on entry.
+    high = finite and bool(n > f32(f32(cfg["explosion_factor"]) * t_explosion))
+    above = track and uses_quantile(cfg) and bool(lnf(n) > st["norm_quantile"])
+    explosion = high and (above if track and uses_quantile(cfg) else True)
     vanishing = finite and not explosion and bool(n < f32(cfg["vanishing_norm"]))
     clipped = finite and bool(n > t)
 
@@ -541,7 +570,7 @@ def _step(state, leaves, dtypes, cfg, value):
                 n,
                 hold=hold,
                 climbing=climbing,
-                explosion=explosion,
+                high=high,
                 cfg=cfg,
             )
             t_new = track_threshold(c, d, cfg)
@@ -549,8 +578,13 @@ def _step(state, leaves, dtypes, cfg, value):
             # A non-finite step (or a zero norm while waiting) changes neither c nor
             # d, nor the threshold (while waiting: the parameters' cap).
             t_new = st["clip_threshold"]
-        if started or (not rising and finite and not explosion):
+        if started or (not rising and finite and not high):
             st["centre_anchor"] = c
+        if uses_quantile(cfg):
+            if started:
+                st["norm_quantile"] = quantile_start(c, cfg)
+            elif finite and not waiting:
+                st["norm_quantile"] = quantile_step(st["norm_quantile"], above, cfg)
         left_next = 1 if (waiting and not started) else 0
         adapted = started or (
             cfg["adaptation_interval"] > 0
