@@ -205,9 +205,7 @@ def missing_keys(version: int) -> tuple[str, ...]:
 
 
 def migrate_flat(
-    flat: Mapping[str, Any],
-    full: Callable[[tuple[int, ...], int, str], Any],
-    like: Callable[[Any], Any] | None = None,
+    flat: Mapping[str, Any], full: Callable[[tuple[int, ...], int, str], Any]
 ) -> dict[str, Any]:
     """The flat form of a state in this layout (SPEC.md, "Layout version").
 
@@ -219,8 +217,8 @@ def migrate_flat(
     4; every other key is kept as it is, the same objects. Any other state
     comes back unchanged, for :func:`check_version` to judge.
     ``full(shape, value, dtype_name)`` makes one of the framework's arrays
-    (``numpy.full`` with the dtype by name); ``like(x)`` copies one (a copy
-    by default).
+    (``numpy.full`` with the dtype by name); the copy of ``ema_mean`` is
+    ``clone()`` for a torch tensor, ``copy()`` otherwise.
 
     Reads ``state_version`` once (a device-to-host transfer where it is on a
     device).
@@ -247,8 +245,7 @@ def migrate_flat(
         raise ValueError(
             f"A state of layout {version} lacks 'ema_mean', from which {MIGRATED_SCALAR!r} starts."
         )
-    copy = like if like is not None else _copy
-    migrated[MIGRATED_SCALAR] = copy(flat["ema_mean"])
+    migrated[MIGRATED_SCALAR] = _copy(flat["ema_mean"])
     migrated[VERSION_FIELD] = full((), STATE_VERSION, "int32")
     return {name: migrated[name] for name in sorted(migrated, key=_flat_position)}
 

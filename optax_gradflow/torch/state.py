@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from optax_gradflow import constants
+from optax_gradflow import arithmetic, constants
 from optax_gradflow import learning_rate as learning_rate_lib
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import (  # noqa: F401  (re-exported)
@@ -265,6 +265,18 @@ def parameter_cap(params: Any, config: StabilizerConfig) -> torch.Tensor:
     return _f32(config.max_threshold)
 
 
+class _InitOps(arithmetic.Ops):
+    """The few operations of a rule's start, on float32 CPU tensors
+    (:meth:`optax_gradflow.arithmetic.Rule.initial_levels`)."""
+
+    def f32(self, value):
+        return _f32(float(value))
+
+    log = staticmethod(torch.log)
+    maximum = staticmethod(torch.maximum)
+    where = staticmethod(torch.where)
+
+
 def init_state(
     learning_rate: float | Callable[[int], Any] | None = None,
     *,
@@ -318,9 +330,7 @@ def init_state(
     # The rule's starting levels (the track rule: c = anchor = lnf(t0), u = c +
     # ln(explosion_factor); in data mode placeholders, replaced by the first
     # finite, positive norm), computed by the shared arithmetic.
-    from optax_gradflow.torch.functional import TorchOps, rule_for
-
-    levels = rule_for(config).initial_levels(TorchOps(torch.device("cpu")), threshold)
+    levels = arithmetic.rule_for(config).initial_levels(_InitOps(), threshold)
     for name, value in zip(("ema_mean", "centre_anchor", "norm_quantile"), levels, strict=True):
         state[name] = torch.as_tensor(value, dtype=torch.float32).clone()
     # The loss-scale history starts with the initial scale.
