@@ -683,6 +683,11 @@ def test_an_explosion_with_a_climbing_loss_is_tightened_within_the_floor():
     u = DEFAULT.track_loss_rel * abs(r["loss_reference"][fire])
     per_step = DEFAULT.track_rate * 10 * r["loss_spread"][fire]
     reopened = math.ceil(u / per_step) + 1
+    # Short against the climb (18 steps here). The norms grow by 1.1x a step
+    # with noise, about as fast as the quantile u rises (0.095 a step), so a
+    # few of them fall under u and break the run of explosions: the
+    # emergency fires at step 431 (423 without the quantile), at a higher
+    # loss reference and so a larger unit u.
     assert reopened < climb // 5
     accepts = 1 + math.ceil((end - first) / DEFAULT.track_accept_steps)
     assert rising[first:end].sum() >= (end - first) - accepts * reopened
