@@ -829,8 +829,9 @@ class TrackRule(Rule):
         # The tracker starts from the initial threshold: c = anchor = lnf(t0),
         # u = c + ln(explosion_factor) (in data mode placeholders, replaced by
         # the first norm).
+        # The callers copy each level into a buffer of its own.
         centre = log_floored(xp, threshold)
-        return centre, log_floored(xp, threshold), self.quantile_start(xp, centre)
+        return centre, centre, self.quantile_start(xp, centre)
 
     def quantile_start(self, xp: Ops, centre: Array) -> Array:
         """``u`` at the tracker's start: ``c + ln(explosion_factor)`` (``c``
