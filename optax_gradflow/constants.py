@@ -93,8 +93,9 @@ UPDATE_RATIO_HISTORY_SIZE = 100
 # regrouped. Layout 1 kept each ring as three flat fields (X, X_index,
 # X_count); layout 2 keeps a ring as one (values, index, count) record;
 # layout 3 adds the ring of exploding norms; layout 4 the track rule's
-# quantile of the log-norms.
-STATE_VERSION = 4
+# quantile of the log-norms; layout 5 packs the JAX state's scalars by dtype
+# (the flat form is layout 4's, under the new version).
+STATE_VERSION = 5
 VERSION_FIELD = "state_version"
 
 # Scalar fields in SPEC.md's order, with their dtype names.
@@ -140,6 +141,25 @@ RINGS: dict[str, tuple[str, str]] = {
 
 # The parts of one ring, in order.
 RING_PARTS: tuple[str, ...] = ("values", "index", "count")
+
+# The JAX state's storage (SPEC.md, "Storage of the JAX state"): the scalars
+# that users read by name (``optax.tree.get(opt_state, "clip_threshold")``)
+# are leaves of their own; every other float32 scalar is one slot of one
+# float32 vector, every other int32 or bool scalar and each ring's index and
+# count one slot of one int32 vector, in these orders; each ring's values are
+# a leaf.
+NAMED_SCALARS: tuple[str, ...] = (
+    "stabilizer_step",
+    "clip_threshold",
+    "loss_scale",
+    "last_grad_norm",
+)
+PACKED_FLOATS: tuple[str, ...] = tuple(
+    name for name, dtype in SCALARS.items() if dtype == "float32" and name not in NAMED_SCALARS
+)
+PACKED_COUNTERS: tuple[str, ...] = tuple(
+    name for name, dtype in SCALARS.items() if dtype != "float32" and name not in NAMED_SCALARS
+) + tuple(f"{ring}_{part}" for ring in RINGS for part in ("index", "count"))
 
 
 def host_chronological(values: Any, index: Any, count: Any) -> np.ndarray:
@@ -193,7 +213,7 @@ class StateVersionError(ValueError):
 
 
 # The layouts that :func:`migrate_flat` reads, and the keys each lacks.
-MIGRATED_VERSIONS = (2, 3)
+MIGRATED_VERSIONS = (2, 3, 4)
 MIGRATED_RING = "explosion_norms"  # not in layout 2
 MIGRATED_SCALAR = "norm_quantile"  # not in layouts 2 and 3
 
@@ -201,7 +221,7 @@ MIGRATED_SCALAR = "norm_quantile"  # not in layouts 2 and 3
 def missing_keys(version: int) -> tuple[str, ...]:
     """The flat keys a state of the migrated layout ``version`` lacks."""
     ring = tuple(flat_name(MIGRATED_RING, part) for part in RING_PARTS)
-    return (ring if version == 2 else ()) + (MIGRATED_SCALAR,)
+    return (ring if version == 2 else ()) + ((MIGRATED_SCALAR,) if version < 4 else ())
 
 
 def migrate_flat(
@@ -213,8 +233,10 @@ def migrate_flat(
     zeros of the size of ``event_flags``, which has the same size E; index 0,
     count 0); a state of layout 2 or 3 gains ``norm_quantile``, a copy of its
     ``ema_mean`` (the track rule's quantile then restarts from the centre and
-    climbs to its level within tens of steps). Its ``state_version`` becomes
-    4; every other key is kept as it is, the same objects. Any other state
+    climbs to its level within tens of steps); layout 4 has the flat keys of
+    this layout (layout 5 regrouped only the JAX state's storage). Its
+    ``state_version`` becomes 5; every other key is kept as it is, the same
+    objects. Any other state
     comes back unchanged, for :func:`check_version` to judge.
     ``full(shape, value, dtype_name)`` makes one of the framework's arrays
     (``numpy.full`` with the dtype by name); the copy of ``ema_mean`` is
@@ -241,11 +263,13 @@ def migrate_flat(
         migrated[values] = full((size,), 0, dtype)
         migrated[index] = full((), 0, "int32")
         migrated[count] = full((), 0, "int32")
-    if "ema_mean" not in flat:
-        raise ValueError(
-            f"A state of layout {version} lacks 'ema_mean', from which {MIGRATED_SCALAR!r} starts."
-        )
-    migrated[MIGRATED_SCALAR] = _copy(flat["ema_mean"])
+    if version < 4:
+        if "ema_mean" not in flat:
+            raise ValueError(
+                f"A state of layout {version} lacks 'ema_mean', from which "
+                f"{MIGRATED_SCALAR!r} starts."
+            )
+        migrated[MIGRATED_SCALAR] = _copy(flat["ema_mean"])
     migrated[VERSION_FIELD] = full((), STATE_VERSION, "int32")
     return {name: migrated[name] for name in sorted(migrated, key=_flat_position)}
 
@@ -266,16 +290,19 @@ def check_version(found, where: str) -> None:
     """Raises :class:`StateVersionError` unless ``found`` is :data:`STATE_VERSION`.
 
     ``found`` is the layout version read from a saved state (None when the
-    state has no version field: layout 1, which had none). Layouts 2 and 3
-    are read by migration (:func:`migrate_flat`), before this check.
+    state has no version field: layout 1, which had none). Layouts 2, 3 and
+    4 are read by migration (:func:`migrate_flat`), before this check.
     """
     got = 1 if found is None else int(found)
     if got == STATE_VERSION:
         return
     if got in MIGRATED_VERSIONS:
-        lacks = "no ring 'explosion_norms' and " if got == 2 else ""
+        if got == 4:
+            had = "the JAX state's scalars as one leaf each"
+        else:
+            had = ("no ring 'explosion_norms' and " if got == 2 else "") + "no 'norm_quantile'"
         advice = (
-            f" (layout {got} had {lacks}no 'norm_quantile'). A layout-{got} state is read by "
+            f" (layout {got} had {had}). A layout-{got} state is read by "
             "migration, which adds what it lacks: optax_gradflow.state.from_flat for the "
             "flat form, optax_gradflow.state.from_restored for a checkpoint restored without "
             "a target (Orbax's restore(path), flax.serialization.msgpack_restore), and the "

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_gradflow.state import GradientFlowState, Ring
+from optax_gradflow.state import GradientFlowState
 
 
 def _is_flow_state(x: Any) -> bool:
@@ -19,8 +19,8 @@ def _is_flow_state(x: Any) -> bool:
 
 
 def _plain(field: Any) -> Any:
-    if isinstance(field, Ring):
-        return Ring(*(jnp.asarray(part) for part in field))
+    if isinstance(field, tuple):  # the ring values (a RingValues record)
+        return type(field)(*(jnp.asarray(part) for part in field))
     return jnp.asarray(field)
 
 

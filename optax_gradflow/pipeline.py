@@ -158,13 +158,15 @@ class JaxOps(arithmetic.Ops):
         return jnp.asarray(value).astype(jnp.float32).reshape(())
 
     def store(self, state: GradientFlowState, fields: dict[str, Any]) -> GradientFlowState:
-        out = {}
+        out = state.fields()
         for name, value in fields.items():
-            old = getattr(state, name)
+            old = out[name]
             out[name] = value if isinstance(old, Ring) else jnp.asarray(value).astype(old.dtype)
         out["last_grad_norm"] = _overwrite(state.last_grad_norm, out["last_grad_norm"])
-        # A field the config never changes (a ring it never pushes) stays as it is.
-        return state._replace(**out)
+        # A field the config never changes (a ring it never pushes) stays as it is;
+        # the packed scalars are written as two vectors (SPEC.md, "Storage of the
+        # JAX state").
+        return GradientFlowState.of(**out)
 
 
 def step(

@@ -79,13 +79,52 @@ class Ring(NamedTuple):
         return cls(jnp.zeros((size,), dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-class GradientFlowState(NamedTuple):
+class RingValues(NamedTuple):
+    """The slots of each ring of a :class:`GradientFlowState` (their indices
+    and counts are slots of its ``counters``)."""
+
+    norm_history: jax.Array
+    variance_history: jax.Array
+    loss_scale_history: jax.Array
+    threshold_history: jax.Array
+    event_flags: jax.Array
+    emergency_steps: jax.Array
+    explosion_norms: jax.Array
+
+
+class _Storage(NamedTuple):
+    # The leaves of a GradientFlowState (SPEC.md, "Storage of the JAX state").
+    stabilizer_step: jax.Array
+    clip_threshold: jax.Array
+    loss_scale: jax.Array
+    last_grad_norm: jax.Array
+    floats: jax.Array
+    counters: jax.Array
+    rings: RingValues
+    state_version: jax.Array
+
+
+_FLOAT_SLOT = {name: k for k, name in enumerate(constants.PACKED_FLOATS)}
+_COUNTER_SLOT = {name: k for k, name in enumerate(constants.PACKED_COUNTERS)}
+# Every field by name, in SPEC.md's order: the scalars, the rings, the version.
+FIELDS: tuple[str, ...] = (*SCALARS, *RINGS, VERSION_FIELD)
+
+
+class GradientFlowState(_Storage):
     """State of :func:`optax_gradflow.stabilize` (SPEC.md, "State").
 
-    Field names are part of the API: ``optax.tree.get(opt_state, "clip_threshold")``
-    finds them anywhere in a chain. :func:`to_flat` and :func:`from_flat` give
-    and take the flat form (one key per array, the PyTorch adapter's state
-    dict), which checks the layout version. Scalars are 0-d arrays. ``f32`` is float32,
+    Every field below is read by name (``state.ema_mean``, ``state.norm_history``).
+    The state is stored packed (SPEC.md, "Storage of the JAX state"): the
+    leaves are ``stabilizer_step``, ``clip_threshold``, ``loss_scale`` and
+    ``last_grad_norm``, which ``optax.tree.get(opt_state, "clip_threshold")``
+    finds anywhere in a chain; ``floats``, one float32 vector of the other
+    float32 scalars; ``counters``, one int32 vector of the other int32 and
+    bool scalars and of each ring's index and count; ``rings``, each ring's
+    slots (:class:`RingValues`); and ``state_version``. Build one from its
+    fields with :meth:`of`; ``_replace`` takes any field by name.
+    :func:`to_flat` and :func:`from_flat` give and take the flat form (one
+    key per array, the PyTorch adapter's state dict), which checks the
+    layout version. Scalars are 0-d arrays. ``f32`` is float32,
     ``i32`` int32 (counters saturate at 2**31 - 1). ``H`` = norm_history_size,
     ``V`` = variance_history_size, ``L`` = loss_scale_history_size,
     ``T`` = threshold_history_size, ``E`` = event_history_size,
@@ -147,39 +186,87 @@ class GradientFlowState(NamedTuple):
         :data:`optax_gradflow.constants.STATE_VERSION`.
     """
 
-    stabilizer_step: jax.Array
-    clip_threshold: jax.Array
-    loss_scale: jax.Array
-    loss_scale_growth_count: jax.Array
-    warmup_steps_left: jax.Array
-    consecutive_explosions: jax.Array
-    emergency_hold_left: jax.Array
-    explosion_count: jax.Array
-    vanishing_count: jax.Array
-    nonfinite_count: jax.Array
-    clip_count: jax.Array
-    emergency_count: jax.Array
-    warning_count: jax.Array
-    stable_streak: jax.Array
-    last_grad_norm: jax.Array
-    last_loss: jax.Array
-    loss_centre: jax.Array
-    loss_reference: jax.Array
-    loss_spread: jax.Array
-    norm_trend: jax.Array
-    early_warning: jax.Array
-    ema_mean: jax.Array
-    ema_var: jax.Array
-    centre_anchor: jax.Array
-    norm_quantile: jax.Array
-    norm_history: Ring
-    variance_history: Ring
-    loss_scale_history: Ring
-    threshold_history: Ring
-    event_flags: Ring
-    emergency_steps: Ring
-    explosion_norms: Ring
-    state_version: jax.Array
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, **fields: Any) -> GradientFlowState:
+        """A state from every field by name (:data:`FIELDS`: each scalar, each
+        ring as a :class:`Ring`, ``state_version``), packed into its storage."""
+        unknown = sorted(set(fields) - set(FIELDS))
+        missing = [name for name in FIELDS if name not in fields]
+        if unknown or missing:
+            raise ValueError(
+                f"A GradientFlowState takes every field by name: missing {missing}, "
+                f"unknown {unknown}."
+            )
+        return cls(
+            *(fields[name] for name in constants.NAMED_SCALARS),
+            _pack(fields, constants.PACKED_FLOATS, jnp.float32),
+            _pack(_counter_items(fields), constants.PACKED_COUNTERS, jnp.int32),
+            RingValues(*(fields[ring].values for ring in RINGS)),
+            fields[VERSION_FIELD],
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """Every field by name (:data:`FIELDS`), each ring as a :class:`Ring`."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+    def _replace(self, **changes: Any) -> GradientFlowState:
+        """This state with the given fields (any of :data:`FIELDS`, or a leaf
+        of the storage) replaced."""
+        storage = {name: changes.pop(name) for name in _Storage._fields if name in changes}
+        state = super()._replace(**storage) if storage else self
+        if not changes:
+            return state
+        return GradientFlowState.of(**{**state.fields(), **changes})
+
+
+def _counter_items(fields: dict[str, Any]) -> dict[str, Any]:
+    items = dict(fields)
+    for ring in RINGS:
+        r = fields[ring]
+        items[flat_name(ring, "index")] = r.index
+        items[flat_name(ring, "count")] = r.count
+    return items
+
+
+def _pack(fields: dict[str, Any], names: tuple[str, ...], dtype) -> jax.Array:
+    """One vector of ``dtype`` from the scalars ``fields[name]`` (a batch of
+    them: each scalar's leading axes are kept, the slots last)."""
+    return jnp.stack([jnp.asarray(fields[name]).astype(dtype) for name in names], axis=-1)
+
+
+def _float_field(name: str) -> property:
+    k = _FLOAT_SLOT[name]
+    return property(lambda self: self.floats[..., k], doc=f"``{name}``: slot {k} of ``floats``.")
+
+
+def _counter_field(name: str) -> property:
+    k = _COUNTER_SLOT[name]
+    doc = f"``{name}``: slot {k} of ``counters``."
+    if SCALARS.get(name) == "bool":
+        return property(lambda self: self.counters[..., k] != 0, doc=doc)
+    return property(lambda self: self.counters[..., k], doc=doc)
+
+
+def _ring_field(ring: str) -> property:
+    index, count = _COUNTER_SLOT[flat_name(ring, "index")], _COUNTER_SLOT[flat_name(ring, "count")]
+    return property(
+        lambda self: Ring(
+            getattr(self.rings, ring), self.counters[..., index], self.counters[..., count]
+        ),
+        doc=f"``{ring}``: a :class:`Ring` of ``rings.{ring}`` and two slots of ``counters``.",
+    )
+
+
+for _name in constants.PACKED_FLOATS:
+    setattr(GradientFlowState, _name, _float_field(_name))
+for _name in constants.PACKED_COUNTERS:
+    if _name in SCALARS:
+        setattr(GradientFlowState, _name, _counter_field(_name))
+for _name in RINGS:
+    setattr(GradientFlowState, _name, _ring_field(_name))
+del _name
 
 
 class StabilizedState(NamedTuple):
@@ -210,6 +297,8 @@ def to_flat(state: GradientFlowState) -> dict[str, Any]:
     """The flat form of a state: one key per array (``norm_history``,
     ``norm_history_index``, ``norm_history_count``, ...), the keys of
     :data:`optax_gradflow.constants.FLAT_FIELDS`. No copy, no host transfer."""
+    if not isinstance(state, GradientFlowState):
+        raise TypeError(f"Expected a GradientFlowState, got {type(state).__name__}.")
     flat: dict[str, Any] = {name: getattr(state, name) for name in SCALARS}
     for ring in RINGS:
         r = getattr(state, ring)
@@ -226,9 +315,11 @@ def from_flat(
 
     Also takes the nested form, each ring a mapping of ``values``, ``index``
     and ``count``: what a checkpoint read without a target holds for the
-    state (see :func:`from_restored`). A state of layout 2 or 3 is migrated
-    (SPEC.md, "Layout version"): layout 2 gains an empty ``explosion_norms``
-    ring, sized like ``event_flags`` (both are E long), both gain
+    state (see :func:`from_restored`): one entry per field (layouts 2 to 4),
+    or this layout's storage (``floats``, ``counters`` and ``rings``, read
+    slot by slot). A state of layout 2, 3 or 4 is migrated (SPEC.md, "Layout
+    version"): layout 2 gains an empty ``explosion_norms`` ring, sized like
+    ``event_flags`` (both are E long), layouts 2 and 3 gain
     ``norm_quantile``, a copy of ``ema_mean``, and every other field is kept
     bit for bit. Reads ``state_version`` on the host.
 
@@ -244,7 +335,8 @@ def from_flat(
     # for a host copy).
     array = jnp.asarray if array is None else array
     flat = constants.migrate_flat(
-        _flatten_rings(flat), lambda shape, value, dtype: array(np.full(shape, value, dtype))
+        _flatten_rings(_unpack_storage(flat)),
+        lambda shape, value, dtype: array(np.full(shape, value, dtype)),
     )
     constants.check_version(flat.get(VERSION_FIELD), where)
     missing = [k for k in constants.FLAT_FIELDS if k not in flat]
@@ -258,7 +350,42 @@ def from_flat(
     for ring in RINGS:
         fields[ring] = Ring(*(array(flat[flat_name(ring, part)]) for part in RING_PARTS))
     fields[VERSION_FIELD] = array(flat[VERSION_FIELD])
-    return GradientFlowState(**fields)
+    state = GradientFlowState.of(**fields)
+    if array is not jnp.asarray:
+        # A host copy stays on the host: the packed vectors as ``array`` makes them.
+        state = state._replace(
+            floats=array(np.asarray(state.floats)),
+            counters=array(np.asarray(state.counters)),
+        )
+    return state
+
+
+def _unpack_storage(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The fields by name of the nested form of a packed state (what a
+    checkpoint of this layout restores to without a target: ``floats``,
+    ``counters`` and ``rings``, read slot by slot); any other mapping as it is."""
+    if "floats" not in state or "counters" not in state or "rings" not in state:
+        return state
+    floats, counters, rings = state["floats"], state["counters"], state["rings"]
+    for name, vector, names in (
+        ("floats", floats, constants.PACKED_FLOATS),
+        ("counters", counters, constants.PACKED_COUNTERS),
+    ):
+        if np.shape(vector) != (len(names),):
+            raise ValueError(
+                f"The state's {name!r} has shape {np.shape(vector)}, but this layout packs "
+                f"{len(names)} slots there."
+            )
+    fields = {k: v for k, v in state.items() if k not in ("floats", "counters", "rings")}
+    fields.update({name: floats[k] for k, name in enumerate(constants.PACKED_FLOATS)})
+    for k, name in enumerate(constants.PACKED_COUNTERS):
+        value = counters[k]
+        fields[name] = (value != 0) if SCALARS.get(name) == "bool" else value
+    if isinstance(rings, Mapping):
+        fields.update({ring: rings[ring] for ring in RINGS if ring in rings})
+    else:
+        fields.update(dict(zip(RINGS, rings, strict=False)))
+    return fields
 
 
 def _flatten_rings(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,8 +407,8 @@ def from_restored(restored: Any, target: Any) -> Any:
     fields, a tuple as a list or as a dict keyed ``"0"``, ``"1"``, ...). Each
     leaf of ``target`` is looked up there by its path, and each
     :class:`GradientFlowState` in it is rebuilt by :func:`from_flat`, so a
-    stabilizer state of layout 2 or 3 is migrated on the way (SPEC.md,
-    "Layout version"). This is the way to read a checkpoint of layout 2 or 3:
+    stabilizer state of layout 2, 3 or 4 is migrated on the way (SPEC.md,
+    "Layout version"). This is the way to read a checkpoint of layout 2 to 4:
     a restore into a target of this layout fails inside Orbax or flax, whose
     trees differ by the new fields. The arrays are copied to the default
     device.
@@ -309,7 +436,7 @@ def from_restored(restored: Any, target: Any) -> Any:
       >>> raw = flax.serialization.msgpack_restore(data)
       >>> state = from_restored(raw, jax.eval_shape(tx.init, params))
       >>> int(state.flow.state_version)
-      4
+      5
     """
 
     def fill(path, like):
@@ -375,11 +502,21 @@ def check_state(state: GradientFlowState, config: StabilizerConfig) -> None:
             f"Expected a GradientFlowState built by this stabilizer's init, got "
             f"{type(state).__name__}."
         )
-    for ring in RINGS:
-        if not isinstance(getattr(state, ring), Ring):
-            constants.check_version(None, "The state passed to update")
+    if not isinstance(state.rings, RingValues):
+        constants.check_version(None, "The state passed to update")
     if not isinstance(state.state_version, jax.core.Tracer):
         constants.check_version(state.state_version, "The state passed to update")
+    for name, names, dtype in (
+        ("floats", constants.PACKED_FLOATS, jnp.float32),
+        ("counters", constants.PACKED_COUNTERS, jnp.int32),
+    ):
+        vector = getattr(state, name)
+        if tuple(jnp.shape(vector)) != (len(names),) or jnp.result_type(vector) != dtype:
+            raise ValueError(
+                f"GradientFlowState.{name} has shape {tuple(jnp.shape(vector))} and dtype "
+                f"{jnp.result_type(vector)}, but this layout packs {len(names)} slots of "
+                f"{jnp.dtype(dtype)} there."
+            )
     flat = to_flat(state)
     for name, (shape, dtype) in expected_shapes(config).items():
         value = flat[name]

@@ -23,6 +23,7 @@ from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import RINGS, STATE_VERSION, UPDATE_RATIO_HISTORY_SIZE
 from optax_gradflow.pipeline import sum_of_squares
+from optax_gradflow.state import FIELDS as STATE_FIELDS
 from optax_gradflow.state import GradientFlowState, Ring, StabilizedState, check_state
 
 __all__ = ("StabilizedState", "init_state", "stabilize", "stabilized", "step", "sum_of_squares")
@@ -116,7 +117,7 @@ def init_state(
 ) -> GradientFlowState:
     """A fresh state (SPEC.md, "State")."""
     # One buffer per field: a shared zero could not be donated to a jitted step.
-    fields: dict[str, Any] = {name: jnp.zeros((), jnp.int32) for name in GradientFlowState._fields}
+    fields: dict[str, Any] = {name: jnp.zeros((), jnp.int32) for name in STATE_FIELDS}
     threshold = jnp.asarray(threshold, jnp.float32)
     ema_mean, centre_anchor, norm_quantile = pipeline.rule_for(config).initial_levels(
         pipeline.JaxOps(), threshold
@@ -150,7 +151,7 @@ def init_state(
         jnp.asarray(1 % size, jnp.int32),
         jnp.ones((), jnp.int32),
     )
-    return GradientFlowState(**fields)
+    return GradientFlowState.of(**fields)
 
 
 def _read_learning_rate(learning_rate) -> Any:

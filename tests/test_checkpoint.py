@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_gradflow as og
+from optax_gradflow import constants
 from optax_gradflow.config import StabilizerConfig
 from optax_gradflow.constants import Event, StateVersionError
 from optax_gradflow.state import (
@@ -158,13 +159,14 @@ def map_flows(fn, tree):
 
 
 def as_layout(flow, version):
-    """``flow`` as an earlier release saved it: the same names and paths, no
-    ``norm_quantile`` (layouts 2 and 3), no ring of exploding norms (layout
-    2), ``state_version`` ``version``."""
-    dropped = {"norm_quantile"} | ({"explosion_norms"} if version == 2 else set())
+    """``flow`` as an earlier release saved it: one leaf per scalar and a
+    record per ring under their names, no ``norm_quantile`` (layouts 2 and
+    3), no ring of exploding norms (layout 2), ``state_version`` ``version``."""
+    dropped = {"norm_quantile"} if version < 4 else set()
+    dropped |= {"explosion_norms"} if version == 2 else set()
     fields = {
         name: value._asdict() if isinstance(value, Ring) else value
-        for name, value in flow._asdict().items()
+        for name, value in flow.fields().items()
         if name not in dropped
     }
     fields["state_version"] = jnp.int32(version)
@@ -173,8 +175,10 @@ def as_layout(flow, version):
 
 def migrated(flow, version):
     """``flow`` as SPEC.md's migration of layout ``version`` rebuilds it: the
-    quantile at the centre, and (layout 2) the ring of exploding norms empty."""
-    flow = flow._replace(norm_quantile=flow.ema_mean)
+    quantile at the centre (layouts 2 and 3), and (layout 2) the ring of
+    exploding norms empty; layout 4 only regrouped into this one."""
+    if version < 4:
+        flow = flow._replace(norm_quantile=flow.ema_mean)
     if version == 2:
         flow = flow._replace(explosion_norms=Ring.empty(CONFIG.event_history_size, jnp.float32))
     return flow
@@ -210,10 +214,10 @@ def restore_msgpack(data, target=None):
 SAVES = {"orbax": (save_orbax, restore_orbax), "msgpack": (save_msgpack, restore_msgpack)}
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 @pytest.mark.parametrize("kind", ["chain", "wrapper"])
 @pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
-def test_a_layout_2_or_3_checkpoint_is_migrated_and_resumes_bit_for_bit(
+def test_an_earlier_layout_checkpoint_is_migrated_and_resumes_bit_for_bit(
     kind, fmt, version, tmp_path
 ):
     save, restore = SAVES[fmt]
@@ -222,32 +226,33 @@ def test_a_layout_2_or_3_checkpoint_is_migrated_and_resumes_bit_for_bit(
     params, state = train(step, params0, opt.init(params0), 0, RESUME_AT)
     flow = og.find_states(state)[0][1]
     assert int(flow.explosion_norms.count) == 2  # steps 12 and 13: the ring to be lost
-    # The quantile to be lost is not the centre it restarts from.
+    # The quantile to be lost (layouts 2 and 3) is not the centre it restarts from.
     assert float(flow.norm_quantile) != float(flow.ema_mean)
     old = map_flows(lambda f: as_layout(f, version), state)
     saved = save({"params": params, "opt_state": old}, tmp_path)
     target = jax.eval_shape(lambda: {"params": params0, "opt_state": opt.init(params0)})
 
-    # A target of layout 4 does not match the saved tree: Orbax and flax refuse it.
+    # A target of this layout does not match the saved tree: Orbax and flax refuse it.
     with pytest.raises(ValueError):
         restore(saved, target)
     restored = from_restored(restore(saved), target)
 
     restored_flow = og.find_states(restored["opt_state"])[0][1]
-    assert float(restored_flow.norm_quantile) == float(flow.ema_mean)
+    kept = flow.norm_quantile if version == 4 else flow.ema_mean
+    assert float(restored_flow.norm_quantile) == float(kept)
     ring = restored_flow.explosion_norms
     if version == 2:
         np.testing.assert_array_equal(ring.values, np.zeros(CONFIG.event_history_size, np.float32))
         assert (int(ring.index), int(ring.count)) == (0, 0)
     else:
         assert int(ring.count) == 2
-    # Everything else bit for bit, state_version 4 (as in the source).
+    # Everything else bit for bit, state_version 5 (as in the source).
     expected = {
         "params": params,
         "opt_state": map_flows(lambda f: migrated(f, version), state),
     }
     assert_bitwise_equal(restored, expected)
-    assert int(restored_flow.state_version) == 4
+    assert int(restored_flow.state_version) == 5 == constants.STATE_VERSION
 
     # Resumed, the migrated state runs as the source with its ring emptied.
     got = train(step, restored["params"], restored["opt_state"], RESUME_AT, STEPS)
@@ -270,8 +275,8 @@ def test_a_checkpoint_of_layout_1_or_of_a_newer_layout_is_refused(fmt, tmp_path)
         return flat
 
     old = save(map_flows(layout_1, state), tmp_path / "old")
-    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 4"):
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 5"):
         from_restored(restore(old), target)
-    newer = save(map_flows(lambda f: as_layout(f, version=5), state), tmp_path / "newer")
+    newer = save(map_flows(lambda f: as_layout(f, version=6), state), tmp_path / "newer")
     with pytest.raises(StateVersionError, match="newer release"):
         from_restored(restore(newer), target)

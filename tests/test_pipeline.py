@@ -107,7 +107,7 @@ def test_ring_push_is_an_in_place_one_element_update():
 
 def test_fresh_state_carries_the_layout_version():
     state = og.stabilize(1e-2).init({"w": jnp.ones(3)})
-    assert int(state.state_version) == STATE_VERSION == 4
+    assert int(state.state_version) == STATE_VERSION == 5
     flat = to_flat(state)
     assert tuple(flat) == constants.FLAT_FIELDS
     back = from_flat(flat)
@@ -124,11 +124,11 @@ def _old_layout(state) -> dict:
 
 def test_an_old_layout_gets_an_error_naming_both_versions():
     state = og.stabilize(1e-2).init({"w": jnp.ones(3)})
-    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 4"):
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 5"):
         from_flat(_old_layout(state))
-    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 4"):
+    with pytest.raises(StateVersionError, match=r"layout version 1.*layout version 5"):
         check_state(_old_layout(state), StabilizerConfig())
-    newer = dict(to_flat(state), state_version=np.int32(5))
+    newer = dict(to_flat(state), state_version=np.int32(6))
     with pytest.raises(StateVersionError, match="newer release"):
         from_flat(newer)
 
@@ -175,17 +175,23 @@ def _same_steps(tx, params, a, b):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+def _assert_same_flat(a, b):
+    """Every field of ``a`` and ``b``, bit for bit, in the same dtype."""
+    flat_a = to_flat(a)
+    for name, value in to_flat(b).items():
+        got = np.asarray(flat_a[name])
+        assert got.dtype == value.dtype and got.tobytes() == np.asarray(value).tobytes(), name
+
+
 def test_a_layout_3_flat_state_is_migrated_with_the_quantile_at_the_centre():
     tx, params, state = _with_explosions()
     migrated = from_flat(_layout_3(to_flat(state)))
-    assert int(migrated.state_version) == 4
+    assert int(migrated.state_version) == STATE_VERSION
     # SPEC.md, "Layout version": u starts from the centre c.
     assert migrated.norm_quantile.dtype == jnp.float32
     assert float(migrated.norm_quantile) == float(state.ema_mean)
     restarted = state._replace(norm_quantile=state.ema_mean)
-    for name, value in to_flat(restarted).items():
-        got = np.asarray(to_flat(migrated)[name])
-        assert got.dtype == value.dtype and got.tobytes() == np.asarray(value).tobytes(), name
+    _assert_same_flat(migrated, restarted)
     _same_steps(tx, params, migrated, restarted)
 
 
@@ -197,15 +203,13 @@ def test_a_layout_2_flat_state_is_migrated_with_an_empty_ring_of_exploding_norms
     assert ring.values.dtype == jnp.float32
     # Sized like event_flags: both rings are E = event_history_size long.
     np.testing.assert_array_equal(ring.values, np.zeros(StabilizerConfig().event_history_size))
-    assert int(migrated.state_version) == 4
+    assert int(migrated.state_version) == STATE_VERSION
     assert isinstance(migrated, og.GradientFlowState)
     emptied = state._replace(
         explosion_norms=Ring.empty(ring.values.shape[0], jnp.float32),
         norm_quantile=state.ema_mean,
     )
-    for name, value in to_flat(emptied).items():
-        got = np.asarray(to_flat(migrated)[name])
-        assert got.dtype == value.dtype and got.tobytes() == np.asarray(value).tobytes(), name
+    _assert_same_flat(migrated, emptied)
     # The next step from the migrated state is the step from the emptied one.
     _same_steps(tx, params, migrated, emptied)
 
@@ -216,9 +220,48 @@ def test_from_flat_takes_the_nested_form_of_a_raw_restore():
     back = from_flat(nested)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-    del nested["explosion_norms"], nested["norm_quantile"]
-    nested[constants.VERSION_FIELD] = np.int32(2)
-    assert int(from_flat(nested).explosion_norms.count) == 0
+    # The packed storage (SPEC.md, "Storage of the JAX state") is read by slot.
+    assert set(nested) == {*constants.NAMED_SCALARS, "floats", "counters", "rings", "state_version"}
+    # An earlier layout's nested form: one entry per field, a record per ring.
+    old = {
+        name: value._asdict() if isinstance(value, Ring) else value
+        for name, value in state.fields().items()
+        if name not in ("explosion_norms", "norm_quantile")
+    }
+    old[constants.VERSION_FIELD] = np.int32(2)
+    assert int(from_flat(old).explosion_norms.count) == 0
+
+
+def test_a_layout_4_state_is_read_bit_for_bit_under_the_new_version():
+    # Layout 5 regrouped only the JAX state's storage: the flat form of
+    # layout 4 has the same keys, and every value is kept.
+    tx, params, state = _with_explosions()
+    flat = {k: np.asarray(v) for k, v in to_flat(state).items()}
+    flat[constants.VERSION_FIELD] = np.int32(4)
+    migrated = from_flat(flat)
+    assert int(migrated.state_version) == 5
+    _assert_same_flat(migrated, state)
+    _same_steps(tx, params, migrated, state)
+
+
+def test_the_packed_fields_are_read_and_replaced_by_name():
+    _, _, state = _with_explosions()
+    # Every field by name, from its slot: the flat form holds the same values.
+    flat = to_flat(state)
+    assert float(state.ema_mean) == float(flat["ema_mean"])
+    assert int(state.explosion_count) == int(flat["explosion_count"]) == 2
+    assert state.early_warning.dtype == jnp.bool_
+    assert int(state.norm_history.count) == int(flat["norm_history_count"])
+    # The named leaves are where optax looks for them.
+    assert float(optax.tree.get({"s": state}, "clip_threshold")) == float(state.clip_threshold)
+    # _replace takes a packed field and leaves every other one as it was.
+    changed = state._replace(ema_var=jnp.float32(7.0), explosion_count=jnp.int32(9))
+    assert float(changed.ema_var) == 7.0 and int(changed.explosion_count) == 9
+    for name, value in to_flat(state).items():
+        if name not in ("ema_var", "explosion_count"):
+            assert np.asarray(to_flat(changed)[name]).tobytes() == np.asarray(value).tobytes()
+    with pytest.raises(ValueError, match="missing"):
+        og.GradientFlowState.of(ema_mean=jnp.float32(0.0))
 
 
 def test_a_layout_2_mapping_given_to_update_is_pointed_to_the_migration():

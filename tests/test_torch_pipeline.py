@@ -307,7 +307,7 @@ def test_clip_only_is_close_to_clip_grad_norm_on_random_gradients(seed):
 def test_init_state_carries_the_layout_version():
     state = ogt.init_state(1e-2)
     assert state["state_version"].dtype == torch.int32
-    assert state["state_version"].item() == 4 == constants.STATE_VERSION
+    assert state["state_version"].item() == 5 == constants.STATE_VERSION
     assert tuple(state) == constants.FLAT_FIELDS
 
 
@@ -316,16 +316,16 @@ def test_a_layout_1_state_is_refused_with_both_versions():
     del old["state_version"]
     with pytest.raises(StateVersionError) as info:
         ogt.update([torch.ones(2)], old)
-    assert "1" in str(info.value) and "4" in str(info.value)
+    assert "version 1" in str(info.value) and "version 5" in str(info.value)
     stab = ogt.GradientFlowStabilizer(1e-2)
     with pytest.raises(StateVersionError, match="load_state_dict") as info:
         stab.load_state_dict(old)
-    assert "1" in str(info.value) and "4" in str(info.value)
+    assert "version 1" in str(info.value) and "version 5" in str(info.value)
     with pytest.raises(StateVersionError):
         ogt.check_state(old, StabilizerConfig())
     newer = ogt.init_state(1e-2)
-    newer["state_version"] = torch.tensor(5, dtype=torch.int32)
-    with pytest.raises(StateVersionError, match="5"):
+    newer["state_version"] = torch.tensor(6, dtype=torch.int32)
+    with pytest.raises(StateVersionError, match="6"):
         stab.load_state_dict(newer)
     assert isinstance(StateVersionError("x"), ValueError)
 
@@ -389,7 +389,7 @@ def test_a_layout_2_state_dict_is_migrated_by_load_state_dict():
     assert torch.equal(loaded["explosion_norms"], torch.zeros(8))
     assert loaded["explosion_norms_index"].item() == loaded["explosion_norms_count"].item() == 0
     assert loaded["norm_quantile"].item() == source["ema_mean"].item()
-    assert loaded["state_version"].item() == 4
+    assert loaded["state_version"].item() == constants.STATE_VERSION
     _assert_same_bits(loaded, _emptied(source))
     # It steps as a stabilizer loaded with the source, ring emptied.
     other = ogt.GradientFlowStabilizer(1.0, config=SMALL)
@@ -424,6 +424,24 @@ def test_the_functional_step_takes_an_old_layout_after_migrate_state(version):
     _assert_same_bits(sa, sb)
 
 
+def test_a_layout_4_state_dict_only_takes_the_new_version():
+    # Layout 5 regrouped the JAX state's storage only: a state dict of layout
+    # 4 has the same keys and meaning, and every tensor is kept, not copied.
+    source = _with_explosions()
+    old = dict(source, state_version=torch.tensor(4, dtype=torch.int32))
+    with pytest.raises(StateVersionError, match=r"layout version 4.*migrate_state"):
+        ogt.check_state(old, SMALL)
+    migrated = ogt.migrate_state(old)
+    _assert_same_bits(migrated, source)
+    for name in migrated:
+        if name != "state_version":
+            assert migrated[name] is old[name], name
+    stab = ogt.GradientFlowStabilizer(1.0, config=SMALL)
+    stab.load_state_dict(old)
+    _assert_same_bits(stab.state_dict(), source)
+    _assert_same_bits(ogt.from_jax_state(ogt.to_jax_state(old)), source)
+
+
 def test_the_interchange_migrates_a_layout_2_state_dict():
     source = _with_explosions()
     jax_state = ogt.to_jax_state(_layout_2(source))
@@ -448,7 +466,7 @@ def test_state_round_trips_through_torch_save():
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    assert loaded["state_version"].item() == 4
+    assert loaded["state_version"].item() == constants.STATE_VERSION
     b = ogt.GradientFlowStabilizer(1.0, config=SMALL)
     b.load_state_dict(loaded)
     for name, value in a.state_dict().items():

@@ -82,7 +82,7 @@ def to_jax_state(state: Mapping[str, torch.Tensor]) -> Any:
 
     Imports JAX.
 
-    A state dict of layout 2 or 3 is migrated first (:func:`migrate_state`;
+    A state dict of layout 2, 3 or 4 is migrated first (:func:`migrate_state`;
     SPEC.md, "Layout version").
 
     Raises:

@@ -462,9 +462,10 @@ class GradientFlowStabilizer:
 
         The tensors are copied onto the device the current state is on.
 
-        A state dict of layout 2 or 3 is migrated first
-        (:func:`migrate_state`: the quantile at the centre, and for layout 2
-        an empty ring of exploding norms; SPEC.md, "Layout version").
+        A state dict of layout 2, 3 or 4 is migrated first
+        (:func:`migrate_state`: the quantile at the centre for layouts 2 and
+        3, and for layout 2 an empty ring of exploding norms; layout 4 only
+        takes the new version; SPEC.md, "Layout version").
 
         Raises:
           StateVersionError: a state dict of layout 1 (one without

@@ -73,7 +73,8 @@ def check_version(state: Mapping[str, Any], where: str, *, read: bool = True) ->
 def migrate_state(state: Mapping[str, Any]) -> State:
     """``state`` in this layout: a state dict of layout 2 gains an empty ring
     of exploding norms, one of layout 2 or 3 ``norm_quantile``, a copy of its
-    ``ema_mean`` (SPEC.md, "Layout version").
+    ``ema_mean``; one of layout 4 has this layout's keys and only takes the new
+    ``state_version`` (SPEC.md, "Layout version").
 
     The new ring is on the device of ``state["event_flags"]``; every other
     tensor is the one given, not a copy. A state of any other layout comes back
@@ -104,7 +105,7 @@ def check_state(
     check_version(state, "The stabilizer state", read=read_version)
     missing = [name for name in FIELDS if name not in state]
     for version in constants.MIGRATED_VERSIONS:
-        if set(missing) == set(constants.missing_keys(version)):
+        if missing and set(missing) == set(constants.missing_keys(version)):
             # The keys of layout 2 or 3, told apart without reading the
             # version: the step does not migrate (migrate_state does, before it).
             constants.check_version(version, "The stabilizer state")
