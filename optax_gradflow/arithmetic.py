@@ -1017,6 +1017,42 @@ def rule_for(config: StabilizerConfig) -> Rule:
     return make_rule(config)
 
 
+def start(
+    xp: Ops,
+    rule: Rule,
+    *,
+    explicit: Any = None,
+    stored: Callable[[], Any] | None = None,
+    learning_rate: Any = None,
+    param_sum_of_squares: Callable[[], Array],
+    on_data_start: Callable[[], None] | None = None,
+) -> tuple[Array, int]:
+    """(threshold, warm-up steps) of a fresh state (SPEC.md, "Initial threshold").
+
+    First match wins: the rule's own start (the z-score rule's warm-up), an
+    explicit threshold (checked by the caller), a stored one (``stored()``,
+    None when the store has none), one from the learning rate
+    (``clamp(lr_threshold_scale * sqrt(1 / lr))``, every operation in
+    float32), else the rule's data start from the parameters' sum of squares
+    (``param_sum_of_squares()``, computed only then, after ``on_data_start()``).
+    """
+    config = rule.config
+    fixed = rule.fixed_start(xp)
+    if fixed is not None:
+        return fixed
+    if explicit is not None:
+        return clamp_threshold(xp, xp.to_f32(explicit), config), 0
+    found = None if stored is None else stored()
+    if found is not None:
+        return clamp_threshold(xp, xp.to_f32(found), config), 0
+    if learning_rate is not None:
+        scaled = xp.f32(config.lr_threshold_scale) * xp.sqrt(xp.f32(1.0) / xp.to_f32(learning_rate))
+        return clamp_threshold(xp, scaled, config), 0
+    if on_data_start is not None:
+        on_data_start()
+    return rule.data_start(xp, param_sum_of_squares())
+
+
 # --- The stages, in SPEC.md's order -------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
-"""The initial threshold under JAX (SPEC.md, "Initial threshold").
+"""The JAX factory's check of an initial threshold (SPEC.md, "Initial threshold").
 
-The per-step rules (warm-up, adaptation, the tracker) are in
-:mod:`optax_gradflow.arithmetic`, written once for both frameworks.
+The start rule itself (explicit, stored, learning rate, data) and the
+per-step rules are in :mod:`optax_gradflow.arithmetic`, written once for
+both frameworks.
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
-
-from optax_gradflow.config import StabilizerConfig
 
 
 def _is_concrete(x) -> bool:
@@ -35,16 +33,3 @@ def validate_positive(name: str, value, *, allow_inf: bool = False) -> None:
     if math.isnan(number) or number <= 0.0 or (math.isinf(number) and not allow_inf):
         finite = "" if allow_inf else " and finite"
         raise ValueError(f"{name} must be positive{finite}, got {value!r}.")
-
-
-def threshold_from_learning_rate(learning_rate, config: StabilizerConfig) -> jax.Array:
-    """``max(min_threshold, lr_threshold_scale * sqrt(1 / lr))`` (SPEC.md)."""
-    lr = jnp.asarray(learning_rate, dtype=jnp.float32)
-    raw = jnp.float32(config.lr_threshold_scale) * jnp.sqrt(jnp.float32(1.0) / lr)
-    return clamp_threshold(raw, config)
-
-
-def clamp_threshold(threshold: jax.Array, config: StabilizerConfig) -> jax.Array:
-    """Clamps into ``[min_threshold, max_threshold]``, as float32."""
-    threshold = jnp.asarray(threshold, dtype=jnp.float32)
-    return jnp.clip(threshold, jnp.float32(config.min_threshold), jnp.float32(config.max_threshold))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_gradflow import events, pipeline
+from optax_gradflow import arithmetic, events, pipeline
 from optax_gradflow import learning_rate as learning_rate_lib
 from optax_gradflow import threshold as threshold_lib
 from optax_gradflow.config import StabilizerConfig
@@ -171,28 +171,27 @@ def _read_learning_rate(learning_rate) -> Any:
 def _initial_threshold(
     params, learning_rate, lr, initial_threshold, store, label, config
 ) -> tuple[jax.Array, int]:
-    """(threshold, warm-up steps): explicit > stored > learning rate > data.
+    """(threshold, warm-up steps): the shared start rule (SPEC.md, "Initial threshold").
 
     ``lr`` is ``_read_learning_rate(learning_rate)``.
     """
-    rule = pipeline.rule_for(config)
-    fixed = rule.fixed_start(pipeline.JaxOps())
-    if fixed is not None:
-        return fixed
     if initial_threshold is None:
         initial_threshold = config.initial_threshold
-    if initial_threshold is not None:
-        return threshold_lib.clamp_threshold(initial_threshold, config), 0
-    if store is not None:
-        stored = store.lookup(params, label=label)
-        if stored is not None:
-            return threshold_lib.clamp_threshold(stored, config), 0
-    if lr is not None:
-        return threshold_lib.threshold_from_learning_rate(lr, config), 0
-    if learning_rate is not None:
-        warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=3)
-    # Data mode: the rule's placeholder (the track rule's: the parameters' cap).
-    return rule.data_start(pipeline.JaxOps(), pipeline.sum_of_squares(params))
+
+    def warn() -> None:
+        # A learning rate that reads 0 (a schedule from 0) gives no threshold.
+        if learning_rate is not None:
+            warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=5)
+
+    return arithmetic.start(
+        pipeline.JaxOps(),
+        pipeline.rule_for(config),
+        explicit=initial_threshold,
+        stored=None if store is None else lambda: store.lookup(params, label=label),
+        learning_rate=lr,
+        param_sum_of_squares=lambda: pipeline.sum_of_squares(params),
+        on_data_start=warn,
+    )
 
 
 def _check_factory_args(config, initial_threshold) -> StabilizerConfig:

@@ -148,10 +148,6 @@ def _f32(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
 
-def _clamp_threshold(value: torch.Tensor, config: StabilizerConfig) -> torch.Tensor:
-    return torch.clamp(value, min=config.min_threshold, max=config.max_threshold)
-
-
 def threshold_at_init(
     learning_rate: float | Callable[[int], Any] | None,
     config: StabilizerConfig,
@@ -163,18 +159,17 @@ def threshold_at_init(
 ) -> tuple[torch.Tensor, int]:
     """(threshold as a float32 CPU scalar, warm-up steps) (SPEC.md, "Initial threshold").
 
-    First match wins: an explicit threshold (the argument, else the config's
-    ``initial_threshold`` where the config has one; ``inf`` never clips), a
-    stored one, one from the learning rate, else a data warm-up. The learning
+    The start rule shared with JAX (:func:`optax_gradflow.arithmetic.start`):
+    first match wins: the z-score rule's warm-up, an explicit threshold (the
+    argument, else the config's ``initial_threshold`` where the config has
+    one; ``inf`` never clips), a stored one, one from the learning rate, else
+    the rule's data start (the track rule: the parameters' cap). The learning
     rate is read by :func:`optax_gradflow.learning_rate.read` (a schedule: its
     largest value over its first 10,000 steps); one that reads 0 gives the data
-    warm-up, with a warning.
+    start, with a warning.
     """
     # Read (and checked) first, whichever rule wins, as the JAX factory does.
     lr = None if learning_rate is None else learning_rate_lib.read(learning_rate)
-    if config.adaptation_rule == "zscore":
-        # ZClip's warm-up always runs (SPEC.md, "Z-score rule").
-        return _clamp_threshold(_f32(config.max_threshold), config), config.warmup_steps
     if initial_threshold is None:
         initial_threshold = config.initial_threshold
     if initial_threshold is not None:
@@ -184,23 +179,21 @@ def threshold_at_init(
                 "initial_threshold must lie in [config.min_threshold, config.max_threshold] = "
                 f"[{config.min_threshold}, {config.max_threshold}], got {initial_threshold!r}."
             )
-        return _f32(value), 0
-    if store is not None:
-        stored = store.lookup(params, label=label)
-        if stored is not None:
-            return _clamp_threshold(_f32(float(stored)), config), 0
-    if lr is not None:
-        # clamp(c * sqrt(1 / lr)), every operation in float32.
-        raw = _f32(config.lr_threshold_scale) * torch.sqrt(_f32(1.0) / _f32(lr))
-        return _clamp_threshold(raw, config), 0
-    if learning_rate is not None:
-        warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=4)
-    if config.adaptation_rule == "track":
-        # The tracker waits for the first finite, positive norm, whatever warmup_steps
-        # says, and clips it only above the parameters' cap (SPEC.md, "Initial
-        # threshold" 4 and "Tracking rule").
-        return parameter_cap(params, config), 1
-    return _f32(config.min_threshold), config.warmup_steps
+
+    def warn() -> None:
+        if learning_rate is not None:
+            warnings.warn(learning_rate_lib.no_threshold_message(learning_rate), stacklevel=6)
+
+    threshold, warmup = arithmetic.start(
+        _CpuOps(),
+        arithmetic.rule_for(config),
+        explicit=initial_threshold,
+        stored=None if store is None else lambda: store.lookup(params, label=label),
+        learning_rate=lr,
+        param_sum_of_squares=lambda: _parameter_sum_of_squares(params),
+        on_data_start=warn,
+    )
+    return threshold.reshape(()).to(torch.float32), int(warmup)
 
 
 def is_float(x: torch.Tensor) -> bool:
@@ -249,31 +242,34 @@ def _float_tensors(params: Any) -> list[torch.Tensor]:
     return [p for p in params if isinstance(p, torch.Tensor) and is_float(p)]
 
 
-def parameter_cap(params: Any, config: StabilizerConfig) -> torch.Tensor:
-    """``clamp(param_threshold_scale * P)``, ``P`` the parameters' global norm
-    (as the gradients' in step 1: :func:`sum_of_squares`), or
-    ``max_threshold`` where that is not finite and positive (no parameters
-    given, all zero)."""
-    # A DTensor shard (FSDP2) is gathered: the cap is the whole model's.
+def _parameter_sum_of_squares(params: Any) -> torch.Tensor:
+    """The parameters' sum of squares on the CPU (as the gradients' in step 1:
+    :func:`sum_of_squares`); 0 without parameters. A DTensor shard (FSDP2)
+    is gathered: the cap it sets is the whole model's."""
     leaves = [
         (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
         for p in _float_tensors(params)
     ]
-    total = sum_of_squares(leaves, torch.device("cpu"))
-    cap = _f32(config.param_threshold_scale) * torch.sqrt(total)
-    if bool(torch.isfinite(cap)) and float(cap) > 0.0:
-        return _clamp_threshold(cap, config)
-    return _f32(config.max_threshold)
+    return sum_of_squares(leaves, torch.device("cpu"))
 
 
-class _InitOps(arithmetic.Ops):
-    """The few operations of a rule's start, on float32 CPU tensors
-    (:meth:`optax_gradflow.arithmetic.Rule.initial_levels`)."""
+class _CpuOps(arithmetic.Ops):
+    """The operations of a state's start, on float32 CPU tensors
+    (:func:`optax_gradflow.arithmetic.start`,
+    :meth:`optax_gradflow.arithmetic.Rule.initial_levels`)."""
 
     def f32(self, value):
         return _f32(float(value))
 
+    def to_f32(self, x):
+        return torch.as_tensor(x).to(torch.float32)
+
+    def clip(self, x, lo, hi):
+        return torch.clamp(x, lo, hi)
+
     log = staticmethod(torch.log)
+    sqrt = staticmethod(torch.sqrt)
+    isfinite = staticmethod(torch.isfinite)
     maximum = staticmethod(torch.maximum)
     where = staticmethod(torch.where)
 
@@ -331,7 +327,7 @@ def init_state(
     # The rule's starting levels (the track rule: c = anchor = lnf(t0), u = c +
     # ln(explosion_factor); in data mode placeholders, replaced by the first
     # finite, positive norm), computed by the shared arithmetic.
-    levels = arithmetic.rule_for(config).initial_levels(_InitOps(), threshold)
+    levels = arithmetic.rule_for(config).initial_levels(_CpuOps(), threshold)
     for name, value in zip(("ema_mean", "centre_anchor", "norm_quantile"), levels, strict=True):
         state[name] = torch.as_tensor(value, dtype=torch.float32).clone()
     # The loss-scale history starts with the initial scale.
