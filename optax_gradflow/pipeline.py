@@ -75,37 +75,11 @@ def _overwrite(old: jax.Array, new: jax.Array) -> jax.Array:
     return jax.lax.select(jnp.ones((), jnp.bool_), new, old)
 
 
-def _rescale(updates: Any, factor, divisor, finite) -> Any:
-    """Every floating leaf times ``factor`` (``(x / divisor) * factor`` where
-    ``divisor`` is given and not 1), zeros where not ``finite`` (SPEC.md,
-    "Per-step order" 4)."""
-
-    def leaf(g):
-        if not _is_float_leaf(g):
-            return g
-        # float16 / bfloat16 leaves are scaled in float32 so that the tiny
-        # or huge coefficients of loss scaling neither underflow nor overflow.
-        cd = jnp.promote_types(g.dtype, jnp.float32)
-        x = g.astype(cd)
-        y = x * factor.astype(cd)
-        if divisor is not None:
-            # SPEC.md's (x / r) * t as written, where the divisor is r. The
-            # select on the element keeps XLA from folding the two scalars
-            # into one factor, x * (t / r), which is up to 2 ulps off.
-            divided = (x / divisor.astype(cd)) * factor.astype(cd)
-            y = jnp.where(divisor != 1, divided, y)
-        # jnp.where, not multiplication by 0: 0 * NaN is NaN.
-        return jnp.where(finite, y, jnp.zeros((), cd)).astype(g.dtype)
-
-    return jax.tree.map(leaf, updates)
-
-
 class JaxOps(arithmetic.Ops):
     """:class:`optax_gradflow.arithmetic.Ops` with ``jax.numpy``, for one step."""
 
-    def __init__(self, axis_name: str | None = None, defer_rescale: bool = False):
+    def __init__(self, axis_name: str | None = None):
         self.axis_name = axis_name
-        self.defer_rescale = defer_rescale
 
     def f32(self, value):
         return jnp.float32(value)
@@ -159,11 +133,24 @@ class JaxOps(arithmetic.Ops):
         return sq
 
     def rescale(self, updates, factor, divisor, finite):
-        if self.defer_rescale:
-            # The caller applies it where it fuses best (the wrapper's
-            # conditional); the arithmetic is the same.
-            return functools.partial(_rescale, updates, factor, divisor, finite)
-        return _rescale(updates, factor, divisor, finite)
+        def leaf(g):
+            if not _is_float_leaf(g):
+                return g
+            # float16 / bfloat16 leaves are scaled in float32 so that the tiny
+            # or huge coefficients of loss scaling neither underflow nor overflow.
+            cd = jnp.promote_types(g.dtype, jnp.float32)
+            x = g.astype(cd)
+            y = x * factor.astype(cd)
+            if divisor is not None:
+                # SPEC.md's (x / r) * t as written, where the divisor is r. The
+                # select on the element keeps XLA from folding the two scalars
+                # into one factor, x * (t / r), which is up to 2 ulps off.
+                divided = (x / divisor.astype(cd)) * factor.astype(cd)
+                y = jnp.where(divisor != 1, divided, y)
+            # jnp.where, not multiplication by 0: 0 * NaN is NaN.
+            return jnp.where(finite, y, jnp.zeros((), cd)).astype(g.dtype)
+
+        return jax.tree.map(leaf, updates)
 
     def loss(self, value):
         if value is None:
@@ -190,10 +177,7 @@ def step(
     *,
     value: Any = None,
     axis_name: str | None = None,
-    defer_rescale: bool = False,
 ) -> tuple[Any, GradientFlowState, jax.Array]:
     """One step (:func:`optax_gradflow.arithmetic.step` with :class:`JaxOps`):
-    (updates, state, the threshold clipped at). With ``defer_rescale`` the
-    updates come back as a function of no arguments that rescales them."""
-    ops = JaxOps(axis_name, defer_rescale)
-    return arithmetic.step(ops, updates, state, config, rule, value=value)
+    (updates, state, the threshold clipped at)."""
+    return arithmetic.step(JaxOps(axis_name), updates, state, config, rule, value=value)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -314,18 +313,6 @@ def stabilize(
     Micikevicius et al., `Mixed precision training
     <https://arxiv.org/abs/1710.03740>`_, 2018.
   """
-    tx, _ = _stabilizer(
-        learning_rate, config, initial_threshold, store, label, axis_name, log_events
-    )
-    return tx
-
-
-def _stabilizer(
-    learning_rate, config, initial_threshold, store, label, axis_name, log_events
-) -> tuple[optax.GradientTransformationExtraArgs, Callable[..., Any]]:
-    """:func:`stabilize`'s transformation, and its step with the rescale deferred:
-    ``deferred_update(updates, state, params, value) -> (rescale, new_state)``,
-    ``rescale()`` the clipped updates (traced calls only)."""
     config = _check_factory_args(config, initial_threshold)
     lr = _read_learning_rate(learning_rate)
     rule = pipeline.rule_for(config)
@@ -341,15 +328,9 @@ def _stabilizer(
         )
         return init_state(thr, warmup, config)
 
-    def traced_step(updates, state, value, defer_rescale=False):
+    def traced_step(updates, state, value):
         new_updates, new_state, threshold = pipeline.step(
-            updates,
-            state,
-            config,
-            rule,
-            value=value,
-            axis_name=axis_name,
-            defer_rescale=defer_rescale,
+            updates, state, config, rule, value=value, axis_name=axis_name
         )
         if emitter is not None:
             events.emit_in_graph(state, new_state, emitter, threshold, axis_name)
@@ -361,7 +342,8 @@ def _stabilizer(
     # earlier calls: any number of models and inits share it.
     eager_step = jax.jit(traced_step)
 
-    def check_call(updates, state, params, value):
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        del extra_args
         check_state(state, config)
         _check_value(value)
         _check_floating(updates, "gradient")
@@ -370,21 +352,10 @@ def _stabilizer(
         if params is not None:
             _check_floating(params, "parameter")
             _check_matching(updates, params, sharded=axis_name is not None)
-
-    def update_fn(updates, state, params=None, *, value=None, **extra_args):
-        del extra_args
-        check_call(updates, state, params, value)
         eager = axis_name is None and not _any_tracer((updates, state, value))
         return (eager_step if eager else traced_step)(updates, state, value)
 
-    def deferred_update(updates, state, params=None, value=None):
-        # Traced only (the wrapper's step): the rescale comes back as a
-        # function, for the wrapper to apply inside its conditional, where XLA
-        # fuses it into the inner optimizer's loops.
-        check_call(updates, state, params, value)
-        return traced_step(updates, state, value, defer_rescale=True)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn), deferred_update
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _any_tracer(tree: Any) -> bool:
@@ -476,8 +447,14 @@ def stabilized(
       >>> float(abs(updates["w"]).sum())
       0.0
     """
-    flow, flow_update = _stabilizer(
-        learning_rate, config, initial_threshold, store, label, axis_name, log_events
+    flow = stabilize(
+        learning_rate,
+        config=config,
+        initial_threshold=initial_threshold,
+        store=store,
+        label=label,
+        axis_name=axis_name,
+        log_events=log_events,
     )
     inner = optax.with_extra_args_support(inner)
 
@@ -497,10 +474,7 @@ def stabilized(
         return traced_update(updates, state, params, value, extra_args)
 
     def traced_update(updates, state, params, value, extra_args):
-        # The stabilizer's step, its rescale applied in step_inner below: inside
-        # the conditional XLA fuses it into the inner optimizer's loops, one
-        # pass over the gradients fewer.
-        rescaled, flow_state = flow_update(updates, state.flow, params, value)
+        clean, flow_state = flow.update(updates, state.flow, params, value=value)
         finite = jnp.isfinite(flow_state.last_grad_norm)
         if value is not None:
             extra_args = dict(extra_args, value=value)
@@ -521,7 +495,6 @@ def stabilized(
             return state.update_ratio_history.push(ratio, moved)
 
         def step_inner():
-            clean = rescaled()
             new_updates, inner_state = inner.update(clean, state.inner_state, params, **extra_args)
             ratios = state.update_ratio_history
             if track:
@@ -534,8 +507,8 @@ def stabilized(
             # The inner state passes through unchanged: with donated buffers
             # XLA aliases it, nothing is copied; the update is zero.
             out, treedef = jax.tree.flatten(jax.eval_shape(step_inner)[0])
-            grads = jax.tree.leaves(updates)
-            if treedef == jax.tree.structure(updates) and all(
+            grads = jax.tree.leaves(clean)
+            if treedef == jax.tree.structure(clean) and all(
                 a.shape == jnp.shape(g) for a, g in zip(out, grads, strict=True)
             ):
                 # Zeros like the gradients keep their sharding (and, under
