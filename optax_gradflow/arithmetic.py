@@ -828,8 +828,9 @@ class TrackRule(Rule):
     def initial_levels(self, xp, threshold) -> tuple[Array, Array, Array]:
         # The tracker starts from the initial threshold: c = anchor = lnf(t0),
         # u = c + ln(explosion_factor) (in data mode placeholders, replaced by
-        # the first norm).
-        # The callers copy each level into a buffer of its own.
+        # the first norm). The centre and the anchor are one value here: the
+        # callers store each level apart (JAX stacks them into its vector of
+        # floats, PyTorch clones each into a tensor of its own).
         centre = log_floored(xp, threshold)
         return centre, centre, self.quantile_start(xp, centre)
 

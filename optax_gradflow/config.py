@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from optax_gradflow import constants
 from optax_gradflow.constants import INT32_MAX, Event  # noqa: F401  (re-exported)
@@ -128,6 +128,28 @@ class StabilizerConfig:
 
 def _fail(name: str, value: object, why: str) -> None:
     raise ValueError(f"StabilizerConfig.{name} {why}, got {value!r}.")
+
+
+def check_initial_threshold(value: Any, config: StabilizerConfig) -> float:
+    """An explicit initial threshold as a float (SPEC.md, "Initial threshold" 1).
+
+    Raises:
+      TypeError: ``value`` is not a number.
+      ValueError: it is not positive (``inf`` is allowed: a threshold that
+        never clips), or lies outside ``[min_threshold, max_threshold]``.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"initial_threshold must be a number, got {value!r}.") from None
+    if math.isnan(number) or number <= 0.0:
+        raise ValueError(f"initial_threshold must be positive, got {value!r}.")
+    if not config.min_threshold <= number <= config.max_threshold:
+        raise ValueError(
+            "initial_threshold must lie in [config.min_threshold, config.max_threshold] = "
+            f"[{config.min_threshold}, {config.max_threshold}], got {value!r}."
+        )
+    return number
 
 
 def _check_bool(cfg: StabilizerConfig, name: str) -> None:

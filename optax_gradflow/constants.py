@@ -142,6 +142,24 @@ RINGS: dict[str, tuple[str, str]] = {
 # The parts of one ring, in order.
 RING_PARTS: tuple[str, ...] = ("values", "index", "count")
 
+
+def host_chronological(values: Any, index: Any, count: Any) -> np.ndarray:
+    """The valid entries of a ring read to the host, oldest first (SPEC.md, "Ring buffers").
+
+    ``values``, ``index`` and ``count`` are the ring's three parts (numpy
+    arrays or anything ``numpy.asarray`` takes); no device is read here.
+    """
+    values = np.asarray(values)
+    count = int(count)
+    positions = (int(index) - count + np.arange(count)) % values.shape[0]
+    return values[positions]
+
+
+def flat_name(ring: str, part: str) -> str:
+    """The flat key of one part of a ring: ``norm_history``, ``norm_history_index``, ..."""
+    return ring if part == "values" else f"{ring}_{part}"
+
+
 # The JAX state's storage (SPEC.md, "Storage of the JAX state"): the scalars
 # that users read by name (``optax.tree.get(opt_state, "clip_threshold")``)
 # are leaves of their own; every other float32 scalar is one slot of one
@@ -159,24 +177,7 @@ PACKED_FLOATS: tuple[str, ...] = tuple(
 )
 PACKED_COUNTERS: tuple[str, ...] = tuple(
     name for name, dtype in SCALARS.items() if dtype != "float32" and name not in NAMED_SCALARS
-) + tuple(f"{ring}_{part}" for ring in RINGS for part in ("index", "count"))
-
-
-def host_chronological(values: Any, index: Any, count: Any) -> np.ndarray:
-    """The valid entries of a ring read to the host, oldest first (SPEC.md, "Ring buffers").
-
-    ``values``, ``index`` and ``count`` are the ring's three parts (numpy
-    arrays or anything ``numpy.asarray`` takes); no device is read here.
-    """
-    values = np.asarray(values)
-    count = int(count)
-    positions = (int(index) - count + np.arange(count)) % values.shape[0]
-    return values[positions]
-
-
-def flat_name(ring: str, part: str) -> str:
-    """The flat key of one part of a ring: ``norm_history``, ``norm_history_index``, ..."""
-    return ring if part == "values" else f"{ring}_{part}"
+) + tuple(flat_name(ring, part) for ring in RINGS for part in ("index", "count"))
 
 
 # The keys of the flat form of a state (the PyTorch state dict, the report's

@@ -19,8 +19,7 @@ import optax
 
 from optax_gradflow import arithmetic, events, pipeline
 from optax_gradflow import learning_rate as learning_rate_lib
-from optax_gradflow import threshold as threshold_lib
-from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.config import StabilizerConfig, check_initial_threshold
 from optax_gradflow.constants import RINGS, STATE_VERSION, UPDATE_RATIO_HISTORY_SIZE
 from optax_gradflow.pipeline import sum_of_squares
 from optax_gradflow.state import FIELDS as STATE_FIELDS
@@ -116,15 +115,13 @@ def init_state(
     threshold, warmup_steps: int | jax.Array, config: StabilizerConfig
 ) -> GradientFlowState:
     """A fresh state (SPEC.md, "State")."""
-    # One buffer per field: a shared zero could not be donated to a jitted step.
+    # One buffer per named leaf: a shared zero could not be donated to a jitted
+    # step (the packed scalars are stacked into vectors of their own).
     fields: dict[str, Any] = {name: jnp.zeros((), jnp.int32) for name in STATE_FIELDS}
     threshold = jnp.asarray(threshold, jnp.float32)
     ema_mean, centre_anchor, norm_quantile = pipeline.rule_for(config).initial_levels(
         pipeline.JaxOps(), threshold
     )
-    # Buffers of their own: one shared buffer could not be donated to a jitted step.
-    ema_mean, centre_anchor = jnp.array(ema_mean), jnp.array(centre_anchor)
-    norm_quantile = jnp.array(norm_quantile, jnp.float32)
     fields.update(
         clip_threshold=threshold,
         loss_scale=jnp.asarray(config.initial_loss_scale, jnp.float32),
@@ -201,16 +198,10 @@ def _check_factory_args(config, initial_threshold) -> StabilizerConfig:
         raise TypeError(
             f"config must be an optax_gradflow.StabilizerConfig, got {type(config).__name__}."
         )
-    threshold_lib.validate_positive("initial_threshold", initial_threshold, allow_inf=True)
-    if (
-        initial_threshold is not None
-        and not isinstance(initial_threshold, jax.core.Tracer)
-        and not config.min_threshold <= float(initial_threshold) <= config.max_threshold
-    ):
-        raise ValueError(
-            f"initial_threshold must lie in [config.min_threshold, config.max_threshold] = "
-            f"[{config.min_threshold}, {config.max_threshold}], got {initial_threshold!r}."
-        )
+    # A traced threshold (inject_hyperparams under jit) cannot be read: it is
+    # used as is, as a traced learning rate is.
+    if initial_threshold is not None and not isinstance(initial_threshold, jax.core.Tracer):
+        check_initial_threshold(initial_threshold, config)
     return config
 
 

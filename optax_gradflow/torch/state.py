@@ -17,7 +17,7 @@ import torch
 
 from optax_gradflow import arithmetic, constants
 from optax_gradflow import learning_rate as learning_rate_lib
-from optax_gradflow.config import StabilizerConfig
+from optax_gradflow.config import StabilizerConfig, check_initial_threshold
 from optax_gradflow.constants import (  # noqa: F401  (re-exported)
     LOG_FLOOR,
     MAD_TO_STD,
@@ -133,17 +133,6 @@ def check_state(
             )
 
 
-def _positive(name: str, value: Any, *, allow_inf: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}.") from None
-    if math.isnan(number) or number <= 0.0 or (math.isinf(number) and not allow_inf):
-        finite = "" if allow_inf else " and finite"
-        raise ValueError(f"{name} must be positive{finite}, got {value!r}.")
-    return number
-
-
 def _f32(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
@@ -173,12 +162,7 @@ def threshold_at_init(
     if initial_threshold is None:
         initial_threshold = config.initial_threshold
     if initial_threshold is not None:
-        value = _positive("initial_threshold", initial_threshold, allow_inf=True)
-        if not config.min_threshold <= value <= config.max_threshold:
-            raise ValueError(
-                "initial_threshold must lie in [config.min_threshold, config.max_threshold] = "
-                f"[{config.min_threshold}, {config.max_threshold}], got {initial_threshold!r}."
-            )
+        check_initial_threshold(initial_threshold, config)
 
     def warn() -> None:
         if learning_rate is not None:
