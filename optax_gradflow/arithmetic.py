@@ -387,7 +387,11 @@ def next_loss_scale(
 
     At most one of the three events holds on a step. A step that would carry
     the scale to a non-finite value keeps the old scale (GradScaler's "never
-    grow to inf"), then the result is clamped into [min, max].
+    grow to inf"), then the result is clamped into [floor, max]. The floor is
+    ``min(nonfinite_min_loss_scale, min_loss_scale)`` on a non-finite step, so
+    that a scale at which every gradient overflows is not kept; on any other
+    step ``min(min_loss_scale, scale)``: nothing else lowers a scale past
+    ``min_loss_scale``, nor lifts one that a non-finite step put under it.
     """
     if not config.loss_scaling:
         return scale, growth_count
@@ -407,16 +411,22 @@ def next_loss_scale(
         new_scale = xp.where(grow, new_scale * xp.f32(config.growth_factor), new_scale)
         growth_count = xp.where(grow, xp.i32(0), growth_count)
     new_scale = xp.where(xp.isfinite(new_scale), new_scale, scale)
-    new_scale = xp.clip(new_scale, xp.f32(config.min_loss_scale), xp.f32(config.max_loss_scale))
+    floor = xp.where(
+        nonfinite,
+        xp.f32(min(config.nonfinite_min_loss_scale, config.min_loss_scale)),
+        xp.minimum(xp.f32(config.min_loss_scale), scale),
+    )
+    new_scale = xp.minimum(xp.maximum(new_scale, floor), xp.f32(config.max_loss_scale))
     return new_scale, growth_count
 
 
 def emergency_loss_scale(xp: Ops, scale: Array, fired: Array, config: StabilizerConfig) -> Array:
-    """``max(scale * emergency_loss_scale_factor, min_loss_scale)`` where ``fired``."""
+    """``max(scale * emergency_loss_scale_factor, min(min_loss_scale, scale))`` where ``fired``."""
     if not config.loss_scaling:
         return scale
     reduced = xp.maximum(
-        scale * xp.f32(config.emergency_loss_scale_factor), xp.f32(config.min_loss_scale)
+        scale * xp.f32(config.emergency_loss_scale_factor),
+        xp.minimum(xp.f32(config.min_loss_scale), scale),
     )
     return xp.where(fired, reduced, scale)
 

@@ -92,6 +92,10 @@ class StabilizerConfig:
     loss_scaling: bool = False
     initial_loss_scale: float = 1.0
     min_loss_scale: float = 0.1
+    # A scale at which every gradient overflows is never kept: non-finite steps
+    # back it off past ``min_loss_scale``, down to float16's smallest positive
+    # value (a float16 loss scaled by less is 0).
+    nonfinite_min_loss_scale: float = 2.0**-24
     max_loss_scale: float = 64.0
     nonfinite_backoff: float = 0.5
     explosion_backoff: float = 0.8
@@ -260,6 +264,7 @@ def _validate(cfg: StabilizerConfig) -> None:
     _check_bool(cfg, "loss_scaling")
     _check_bool(cfg, "exact_clip")
     _check_float(cfg, "min_loss_scale", above=0.0)
+    _check_float(cfg, "nonfinite_min_loss_scale", above=0.0)
     _check_float(cfg, "max_loss_scale", above=0.0, allow_inf=True)
     if cfg.max_loss_scale < cfg.min_loss_scale:
         _fail(
@@ -553,7 +558,14 @@ FIELD_DOCS: dict[str, FieldDoc] = {
         "Loss scale rule",
     ),
     "min_loss_scale": FieldDoc(
-        "floor of the scale",
+        "floor of the scale for explosions, emergencies and the clamp",
+        "x loss",
+        "> 0",
+        "Loss scale rule",
+    ),
+    "nonfinite_min_loss_scale": FieldDoc(
+        "floor of the scale on a non-finite step, which may take it under "
+        "`min_loss_scale` (the floor is the smaller of the two)",
         "x loss",
         "> 0",
         "Loss scale rule",

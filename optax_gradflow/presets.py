@@ -99,10 +99,11 @@ def mixed_precision(
     The scale starts at ``initial_scale``, is multiplied by ``growth_factor``
     after ``growth_interval`` finite steps in a row, by ``backoff_factor`` on
     a non-finite step (which is skipped), never grows to inf and never drops
-    below ``min_loss_scale``. No clipping. GradScaler has no minimum (pass a
-    tiny one); jmp's default minimum is 1, which this preset keeps as the
-    default. Unlike jmp, the minimum survives jit: it is a static config
-    value, not a pytree field that flattening drops.
+    below ``min_loss_scale`` (the preset sets ``nonfinite_min_loss_scale`` to
+    it too). No clipping. GradScaler has no minimum (pass a tiny one); jmp's
+    default minimum is 1, which this preset keeps as the default. Unlike jmp,
+    the minimum survives jit: it is a static config value, not a pytree field
+    that flattening drops.
 
     References:
       Micikevicius et al., `Mixed precision training
@@ -119,6 +120,7 @@ def mixed_precision(
         loss_scaling=True,
         initial_loss_scale=float(initial_scale),
         min_loss_scale=float(min_loss_scale),
+        nonfinite_min_loss_scale=float(min_loss_scale),
         max_loss_scale=float(max_loss_scale),
         nonfinite_backoff=float(backoff_factor),
         explosion_backoff=1.0,
@@ -216,5 +218,6 @@ def seed() -> StabilizerConfig:
         min_threshold=0.1,
         adaptation_rule="median_mad",
         loss_scaling=True,
+        nonfinite_min_loss_scale=0.1,
         exact_clip=True,
     )

@@ -234,6 +234,7 @@ def test_every_listed_scenario_has_a_file():
         "track_loss_outlier",
         "track_zero_start",
         "track_waiting",
+        "track_loss_scale",
         "track_edges",
     }
     assert expected <= set(SCENARIOS)

@@ -402,11 +402,13 @@ def test_seed_is_the_original_design_field_by_field():
     assert got == ORIGINAL_DEFAULTS
     new_fields = {f.name for f in dataclasses.fields(cfg)} - set(ORIGINAL_DEFAULTS)
     assert all(
-        name.startswith(("track_", "emergency_")) or name in ("exact_clip", "param_threshold_scale")
+        name.startswith(("track_", "emergency_"))
+        or name in ("exact_clip", "param_threshold_scale", "nonfinite_min_loss_scale")
         for name in new_fields
     ), new_fields
-    # The original clipped as (g / r) * t.
+    # The original clipped as (g / r) * t, and had one floor for the scale.
     assert cfg.exact_clip
+    assert cfg.nonfinite_min_loss_scale == cfg.min_loss_scale
 
 
 def test_seed_differs_from_the_default_where_the_redesign_did():
@@ -416,7 +418,13 @@ def test_seed_differs_from_the_default_where_the_redesign_did():
         for f in dataclasses.fields(default)
         if getattr(default, f.name) != getattr(seed, f.name)
     }
-    assert changed == {"min_threshold", "adaptation_rule", "loss_scaling", "exact_clip"}
+    assert changed == {
+        "min_threshold",
+        "adaptation_rule",
+        "loss_scaling",
+        "exact_clip",
+        "nonfinite_min_loss_scale",
+    }
     assert (
         default.min_threshold,
         default.adaptation_rule,

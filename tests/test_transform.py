@@ -312,6 +312,33 @@ def test_emergency_scale_factor_exact_above_the_floor():
     assert float(states[-1].loss_scale) == pytest.approx(0.032768, rel=RTOL)
 
 
+def test_nonfinite_steps_take_the_scale_under_min_loss_scale_and_nothing_else_does():
+    # Default floors: min_loss_scale 0.1, nonfinite_min_loss_scale 2**-24.
+    # Six NaN steps halve the scale from 1 to 2**-6, past 0.1 (the fifth fires
+    # the emergency, whose x0.1 is floored at min(0.1, 2**-5) = 2**-5); an
+    # explosion (x0.8) and the emergency cannot lower it further, a calm step
+    # keeps it, a vanishing step grows it x1.5; nothing lifts it back to 0.1.
+    cfg = og.StabilizerConfig(loss_scaling=True)
+    grads = [vec(jnp.nan)] * 6 + [vec(100.0), vec(0.5), vec(0.0)]
+    _, states = run_steps(og.stabilize(1e-2, config=cfg), grads)
+    scales = [float(s.loss_scale) for s in states]
+    assert scales == [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.015625, 0.015625, 0.0234375]
+    assert int(states[4].emergency_count) == 1
+    assert int(states[6].explosion_count) == 1
+
+
+def test_nonfinite_steps_stop_at_their_own_floor():
+    cfg = og.StabilizerConfig(loss_scaling=True, nonfinite_min_loss_scale=0.05)
+    _, states = run_steps(og.stabilize(1e-2, config=cfg), [vec(jnp.inf)] * 6)
+    f32 = float(np.float32(0.05))
+    assert [float(s.loss_scale) for s in states] == [0.5, 0.25, 0.125, 0.0625, f32, f32]
+    # With both floors equal (presets.seed(), presets.mixed_precision()) the
+    # scale never goes under min_loss_scale, as before the second floor.
+    cfg = og.StabilizerConfig(loss_scaling=True, nonfinite_min_loss_scale=1.0)
+    _, states = run_steps(og.stabilize(1e-2, config=cfg), [vec(jnp.inf)] * 6)
+    assert float(states[-1].loss_scale) == float(np.float32(0.1))
+
+
 def test_nonfinite_steps_count_toward_the_emergency():
     grads = [vec(100.0), vec(jnp.nan), vec(100.0), vec(jnp.inf), vec(100.0)]
     _, states = run_steps(og.stabilize(1e-2), grads)

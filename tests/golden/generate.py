@@ -179,7 +179,7 @@ SCENARIOS = {
         "description": "Non-finite steps output zeros and halve the scale: a NaN element, "
         "+inf, -inf and finite values whose squares overflow float32 (1e30). A burst of six "
         "NaN steps fires the emergency on the fifth (non-finite steps count as explosions "
-        "for it) and the scale is floored at 0.1.",
+        "for it) and the scale is floored at 0.1 (presets.seed(): one floor for every step).",
         "spec_sections": ["Per-step order", "Emergency intervention", "Loss scale rule"],
         "runs": [
             run(
@@ -590,6 +590,28 @@ SCENARIOS = {
                 "six NaN steps: an emergency while waiting",
                 seed=False,
                 inputs=formula("nan if k < 6 else 1.0 + 0.1 * (k % 3)", 20, base=BASE5),
+            ),
+        ],
+    },
+    "track_loss_scale": {
+        "description": "The default config's two floors of the loss scale: non-finite steps "
+        "halve it past min_loss_scale (down to nonfinite_min_loss_scale); no other step "
+        "lowers it further or lifts it back.",
+        "spec_sections": ["Loss scale rule", "Per-step order"],
+        "runs": [
+            run(
+                "NaN burst, the default floors",
+                note="Loss scaling on over the defaults (min_loss_scale 0.1, "
+                "nonfinite_min_loss_scale 2**-24): six NaN steps halve the scale to 2**-6, "
+                "past 0.1; the emergency on the fifth cannot lower it (floor min(0.1, s)), "
+                "nor can the explosion after (its unscaled norm is 300 / 2**-6 = 19200); "
+                "a calm step keeps it, a vanishing one grows it x1.5.",
+                seed=False,
+                config={"loss_scaling": True},
+                init={"learning_rate": 0.01},
+                inputs=formula(
+                    "nan if k < 6 else 100.0 if k == 6 else 0.001 if k == 7 else 0.0", 9
+                ),
             ),
         ],
     },

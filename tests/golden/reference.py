@@ -66,6 +66,7 @@ DEFAULTS: dict[str, object] = {
     "loss_scaling": False,
     "initial_loss_scale": 1.0,
     "min_loss_scale": 0.1,
+    "nonfinite_min_loss_scale": 2.0**-24,
     "max_loss_scale": 64.0,
     "nonfinite_backoff": 0.5,
     "explosion_backoff": 0.8,
@@ -93,6 +94,7 @@ SEED: dict[str, object] = {
     "min_threshold": 0.1,
     "adaptation_rule": "median_mad",
     "loss_scaling": True,
+    "nonfinite_min_loss_scale": 0.1,
     "exact_clip": True,
 }
 
@@ -542,7 +544,13 @@ def _step(state, leaves, dtypes, cfg, value):
             st["loss_scale_growth_count"] = 0
         if not np.isfinite(s_new):
             s_new = s
-        s_new = clamp(s_new, cfg["min_loss_scale"], cfg["max_loss_scale"])
+        # Only a non-finite step takes the scale under min_loss_scale (down to
+        # nonfinite_min_loss_scale); no other step lowers it further or lifts it back.
+        if nonfinite:
+            floor = f32(min(cfg["nonfinite_min_loss_scale"], cfg["min_loss_scale"]))
+        else:
+            floor = min(f32(cfg["min_loss_scale"]), s)
+        s_new = f32(min(max(s_new, floor), f32(cfg["max_loss_scale"])))
 
     # 6. History.
     if finite and not explosion:
@@ -640,7 +648,8 @@ def _step(state, leaves, dtypes, cfg, value):
         if cfg["loss_scaling"]:
             s_new = f32(
                 max(
-                    f32(s_new * f32(cfg["emergency_loss_scale_factor"])), f32(cfg["min_loss_scale"])
+                    f32(s_new * f32(cfg["emergency_loss_scale_factor"])),
+                    min(f32(cfg["min_loss_scale"]), s_new),
                 )
             )
         st["emergency_count"] = sat(st["emergency_count"])
