@@ -100,7 +100,7 @@ class StabilizerConfig:
     nonfinite_backoff: float = 0.5
     explosion_backoff: float = 0.8
     vanishing_growth: float = 1.5
-    growth_interval: int = 0
+    growth_interval: int = 2000
     growth_factor: float = 2.0
     loss_scale_history_size: int = 100
 

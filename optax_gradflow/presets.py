@@ -219,5 +219,6 @@ def seed() -> StabilizerConfig:
         adaptation_rule="median_mad",
         loss_scaling=True,
         nonfinite_min_loss_scale=0.1,
+        growth_interval=0,
         exact_clip=True,
     )

@@ -424,6 +424,7 @@ def test_seed_differs_from_the_default_where_the_redesign_did():
         "loss_scaling",
         "exact_clip",
         "nonfinite_min_loss_scale",
+        "growth_interval",
     }
     assert (
         default.min_threshold,

@@ -327,6 +327,30 @@ def test_nonfinite_steps_take_the_scale_under_min_loss_scale_and_nothing_else_do
     assert int(states[6].explosion_count) == 1
 
 
+def test_the_default_scale_doubles_back_after_2000_finite_steps():
+    # growth_interval 2000 (GradScaler's and jmp's period), growth_factor 2:
+    # three NaN steps take the scale from 1 to 0.125; the 2000th finite step
+    # in a row after them doubles it to 0.25, the 1999th has not.
+    cfg = og.StabilizerConfig(loss_scaling=True)
+    opt = og.stabilize(1e-2, config=cfg)
+    params = vec(0.0)
+    update = jax.jit(opt.update)
+    state = opt.init(params)
+    for _ in range(3):
+        _, state = update(vec(jnp.nan), state, params)
+    assert float(state.loss_scale) == 0.125
+
+    def finite(state, _):
+        return update(vec(0.05), state, params)[1], None
+
+    state, _ = jax.lax.scan(finite, state, None, length=1999)
+    assert float(state.loss_scale) == 0.125
+    assert int(state.loss_scale_growth_count) == 1999
+    _, state = update(vec(0.05), state, params)
+    assert float(state.loss_scale) == 0.25
+    assert int(state.loss_scale_growth_count) == 0
+
+
 def test_nonfinite_steps_stop_at_their_own_floor():
     cfg = og.StabilizerConfig(loss_scaling=True, nonfinite_min_loss_scale=0.05)
     _, states = run_steps(og.stabilize(1e-2, config=cfg), [vec(jnp.inf)] * 6)

@@ -596,7 +596,7 @@ SCENARIOS = {
     "track_loss_scale": {
         "description": "The default config's two floors of the loss scale: non-finite steps "
         "halve it past min_loss_scale (down to nonfinite_min_loss_scale); no other step "
-        "lowers it further or lifts it back.",
+        "lowers it further, and only the interval growth lifts it back.",
         "spec_sections": ["Loss scale rule", "Per-step order"],
         "runs": [
             run(
@@ -612,6 +612,16 @@ SCENARIOS = {
                 inputs=formula(
                     "nan if k < 6 else 100.0 if k == 6 else 0.001 if k == 7 else 0.0", 9
                 ),
+            ),
+            run(
+                "recovery by interval growth",
+                note="growth_interval 4 in place of the default 2000 (same rule): three NaN "
+                "steps take the scale to 0.125; from then on every 4th finite step in a row "
+                "doubles it, an explosion (x0.8, floored at min(0.1, s)) included in the count.",
+                seed=False,
+                config={"loss_scaling": True, "growth_interval": 4},
+                init={"learning_rate": 0.01},
+                inputs=formula("nan if k < 3 else 100.0 if k == 5 else 0.001", 12),
             ),
         ],
     },

@@ -71,7 +71,7 @@ DEFAULTS: dict[str, object] = {
     "nonfinite_backoff": 0.5,
     "explosion_backoff": 0.8,
     "vanishing_growth": 1.5,
-    "growth_interval": 0,
+    "growth_interval": 2000,
     "growth_factor": 2.0,
     "loss_scale_history_size": 100,
     "emergency_patience": 5,
@@ -95,6 +95,7 @@ SEED: dict[str, object] = {
     "adaptation_rule": "median_mad",
     "loss_scaling": True,
     "nonfinite_min_loss_scale": 0.1,
+    "growth_interval": 0,
     "exact_clip": True,
 }
 
