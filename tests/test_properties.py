@@ -90,8 +90,12 @@ def test_random_sequences_keep_invariants(name, seq):
         # sgd(0.1) makes the update -0.1 times the stabilized gradient.
         out_norm = float(jnp.linalg.norm(updates["w"])) / 0.1
         assert out_norm <= float(before.clip_threshold) * (1 + 1e-5)
-        # The scale stays within its bounds.
-        assert cfg.min_loss_scale <= float(flow.loss_scale) <= cfg.max_loss_scale
+        # The scale stays within its bounds; only non-finite steps take it
+        # under min_loss_scale.
+        floor = min(cfg.nonfinite_min_loss_scale, cfg.min_loss_scale)
+        assert floor <= float(flow.loss_scale) <= cfg.max_loss_scale
+        if expected_nonfinite == 0:
+            assert float(flow.loss_scale) >= cfg.min_loss_scale
         assert cfg.min_threshold <= float(flow.clip_threshold) < float("inf")
     flow = state.flow
     flags = np.asarray(flow.event_flags.values)[: int(flow.event_flags.count)]
