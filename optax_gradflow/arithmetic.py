@@ -416,7 +416,7 @@ def next_loss_scale(
         xp.f32(min(config.nonfinite_min_loss_scale, config.min_loss_scale)),
         xp.minimum(xp.f32(config.min_loss_scale), scale),
     )
-    new_scale = xp.minimum(xp.maximum(new_scale, floor), xp.f32(config.max_loss_scale))
+    new_scale = xp.clip(new_scale, floor, xp.f32(config.max_loss_scale))
     return new_scale, growth_count
 
 
